@@ -1,0 +1,1 @@
+"""accounting: ledger, dp-accounting composition, budget filter, DP-SGD accounting."""

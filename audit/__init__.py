@@ -1,0 +1,1 @@
+"""audit: canaries, attacks, bounds and exact audits of PMixED and DP-SGD."""

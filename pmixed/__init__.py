@@ -1,0 +1,39 @@
+"""pmixed: certified PMixED private next-token prediction.
+
+The mechanism of Flemings, Razaviyayn & Annavaram, "Differentially Private Next-Token Prediction of
+Large Language Models" (NAACL 2024, arXiv 2403.15638), with accounting that is certified by default
+(see PMIXED_MATH.md) and a paper-compatible reference mode marked UNCERTIFIED.
+"""
+
+from pmixed.divergence import renyi_divergence, renyi_divergence_log, symmetric_renyi_divergence
+from pmixed.mechanism import (
+    NeighbourDivergence,
+    StepResult,
+    exact_released_law,
+    exact_released_log_law,
+    neighbour_divergence,
+    sample_subset,
+    step,
+)
+from pmixed.mollifier import mollify, mollify_log
+from pmixed.privacy import Calibration, InfeasibleBudget, PMixEDConfig
+
+__all__ = [
+    "Calibration",
+    "InfeasibleBudget",
+    "NeighbourDivergence",
+    "PMixEDConfig",
+    "StepResult",
+    "exact_released_law",
+    "exact_released_log_law",
+    "mollify",
+    "mollify_log",
+    "neighbour_divergence",
+    "renyi_divergence",
+    "renyi_divergence_log",
+    "sample_subset",
+    "step",
+    "symmetric_renyi_divergence",
+]
+
+__version__ = "0.1.0"

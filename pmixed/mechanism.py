@@ -1,0 +1,222 @@
+"""One PMixED query on distributions, and the exact law of the released token.
+
+``step`` is the mechanism of PMIXED_MATH.md §2: one Bernoulli(q) draw per member (a Poisson subset,
+without replacement), mollify the sampled members towards the public distribution, average, and
+release ONE token. Every random draw goes through the caller's ``numpy.random.Generator``.
+
+``exact_released_law`` is §10's closed form. For a fixed β, λ_i depends only on (p_i, p0, β), and given
+|S| = m the subset is uniform, so
+
+    P_E(y) = (1−q)^N · p0(y) + (1 − (1−q)^N) · (1/N) · Σ_i p̄_i(y).
+
+Reference mode mixes over the subset size because its β depends on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
+
+from pmixed._checks import as_log_distribution, logsumexp
+from pmixed.mollifier import mix_log, mollify_log, solve_lambdas
+from pmixed.privacy import Calibration
+
+__all__ = [
+    "NeighbourDivergence",
+    "StepResult",
+    "exact_released_law",
+    "exact_released_log_law",
+    "neighbour_divergence",
+    "release_log",
+    "sample_subset",
+    "sample_token",
+    "step",
+]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One query's outcome. Only ``token`` and ``cost`` are public; the rest is RESTRICTED.
+
+    Attributes:
+        token: the released token id.
+        subset: sorted indices of the sampled members (restricted, like its size).
+        lambdas: λ_i of each sampled member, aligned with ``subset`` (restricted).
+        distribution: the law the token was drawn from, p̄_S or p0 when S = ∅ (restricted).
+        cost: the per-query RDP charged at ``calibration.orders`` (public, data-independent).
+    """
+
+    token: int
+    subset: np.ndarray
+    lambdas: np.ndarray
+    distribution: np.ndarray
+    cost: np.ndarray
+
+
+def _check_generator(generator: object) -> np.random.Generator:
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(
+            "generator must be a numpy.random.Generator (seeded from OS entropy in deployment: "
+            f"numpy.random.default_rng()). Found {type(generator).__name__}."
+        )
+    return generator
+
+
+def sample_subset(
+    n_members: int, sampling_rate: float, generator: np.random.Generator, *, sampler="poisson"
+) -> np.ndarray:
+    """Member indices for one query.
+
+    ``"poisson"``: one independent Bernoulli(q) per member; sorted, no duplicates. ``"with_replacement"``
+    (reference mode only): the paper code's m ~ Bin(N, q) followed by m uniform draws WITH replacement,
+    so indices may repeat; the released-token law is the same (PMIXED_MATH.md §2).
+    """
+    g = _check_generator(generator)
+    if sampler == "poisson":
+        return np.flatnonzero(g.random(n_members) < sampling_rate)
+    if sampler == "with_replacement":
+        m = int(g.binomial(n_members, sampling_rate))
+        return np.sort(g.integers(0, n_members, size=m))
+    raise ValueError(f"sampler must be 'poisson' or 'with_replacement'. Found {sampler!r}.")
+
+
+def sample_token(logp: np.ndarray, generator: np.random.Generator) -> int:
+    """Inverse-CDF draw from float64 log-probabilities; a ``-inf`` entry is never chosen."""
+    g = _check_generator(generator)
+    p = np.exp(np.asarray(logp, np.float64) - np.max(logp))
+    cdf = np.cumsum(p)
+    u = g.random() * cdf[-1]
+    return int(np.searchsorted(cdf, u, side="right"))
+
+
+def release_log(
+    logp_sampled: np.ndarray,
+    logp_public: np.ndarray,
+    calibration: Calibration,
+    generator: np.random.Generator,
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Mollify the sampled rows ``[m, V]``, average, draw one token: (token, λ [m], log p̄_S [V])."""
+    lp0 = np.asarray(logp_public, np.float64)
+    if logp_sampled.shape[0] == 0:
+        return sample_token(lp0, generator), np.zeros(0), lp0
+    lam = mollify_log(logp_sampled, lp0, calibration)
+    lpbar = mix_log(logp_sampled, lp0[None, :], lam)
+    lmix = logsumexp(lpbar, axis=0) - math.log(lpbar.shape[0])
+    return sample_token(lmix, generator), lam, lmix
+
+
+def step(
+    p_members: object,
+    p_public: object,
+    calibration: Calibration,
+    generator: np.random.Generator,
+) -> StepResult:
+    """One PMixED query over an ensemble given as full distributions.
+
+    Args:
+        p_members: probabilities ``[N, V]``, one row per member (N = ``config.n_members``).
+        p_public: probabilities ``[V]`` of the public model.
+        calibration: the deployment's calibration.
+        generator: the explicit random generator (subsample and token draw).
+    """
+    g = _check_generator(generator)
+    lp = as_log_distribution(p_members, "p_members")
+    lp0 = as_log_distribution(p_public, "p_public")
+    n = calibration.config.n_members
+    if lp.ndim != 2 or lp.shape[0] != n or lp0.shape != lp.shape[1:]:
+        raise ValueError(
+            f"p_members must have shape [n_members={n}, V] and p_public [V]. "
+            f"Found {lp.shape} and {lp0.shape}."
+        )
+    sampler = calibration.config.reference_sampler
+    subset = sample_subset(n, calibration.config.sampling_rate, g, sampler=sampler)
+    token, lam, lmix = release_log(lp[subset], lp0, calibration, g)
+    return StepResult(token, subset, lam, np.exp(lmix), calibration.per_query_rdp.copy())
+
+
+def exact_released_log_law(
+    logp_members: np.ndarray, logp_public: np.ndarray, calibration: Calibration
+) -> np.ndarray:
+    """log P_E(y) for the ensemble given by the rows of ``logp_members`` ``[N, V]`` (any N ≥ 0)."""
+    lp = np.asarray(logp_members, np.float64)
+    lp0 = np.asarray(logp_public, np.float64)
+    n = lp.shape[0]
+    q = calibration.config.sampling_rate
+    if n == 0:
+        return lp0.copy()
+    log_none = n * math.log1p(-q) if q < 1 else -np.inf
+    if calibration.beta is not None:
+        lam = mollify_log(lp, lp0, calibration)
+        lpbar = mix_log(lp, lp0[None, :], lam)
+        with np.errstate(divide="ignore"):
+            log_some = math.log(-math.expm1(log_none)) if q < 1 else 0.0
+        private = log_some + logsumexp(lpbar, axis=0) - math.log(n)
+        return np.logaddexp(log_none + lp0, private)
+    terms = [log_none + lp0] if q < 1 else []
+    lp0_rows = np.broadcast_to(lp0, lp.shape)
+    for m in range(1, n + 1):
+        log_pmf = float(binom.logpmf(m, n, q))
+        if not math.isfinite(log_pmf):
+            continue
+        lam = solve_lambdas(lp, lp0_rows, calibration.constraints(m))
+        lpbar = mix_log(lp, lp0[None, :], lam)
+        terms.append(log_pmf + logsumexp(lpbar, axis=0) - math.log(n))
+    return logsumexp(np.stack(terms), axis=0)
+
+
+def exact_released_law(p_members: object, p_public: object, calibration: Calibration):
+    """P_E(y) of one query: probabilities ``[V]`` (see the module docstring)."""
+    lp = as_log_distribution(p_members, "p_members")
+    lp0 = as_log_distribution(p_public, "p_public")
+    return np.exp(exact_released_log_law(lp, lp0, calibration))
+
+
+@dataclass(frozen=True)
+class NeighbourDivergence:
+    """Exact per-query Rényi divergences between the laws of two neighbouring ensembles.
+
+    ``forward[k] = D_k(P_E ‖ P_E')`` and ``backward[k] = D_k(P_E' ‖ P_E)`` where E is the given
+    ensemble and E' drops (AR) or replaces (RO) one member.
+    """
+
+    relation: str
+    orders: np.ndarray
+    forward: np.ndarray
+    backward: np.ndarray
+
+    @property
+    def worst(self) -> np.ndarray:
+        return np.maximum(self.forward, self.backward)
+
+
+def neighbour_divergence(
+    p_members: object,
+    p_public: object,
+    calibration: Calibration,
+    *,
+    member: int,
+    replacement: object | None = None,
+    orders: object | None = None,
+) -> NeighbourDivergence:
+    """Exact D_k between P_E and the law with ``member`` dropped (AR) or replaced (RO)."""
+    from pmixed.divergence import renyi_divergence_log
+
+    lp = as_log_distribution(p_members, "p_members")
+    lp0 = as_log_distribution(p_public, "p_public")
+    if not 0 <= member < lp.shape[0]:
+        raise ValueError(f"member must be in [0, {lp.shape[0] - 1}]. Found {member}.")
+    ks = np.asarray(calibration.orders if orders is None else orders, np.float64)
+    if replacement is None:
+        other, relation = np.delete(lp, member, axis=0), "add_remove"
+    else:
+        other = lp.copy()
+        other[member] = as_log_distribution(replacement, "replacement")
+        relation = "replace_one"
+    law = exact_released_log_law(lp, lp0, calibration)
+    law_other = exact_released_log_law(other, lp0, calibration)
+    fwd = renyi_divergence_log(law, law_other, ks)
+    bwd = renyi_divergence_log(law_other, law, ks)
+    return NeighbourDivergence(relation, ks, fwd, bwd)

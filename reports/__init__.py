@@ -1,0 +1,1 @@
+"""reports: the campaign behind `pmixed demo` and the compliance report."""
