@@ -65,7 +65,7 @@ def check_orders(orders: object, *, allow_inf: bool = True) -> np.ndarray:
     arr = np.atleast_1d(np.asarray(orders, dtype=np.float64))
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"orders must be a scalar or a non-empty 1-D sequence. Found {orders!r}.")
-    bad = arr[np.isnan(arr) | (arr <= 1) | (~allow_inf & np.isinf(arr))]
+    bad = arr[np.isnan(arr) | (arr <= 1) | ((not allow_inf) & np.isinf(arr))]
     if bad.size:
         allowed = "(1, inf]" if allow_inf else "(1, inf)"
         raise ValueError(f"orders must be in {allowed}. Found {bad[0]}.")

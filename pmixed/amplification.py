@@ -100,12 +100,18 @@ def poisson_subsampled_rdp(
         if np.isposinf(eps).any():
             out[i] = np.inf
             continue
-        log_comb = _log_comb(a, k)
-        t = log_comb + (a - k) * log_1mq + k * log_q + (k - 1) * eps
-        if not tight:
-            t = t + np.where(k >= 3, LOG3, 0.0)
-        t0 = (a - 1) * log_1mq + math.log1p((a - 1) * q)
-        out[i] = float(logsumexp(np.append(t, t0), axis=0)) / (a - 1)
+        log_w = _log_comb(a, k) + (a - k) * log_1mq + k * log_q  # Bin(k; α, q)
+        x = (k - 1) * eps
+        c = np.where(k >= 3, 1.0 if tight else 3.0, 1.0)
+        if x.max(initial=0.0) < 700.0:
+            # The sum is 1 + Σ w_k (c_k e^{x_k} − 1) since Σ_k Bin(k; α, q) = 1: log1p of a sum of
+            # non-negative terms keeps full relative precision when the result is tiny.
+            s = np.exp(log_w) * (c * np.expm1(x) + (c - 1.0))
+            out[i] = math.log1p(math.fsum(s)) / (a - 1)
+        else:
+            t = log_w + x + np.log(c)
+            t0 = (a - 1) * log_1mq + math.log1p((a - 1) * q)
+            out[i] = float(logsumexp(np.append(t, t0), axis=0)) / (a - 1)
     if np.isnan(out).any():
         raise FloatingPointError("poisson_subsampled_rdp produced NaN.")
     return out

@@ -103,3 +103,32 @@ def _clamp(out: np.ndarray) -> np.ndarray:
             f"renyi_divergence came out negative ({out[low].min():.3e}); inputs are not normalised."
         )
     return np.where(out < 0, 0.0, out)
+
+
+def renyi_divergence_pairs(
+    logp: np.ndarray, logq: np.ndarray, orders: np.ndarray, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
+    """Row-wise D_{orders[i]}(P_i‖Q_i) for ``logp, logq [P, V]`` and ``orders [P]`` (∞ allowed).
+
+    The same log-space formula as :func:`renyi_divergence_log`, one order per row: the mollifier
+    evaluates exactly the (member, constraint) pairs it still needs.
+    """
+    alphas = np.asarray(orders, np.float64)
+    n_rows, v = logp.shape
+    out = np.empty(n_rows)
+    chunk = max(1, max_bytes // max(1, v * 8 * 3))
+    for s in range(0, n_rows, chunk):
+        lp, lq, a = logp[s : s + chunk], logq[s : s + chunk], alphas[s : s + chunk]
+        in_p = lp > -np.inf
+        bad = in_p & (lq == -np.inf)
+        with np.errstate(invalid="ignore"):
+            d = np.where(in_p, lp - lq, -np.inf)
+        d[bad] = 0.0
+        inf_order = np.isinf(a)
+        am1 = np.where(inf_order, 1.0, a - 1.0)[:, None]
+        res = logsumexp(lp + am1 * d, axis=-1) / am1[:, 0]
+        if inf_order.any():
+            res[inf_order] = np.max(d[inf_order], axis=-1)
+        res[bad.any(axis=-1)] = np.inf
+        out[s : s + chunk] = res
+    return _clamp(out)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pmixed._checks import as_log_distribution
-from pmixed.divergence import renyi_divergence_log
+from pmixed.divergence import renyi_divergence_pairs
 
 if TYPE_CHECKING:
     from pmixed.privacy import Calibration
@@ -107,69 +107,202 @@ def solve_lambdas(lp: np.ndarray, lp0: np.ndarray, cons: Constraints) -> np.ndar
     if n_rows == 0 or orders.size == 0:
         return lam_out
     # supp p ⊄ supp p0: every forward divergence is +inf for λ > 0, so λ* = 0.
-    off_support = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1)
-    if fwd.any():
-        lam_out[off_support] = 0.0
-    rows = np.flatnonzero(~off_support) if fwd.any() else np.arange(n_rows)
-
-    d_cap = _divergences(lp[rows], lp0[rows], np.full(rows.size, cap), orders, fwd, None)
-    violated = d_cap > radii  # [r, C]; only these can bind anywhere in [0, cap]
-    todo = violated.any(axis=1)
-    rows, violated, d_cap = rows[todo], violated[todo], d_cap[todo]
+    off_support = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
+    lam_out[off_support] = 0.0
+    rows = np.flatnonzero(~off_support)
     if rows.size == 0:
         return lam_out
-
-    lo = _feasible_start(d_cap, violated, orders, radii, cap) if cons.start == "feasible" else None
-    if lo is None:
-        lo = np.zeros(rows.size)
-    else:  # re-check the closed form exactly; rounding may push it past the boundary
-        bad = (lo > 0) & ~_feasible(lp[rows], lp0[rows], lo, orders, radii, fwd, violated)[0]
-        lo[bad] = 0.0
-    hi = np.full(rows.size, cap)
-    active = violated.copy()
+    state = _Search(lp[rows], lp0[rows], orders, radii, fwd, cap)
+    g_cap = state.g_probe_first(np.full(rows.size, cap))
+    todo = g_cap > 0
+    state.g_cap = g_cap
+    if not todo.any():
+        return lam_out
+    state = state.subset(todo)
+    rows = rows[todo]
+    if cons.start == "feasible":
+        lam_out[rows] = _regula_falsi(state, cap, cons.n_iter)
+        return lam_out
+    lo, hi = np.zeros(rows.size), np.full(rows.size, cap)
     for _ in range(cons.n_iter):
         mid = lo + (hi - lo) / 2.0
-        ok, viol = _feasible(lp[rows], lp0[rows], mid, orders, radii, fwd, active)
+        ok = state.check(mid)
         lo = np.where(ok, mid, lo)
         hi = np.where(ok, hi, mid)
-        active[~ok] = viol[~ok]
     lam_out[rows] = lo
     return lam_out
 
 
-def _feasible_start(d_cap, violated, orders, radii, cap) -> np.ndarray:
-    am1 = orders - 1.0
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        ratio = np.expm1(am1 * radii) / np.expm1(am1 * d_cap)  # +inf divergence -> 0
-    ratio = np.where(violated, ratio, np.inf)
-    ratio = np.where(np.isnan(ratio), 0.0, ratio)
-    return cap * np.clip(np.min(ratio, axis=1), 0.0, 1.0)
+#: Width at which the certified/capped bracket [feasible lo, infeasible hi] is closed.
+TOLERANCE = 1e-12
 
 
-def _feasible(lp, lp0, lam, orders, radii, fwd, active):
-    """(feasible [r], violated [r, C]) at λ for the active constraints only."""
-    d = _divergences(lp, lp0, lam, orders, fwd, active)
-    viol = (d > radii) & active
-    ok = ~viol.any(axis=1) | (lam == 0.0)  # λ = 0 releases p0 exactly: D = 0 by definition
-    return ok, viol
+def _regula_falsi(state: _Search, cap: float, max_iter: int) -> np.ndarray:
+    """Illinois regula falsi on g(λ) = max_c (γ−1)·(D_c(λ) − r_c), bracketed and safeguarded.
+
+    Keeps g(lo) ≤ 0 < g(hi) and returns ``lo`` once hi − lo ≤ TOLERANCE: the feasible end, maximal
+    to 1e-12. Steps that leave the bracket or meet an infinite g fall back to the midpoint; after
+    ``max_iter // 2`` steps every step is a midpoint, and not closing within ``max_iter`` raises.
+    """
+    n = state.lp.shape[0]
+    lo = state.feasible_start()
+    g_lo = state.g(lo, np.arange(n), shrink=False)
+    lo = np.where(g_lo > 0, 0.0, lo)  # the closed form can lose to rounding: restart at 0
+    g_lo = np.where(g_lo > 0, state.g(lo, np.arange(n), shrink=False), g_lo)
+    hi, g_hi = np.full(n, cap), state.g_cap
+    last = np.zeros(n, np.int8)
+    for it in range(max_iter):
+        r = np.flatnonzero(hi - lo > TOLERANCE)
+        if r.size == 0:
+            return lo
+        w = hi[r] - lo[r]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            x = hi[r] - g_hi[r] * w / (g_hi[r] - g_lo[r])
+        mid = ~np.isfinite(x) | (x <= lo[r]) | (x >= hi[r]) | (it >= max_iter // 2)
+        x = np.where(mid, lo[r] + w / 2.0, x)
+        x = np.clip(x, lo[r] + TOLERANCE / 2, hi[r] - TOLERANCE / 2)
+        g = state.g(x, r)
+        feas = g <= 0
+        lo[r[feas]], g_lo[r[feas]] = x[feas], g[feas]
+        hi[r[~feas]], g_hi[r[~feas]] = x[~feas], g[~feas]
+        g_hi[r[feas & (last[r] == -1)]] /= 2.0  # Illinois: the same end moved twice
+        g_lo[r[~feas & (last[r] == 1)]] /= 2.0
+        last[r] = np.where(feas, -1, 1)
+    raise ArithmeticError(f"mollifier: lambda did not converge in {max_iter} steps.")
 
 
-def _divergences(lp, lp0, lam, orders, fwd, active) -> np.ndarray:
-    """D at every (row, constraint); columns outside ``active`` (when given) are left at 0."""
-    out = np.zeros((lp.shape[0], orders.size))
-    cols = np.arange(orders.size) if active is None else np.flatnonzero(active.any(axis=0))
-    rows = np.arange(lp.shape[0]) if active is None else np.flatnonzero(active.any(axis=1))
-    if cols.size == 0 or rows.size == 0:
+class _Search:
+    """Per-row constraint bookkeeping for the bisection.
+
+    ``active[r, c]`` is False only for constraints proven to hold on [0, hi_r] (they held at some
+    infeasible point, or their radius is ≥ D_∞ at the cap); ``probe[r]`` is the constraint that last
+    failed worst, tried alone first so that an infeasible midpoint usually costs one divergence.
+    """
+
+    def __init__(self, lp, lp0, orders, radii, fwd, cap):
+        self.lp, self.lp0, self.orders, self.radii, self.fwd, self.cap = lp, lp0, orders, radii, fwd, cap
+        d_inf = _d_inf(mix_log(lp, lp0, np.full(lp.shape[0], cap)), lp0)  # [R, 2]
+        d = np.where(fwd[None, :], d_inf[:, :1], d_inf[:, 1:])  # D_γ ≤ D_∞ at every γ
+        self.d_cap_upper = d
+        self.active = d > radii[None, :]
+        self.probe = np.argmin(np.where(self.active, self._ratios(), np.inf), axis=1)
+
+    def subset(self, keep: np.ndarray) -> _Search:
+        out = object.__new__(_Search)
+        out.__dict__.update(self.__dict__)
+        for name in ("lp", "lp0", "d_cap_upper", "active", "probe", "g_cap"):
+            setattr(out, name, getattr(self, name)[keep])
         return out
-    lpbar = mix_log(lp[rows], lp0[rows], lam[rows])
-    for direction in (True, False):
-        c = cols[fwd[cols] == direction]
-        if c.size == 0:
-            continue
-        uniq, inv = np.unique(orders[c], return_inverse=True)
-        if direction:
-            d = renyi_divergence_log(lpbar, lp0[rows], uniq)
-        else:
-            d = renyi_divergence_log(lp0[rows], lpbar, uniq)
-        out[np.ix_(rows, c)] = d[:, inv]
+
+    def _ratios(self) -> np.ndarray:
+        am1 = self.orders - 1.0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            ratio = np.expm1(am1 * self.radii) / np.expm1(am1 * self.d_cap_upper)
+        ratio = np.where(self.active, ratio, np.inf)
+        return np.where(np.isnan(ratio), 0.0, ratio)
+
+    def feasible_start(self) -> np.ndarray:
+        """λ_cf = cap · min_c expm1((γ−1)r)/expm1((γ−1)D_c(cap)), with D_c(cap) ≤ D_∞(cap)."""
+        return self.cap * np.clip(np.min(self._ratios(), axis=1), 0.0, 1.0)
+
+    def g(self, lam: np.ndarray, r: np.ndarray, *, shrink: bool = True) -> np.ndarray:
+        """max over active c of (γ−1)·(D_c − r_c) at ``lam`` for rows ``r``; ≤ 0 iff feasible.
+
+        Pairs settled by D_∞ contribute their (non-positive) upper bound. Infeasible rows keep only
+        their violated constraints active (the others hold on [0, lam]).
+        """
+        act = self.active[r]
+        d = _divergences(self.lp[r], self.lp0[r], lam, self.orders, self.radii, self.fwd, act)
+        phi = np.where(act, _excess(d, self.orders, self.radii), -np.inf)
+        g = phi.max(axis=1)
+        at_zero = lam == 0.0  # p̄ = p0 exactly: D = 0
+        g[at_zero] = np.where(act[at_zero], -(self.orders - 1.0) * self.radii, -np.inf).max(axis=1)
+        if shrink:
+            bad = g > 0
+            self.active[r[bad]] = phi[bad] > 0
+        return g
+
+    def g_probe_first(self, lam: np.ndarray) -> np.ndarray:
+        """g at ``lam`` for all rows, or a positive lower bound of it where the probe fails."""
+        n = lam.shape[0]
+        out = np.full(n, -np.inf)
+        r = np.flatnonzero(self.active[np.arange(n), self.probe])
+        single = np.zeros((r.size, self.orders.size), bool)
+        single[np.arange(r.size), self.probe[r]] = True
+        d = _divergences(self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd,
+                         single, prune=False)  # fmt: skip
+        phi = _excess(d, self.orders, self.radii)[np.arange(r.size), self.probe[r]]
+        out[r] = phi
+        full = np.flatnonzero(~(out > 0))
+        if full.size:
+            out[full] = self.g(lam[full], full)
+        return out
+
+    def check(self, lam: np.ndarray, *, shrink: bool = True) -> np.ndarray:
+        """Feasibility of each row at ``lam``; exact on the active constraints."""
+        n = lam.shape[0]
+        ok = lam == 0.0  # λ = 0 releases p0 exactly: D = 0 by definition
+        has_probe = self.active[np.arange(n), self.probe] & ~ok
+        probe_fail = np.zeros(n, bool)
+        if has_probe.any():
+            r = np.flatnonzero(has_probe)
+            single = np.zeros_like(self.active[r])
+            single[np.arange(r.size), self.probe[r]] = True
+            d = _divergences(self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd,
+                             single, prune=False)  # fmt: skip
+            probe_fail[r] = ((d > self.radii[None, :]) & single).any(axis=1)
+        full = ~ok & ~probe_fail
+        if full.any():
+            r = np.flatnonzero(full)
+            act = self.active[r]
+            d = _divergences(self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd, act)
+            viol = (d > self.radii[None, :]) & act
+            ok_r = ~viol.any(axis=1)
+            ok[r] = ok_r
+            if shrink:
+                bad = r[~ok_r]
+                self.active[bad] = viol[~ok_r]
+                excess = np.where(viol[~ok_r], _excess(d[~ok_r], self.orders, self.radii), -np.inf)
+                self.probe[bad] = np.argmax(excess, axis=1)
+        return ok
+
+
+def _excess(d: np.ndarray, orders: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num((orders - 1.0) * (d - radii), nan=np.inf)
+
+
+def _d_inf(lpbar: np.ndarray, lp0: np.ndarray) -> np.ndarray:
+    """[R, 2]: D_∞(p̄‖p0) and D_∞(p0‖p̄) per row."""
+    both = renyi_divergence_pairs(
+        np.concatenate([lpbar, lp0]), np.concatenate([lp0, lpbar]), np.full(2 * lp0.shape[0], np.inf)
+    )
+    return np.stack([both[: lp0.shape[0]], both[lp0.shape[0] :]], axis=1)
+
+
+def _divergences(lp, lp0, lam, orders, radii, fwd, active, *, prune=True) -> np.ndarray:
+    """D at the (row, constraint) pairs in ``active``; other entries are left at 0.
+
+    With ``prune``, a pair whose radius is at least its direction's D_∞ gets D_∞ instead: an upper
+    bound that already settles it (D_γ ≤ D_∞, van Erven & Harremoës 2014, Thm 3).
+    """
+    out = np.zeros(active.shape)
+    rows = np.flatnonzero(active.any(axis=1))
+    if rows.size == 0:
+        return out
+    lpbar = np.empty_like(lp)
+    lpbar[rows] = mix_log(lp[rows], lp0[rows], lam[rows])
+    need = active
+    if prune:
+        d_inf = np.zeros((lp.shape[0], 2))
+        d_inf[rows] = _d_inf(lpbar[rows], lp0[rows])
+        upper = np.where(fwd[None, :], d_inf[:, :1], d_inf[:, 1:])
+        out[active] = upper[active]
+        need = active & (upper > radii[None, :])
+    pr, pc = np.nonzero(need)
+    if pr.size:
+        f = fwd[pc][:, None]
+        a = np.where(f, lpbar[pr], lp0[pr])
+        b = np.where(f, lp0[pr], lpbar[pr])
+        out[pr, pc] = renyi_divergence_pairs(a, b, orders[pc])
     return out
