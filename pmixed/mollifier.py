@@ -142,7 +142,7 @@ def _regula_falsi(state: _Search, cap: float, max_iter: int) -> np.ndarray:
 
     Keeps g(lo) ≤ 0 < g(hi) and returns ``lo`` once hi − lo ≤ TOLERANCE: the feasible end, maximal
     to 1e-12. Steps that leave the bracket or meet an infinite g fall back to the midpoint; after
-    ``max_iter // 2`` steps every step is a midpoint, and not closing within ``max_iter`` raises.
+    30 steps every step is a midpoint, and not closing within ``max_iter`` (100) raises.
     """
     n = state.lp.shape[0]
     lo = state.feasible_start()
@@ -158,7 +158,7 @@ def _regula_falsi(state: _Search, cap: float, max_iter: int) -> np.ndarray:
         w = hi[r] - lo[r]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             x = hi[r] - g_hi[r] * w / (g_hi[r] - g_lo[r])
-        mid = ~np.isfinite(x) | (x <= lo[r]) | (x >= hi[r]) | (it >= max_iter // 2)
+        mid = ~np.isfinite(x) | (x <= lo[r]) | (x >= hi[r]) | (it >= 30)
         x = np.where(mid, lo[r] + w / 2.0, x)
         x = np.clip(x, lo[r] + TOLERANCE / 2, hi[r] - TOLERANCE / 2)
         g = state.g(x, r)

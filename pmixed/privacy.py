@@ -287,7 +287,7 @@ def _constraints_fixed(cfg: PMixEDConfig, beta: float) -> Constraints:
         ks = tuple(float(k) for k in range(2, a_max + 1))
         radii = tuple(beta * k for k in ks)
         return Constraints(ks * 2, radii * 2, (True,) * len(ks) + (False,) * len(ks),
-                           float(cfg.lambda_max), 50)  # fmt: skip
+                           float(cfg.lambda_max), 100)  # fmt: skip
     if cfg.constraint_grid == "coarse":
         grid = coarse_grid(2 * a_max)
         gammas = (2.0, *map(float, grid[1:]))
@@ -296,7 +296,7 @@ def _constraints_fixed(cfg: PMixEDConfig, beta: float) -> Constraints:
         gammas = tuple(float(g) for g in range(2, 2 * a_max + 1))
         radii = tuple(beta * g for g in gammas)
     n = len(gammas)
-    return Constraints(gammas * 2, radii * 2, (True,) * n + (False,) * n, 1.0, 50)
+    return Constraints(gammas * 2, radii * 2, (True,) * n + (False,) * n, 1.0, 100)
 
 
 def _curve_add_remove(cfg: PMixEDConfig, beta: float) -> np.ndarray:
