@@ -17,8 +17,8 @@ __all__ = [
     "base_rdp_certified",
     "base_rdp_reference",
     "poisson_subsampled_rdp",
-    "rdp_to_epsilon",
     "rdp_budget",
+    "rdp_to_epsilon",
 ]
 
 LOG2 = math.log(2.0)
@@ -134,7 +134,9 @@ def rdp_to_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[f
 
     rdp = np.asarray(rdp, np.float64)
     if (rdp < 0).any() or np.isnan(rdp).any():
-        raise ValueError(f"rdp must be >= 0 at every order. Found {rdp[(rdp < 0) | np.isnan(rdp)]}.")
+        raise ValueError(
+            f"rdp must be >= 0 at every order. Found {rdp[(rdp < 0) | np.isnan(rdp)]}."
+        )
     eps, order = compute_epsilon(list(map(float, orders)), list(map(float, rdp)), delta)
     return float(eps), int(order)
 

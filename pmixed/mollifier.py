@@ -180,7 +180,14 @@ class _Search:
     """
 
     def __init__(self, lp, lp0, orders, radii, fwd, cap):
-        self.lp, self.lp0, self.orders, self.radii, self.fwd, self.cap = lp, lp0, orders, radii, fwd, cap
+        self.lp, self.lp0, self.orders, self.radii, self.fwd, self.cap = (
+            lp,
+            lp0,
+            orders,
+            radii,
+            fwd,
+            cap,
+        )
         d_inf = _d_inf(mix_log(lp, lp0, np.full(lp.shape[0], cap)), lp0)  # [R, 2]
         d = np.where(fwd[None, :], d_inf[:, :1], d_inf[:, 1:])  # D_γ ≤ D_∞ at every γ
         self.d_cap_upper = d
@@ -255,7 +262,9 @@ class _Search:
         if full.any():
             r = np.flatnonzero(full)
             act = self.active[r]
-            d = _divergences(self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd, act)
+            d = _divergences(
+                self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd, act
+            )
             viol = (d > self.radii[None, :]) & act
             ok_r = ~viol.any(axis=1)
             ok[r] = ok_r
@@ -275,7 +284,9 @@ def _excess(d: np.ndarray, orders: np.ndarray, radii: np.ndarray) -> np.ndarray:
 def _d_inf(lpbar: np.ndarray, lp0: np.ndarray) -> np.ndarray:
     """[R, 2]: D_∞(p̄‖p0) and D_∞(p0‖p̄) per row."""
     both = renyi_divergence_pairs(
-        np.concatenate([lpbar, lp0]), np.concatenate([lp0, lpbar]), np.full(2 * lp0.shape[0], np.inf)
+        np.concatenate([lpbar, lp0]),
+        np.concatenate([lp0, lpbar]),
+        np.full(2 * lp0.shape[0], np.inf),
     )
     return np.stack([both[: lp0.shape[0]], both[lp0.shape[0] :]], axis=1)
 

@@ -254,12 +254,15 @@ def _validate(c: PMixEDConfig) -> list[str]:
         p.append(f"lambda_max applies to mode 'capped' only. Found {c.lambda_max!r}.")
     if c.amplification not in ("general", "tight"):
         p.append(f"amplification must be 'general' or 'tight'. Found {c.amplification!r}.")
-    elif c.amplification == "tight" and c.mode != "reference":
-        if c.accept_unproven_amplification is not True:
-            p.append(
-                "amplification='tight' needs accept_unproven_amplification=True: its condition "
-                "is unproven for PMixED (PMIXED_MATH.md §8)."
-            )
+    elif (
+        c.amplification == "tight"
+        and c.mode != "reference"
+        and c.accept_unproven_amplification is not True
+    ):
+        p.append(
+            "amplification='tight' needs accept_unproven_amplification=True: its condition "
+            "is unproven for PMixED (PMIXED_MATH.md §8)."
+        )
     if c.constraint_grid not in ("all", "coarse"):
         p.append(f"constraint_grid must be 'all' or 'coarse'. Found {c.constraint_grid!r}.")
     elif c.constraint_grid == "coarse" and c.mode != "certified":
@@ -335,7 +338,9 @@ def _epsilon_of(cfg: PMixEDConfig, beta: float) -> float:
 
 def _make_fixed(cfg: PMixEDConfig, beta: float) -> Calibration:
     charged, ar = _curves(cfg, beta)
-    total = np.array([math.fsum([c] * cfg.query_budget) if math.isfinite(c) else c for c in charged])
+    total = np.array(
+        [math.fsum([c] * cfg.query_budget) if math.isfinite(c) else c for c in charged]
+    )
     eps, order = rdp_to_epsilon(cfg.orders, total, cfg.delta)
     status = "conditional" if cfg.amplification == "tight" else "certified"
     return Calibration(
@@ -354,11 +359,11 @@ def _make_fixed(cfg: PMixEDConfig, beta: float) -> Calibration:
 
 def _calibrate_fixed(cfg: PMixEDConfig) -> Calibration:
     if _epsilon_of(cfg, 1e-12) > cfg.epsilon:
-        floor = _epsilon_of(cfg, 0.0)
+        floor = _epsilon_of(cfg, 1e-12)
         why = "the Poisson amplification floor" if cfg.mode == "certified" else (
             "the amplification floor and the lambda_max term")  # fmt: skip
         raise InfeasibleBudget(
-            f"mode={cfg.mode!r}: even beta -> 0 spends epsilon={floor:.4g} > {cfg.epsilon} over "
+            f"mode={cfg.mode!r}: even beta=1e-12 spends epsilon={floor:.4g} > {cfg.epsilon} over "
             f"query_budget={cfg.query_budget} at sampling_rate={cfg.sampling_rate} ({why}); "
             "lower sampling_rate or query_budget, or raise epsilon."
         )

@@ -21,7 +21,9 @@ def mp_renyi(p, q, alpha) -> mpmath.mpf:
     """50-digit oracle: 1/(α−1) · log Σ p^α q^(1−α)."""
     with mpmath.workdps(50):
         total = mpmath.fsum(
-            mpmath.mpf(pi) ** alpha * mpmath.mpf(qi) ** (1 - alpha) for pi, qi in zip(p, q) if pi > 0
+            mpmath.mpf(pi) ** alpha * mpmath.mpf(qi) ** (1 - alpha)
+            for pi, qi in zip(p, q)
+            if pi > 0
         )
         return mpmath.log(total) / (alpha - 1)
 

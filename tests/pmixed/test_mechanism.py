@@ -29,7 +29,9 @@ def config(q=0.3, n=4, mode="certified", **kw):
     )  # fmt: skip
 
 
-CALIBRATED = {(q, m): config(q, mode=m).calibrate() for q in Q_GRID for m in ("certified", "capped")}
+CALIBRATED = {
+    (q, m): config(q, mode=m).calibrate() for q in Q_GRID for m in ("certified", "capped")
+}
 
 
 def logs(p):

@@ -176,7 +176,9 @@ def test_worked_sweeps_reproduce_to_1e_4(override, beta):
 
 def test_beta_is_nondecreasing_in_epsilon_and_nonincreasing_in_queries():
     betas_eps = [PMixEDConfig(**{**DEFAULTS, "epsilon": e}).calibrate().beta for e in (3, 5, 7)]
-    betas_t = [PMixEDConfig(**{**DEFAULTS, "query_budget": t}).calibrate().beta for t in (256, 2048)]
+    betas_t = [
+        PMixEDConfig(**{**DEFAULTS, "query_budget": t}).calibrate().beta for t in (256, 2048)
+    ]
     assert betas_eps == sorted(betas_eps)
     assert betas_t[0] > betas_t[1]
 

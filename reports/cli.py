@@ -1,0 +1,149 @@
+"""The ``pmixed`` command line.
+
+Subcommands that exist today: ``calibrate`` (β and the per-query RDP curve for a deployment) and
+``demo`` (the foundation check: calibration of the three modes and the exact neighbour audit that
+separates certified accounting from the paper code's). The training campaign, ledger and report
+commands arrive with their packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pmixed import InfeasibleBudget, PMixEDConfig, neighbour_divergence
+
+PAPER = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-members", type=int, default=PAPER["n_members"])
+    p.add_argument("--sampling-rate", type=float, default=PAPER["sampling_rate"])
+    p.add_argument("--epsilon", type=float, default=PAPER["epsilon"])
+    p.add_argument("--delta", type=float, default=PAPER["delta"])
+    p.add_argument("--query-budget", type=int, default=PAPER["query_budget"])
+    p.add_argument("--mode", default="certified", choices=["certified", "capped", "reference"])
+    p.add_argument("--relation", default="add_remove", choices=["add_remove", "replace_one"])
+    p.add_argument("--lambda-max", type=float, default=None, help="capped mode only")
+
+
+def _summary(cal) -> dict:
+    cfg = cal.config
+    out = {
+        "mode": cfg.mode,
+        "status": cal.status,
+        "relation": cfg.relation,
+        "sampling_rate": cfg.sampling_rate,
+        "query_budget": cfg.query_budget,
+        "delta": cfg.delta,
+        "planned_epsilon": cal.planned_epsilon,
+        "optimal_order": cal.planned_order,
+        "orders": list(cal.orders),
+        "per_query_rdp": [c if np.isfinite(c) else None for c in cal.per_query_rdp],
+    }
+    if cal.beta is not None:
+        out["beta"] = cal.beta
+    else:
+        out["beta_by_size"] = list(cal.beta_by_size)
+    return out
+
+
+def _print_summary(s: dict) -> None:
+    label = " (UNCERTIFIED: not a DP guarantee)" if s["status"] == "UNCERTIFIED" else ""
+    beta = (
+        f"{s['beta']:.6g}"
+        if "beta" in s
+        else ("by subset size: " + ", ".join(f"{b:.4f}" for b in s["beta_by_size"][:6]) + ", ...")
+    )
+    print(f"mode={s['mode']} relation={s['relation']} status={s['status']}{label}")
+    print(f"  beta            {beta}")
+    print(f"  planned epsilon {s['planned_epsilon']:.6f} at delta={s['delta']:g}{label}")
+    print(f"  optimal order   {s['optimal_order']}")
+    k = s["orders"].index(s["optimal_order"])
+    print(f"  per-query RDP at the optimal order {s['per_query_rdp'][k]:.6g} "
+          f"x {s['query_budget']} queries")  # fmt: skip
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    cfg = PMixEDConfig(
+        n_members=args.n_members, sampling_rate=args.sampling_rate, epsilon=args.epsilon,
+        delta=args.delta, query_budget=args.query_budget, mode=args.mode,
+        relation=args.relation, lambda_max=args.lambda_max,
+    )  # fmt: skip
+    s = _summary(cfg.calibrate())
+    print(json.dumps(s, indent=2)) if args.json else _print_summary(s)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Calibrate every mode at the paper's defaults, then audit one adversarial instance exactly."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    modes = {
+        "certified": PMixEDConfig(**PAPER),
+        "capped": PMixEDConfig(**PAPER, mode="capped", lambda_max=0.3),
+        "reference": PMixEDConfig(**PAPER, mode="reference"),
+        "certified_replace_one": PMixEDConfig(**PAPER, relation="replace_one"),
+    }
+    result = {"calibration": {}, "exact_audit": {}}
+    for name, cfg in modes.items():
+        result["calibration"][name] = s = _summary(cfg.calibrate())
+        print(f"[{name}]")
+        _print_summary(s)
+    # PMIXED_MATH.md R2: one member, three tokens, alpha = 6, q = 0.1, per-query claim 0.05.
+    pm = np.array([[0.9005, 0.0979, 0.0016]])
+    p0 = np.array([0.1213, 0.8682, 0.0105])
+    pm, p0 = pm / pm.sum(), p0 / p0.sum()
+    common = dict(n_members=1, sampling_rate=0.1, epsilon=6.7617, delta=1e-5, query_budget=100,
+                  orders=tuple(range(2, 9)))  # fmt: skip
+    print("\nexact per-query audit (public toy instance: N=1, |V|=3, order 6, q=0.1)")
+    for mode in ("certified", "reference"):
+        cal = PMixEDConfig(**common, mode=mode, **({"reference_alpha": 6} if mode == "reference"
+                                                    else {})).calibrate()  # fmt: skip
+        nd = neighbour_divergence(pm, p0, cal, member=0, orders=[6])
+        claim = float(cal.per_query_rdp[cal.orders.index(6)])
+        ratio = float(nd.worst[0]) / claim
+        verdict = "within claim" if ratio <= 1 else "EXCEEDS its claim"
+        label = " (UNCERTIFIED)" if not cal.certified else ""
+        print(f"  {mode:<10} exact D_6 = {nd.worst[0]:.4g}  charged = {claim:.4g}  "
+              f"ratio = {ratio:.2f}  {verdict}{label}")  # fmt: skip
+        result["exact_audit"][mode] = {"exact_rdp": float(nd.worst[0]), "charged": claim,
+                                       "ratio": ratio, "status": cal.status}  # fmt: skip
+    path = out / "demo.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmixed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("calibrate", help="beta and the per-query RDP curve for a deployment")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("demo", help="calibrate all modes and run the exact neighbour audit")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--quick", action="store_true", help="accepted for compatibility; no effect yet")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, InfeasibleBudget) as err:
+        print(f"pmixed {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
