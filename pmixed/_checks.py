@@ -45,21 +45,6 @@ def as_log_distribution(p: object, name: str) -> np.ndarray:
     return logp - _logsumexp(logp, axis=-1, keepdims=True)
 
 
-def check_log_distribution(logp: object, name: str) -> np.ndarray:
-    """Validates log-probabilities ``[..., V]`` (``-inf`` allowed) and renormalises them."""
-    arr = np.asarray(logp, dtype=np.float64)
-    if arr.ndim == 0:
-        raise ValueError(f"{name} must have shape [..., V]. Found a scalar.")
-    if np.isnan(arr).any() or (arr == np.inf).any():
-        raise ValueError(f"{name} must contain log-probabilities in [-inf, 0]. Found NaN or +inf.")
-    total = _logsumexp(arr, axis=-1, keepdims=True)
-    if (np.abs(np.expm1(total)) > SUM_TOLERANCE).any():
-        raise ValueError(
-            f"{name} rows must be log-probabilities summing to 1 (tolerance {SUM_TOLERANCE:g})."
-        )
-    return arr - total
-
-
 def check_orders(orders: object, *, allow_inf: bool = True) -> np.ndarray:
     """Returns a 1-D float64 array of Rényi orders, each > 1 (``inf`` allowed when ``allow_inf``)."""
     arr = np.atleast_1d(np.asarray(orders, dtype=np.float64))
@@ -85,13 +70,6 @@ def check_integer_orders(orders: Sequence[int] | np.ndarray) -> tuple[int, ...]:
             f"orders must be strictly increasing integers >= 2. Found {tuple(values)!r}."
         )
     return tuple(values)
-
-
-def check_finite_result(values: np.ndarray, what: str) -> np.ndarray:
-    """Raises FloatingPointError if any value is NaN; +inf is a legal result."""
-    if np.isnan(values).any():
-        raise FloatingPointError(f"{what} produced NaN; refusing to return it.")
-    return values
 
 
 def is_real(x: object) -> bool:

@@ -15,8 +15,10 @@ convexity of t ↦ t^γ under the perspective), so each constraint's feasible se
   constraints violated there stay active. This is the same bisection as checking every constraint
   at every step, at a fraction of the cost once the binding order is found.
 
-The bisection keeps feasible(lo) and not feasible(hi) and returns ``lo``: the feasible end, never the
-midpoint. Feasibility is evaluated on the float64 log-space divergence with no tolerance.
+Certified and capped modes close the bracket [feasible lo, infeasible hi] with a safeguarded Illinois
+regula falsi to a width of 1e-12 and return ``lo``; reference mode keeps the paper code's 20 fixed
+halvings of [0, 1]. Either way the returned λ is the feasible end, never a midpoint, and feasibility
+is evaluated on the float64 log-space divergence with no tolerance.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def mollify(p_members: object, p_public: object, calibration: Calibration) -> np
         calibration: from :meth:`pmixed.PMixEDConfig.calibrate`.
 
     Returns:
-        float64 ``[..., M]``: each λ on the feasible side of every constraint, maximal to within the
-        solver resolution (2^-n_iter of the bracket: ~1e-15 in certified and capped modes).
+        float64 ``[..., M]``: each λ on the feasible side of every constraint, maximal to 1e-12 in
+        certified and capped modes (2^-20 of [0, 1] in reference mode, as the paper code).
     """
     lp = as_log_distribution(p_members, "p_members")
     lp0 = as_log_distribution(p_public, "p_public")
