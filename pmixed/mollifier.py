@@ -128,7 +128,7 @@ def solve_lambdas(lp: np.ndarray, lp0: np.ndarray, cons: Constraints) -> np.ndar
     lo, hi = np.zeros(rows.size), np.full(rows.size, cap)
     for _ in range(cons.n_iter):
         mid = lo + (hi - lo) / 2.0
-        ok = state.check(mid)
+        ok = state.g(mid, np.arange(rows.size)) <= 0
         lo = np.where(ok, mid, lo)
         hi = np.where(ok, hi, mid)
     lam_out[rows] = lo
@@ -174,22 +174,16 @@ def _regula_falsi(state: _Search, cap: float, max_iter: int) -> np.ndarray:
 
 
 class _Search:
-    """Per-row constraint bookkeeping for the bisection.
+    """Per-row constraint bookkeeping for the λ search.
 
     ``active[r, c]`` is False only for constraints proven to hold on [0, hi_r] (they held at some
-    infeasible point, or their radius is ≥ D_∞ at the cap); ``probe[r]`` is the constraint that last
-    failed worst, tried alone first so that an infeasible midpoint usually costs one divergence.
+    infeasible point, or their radius is ≥ D_∞ at the cap). ``probe[r]``, the constraint with the
+    smallest closed-form start, is tried alone at the cap, where most rows already fail it.
     """
 
     def __init__(self, lp, lp0, orders, radii, fwd, cap):
-        self.lp, self.lp0, self.orders, self.radii, self.fwd, self.cap = (
-            lp,
-            lp0,
-            orders,
-            radii,
-            fwd,
-            cap,
-        )
+        self.lp, self.lp0, self.orders, self.radii, self.fwd = lp, lp0, orders, radii, fwd
+        self.cap = cap
         d_inf = _d_inf(mix_log(lp, lp0, np.full(lp.shape[0], cap)), lp0)  # [R, 2]
         d = np.where(fwd[None, :], d_inf[:, :1], d_inf[:, 1:])  # D_γ ≤ D_∞ at every γ
         self.d_cap_upper = d
@@ -246,36 +240,6 @@ class _Search:
         if full.size:
             out[full] = self.g(lam[full], full)
         return out
-
-    def check(self, lam: np.ndarray, *, shrink: bool = True) -> np.ndarray:
-        """Feasibility of each row at ``lam``; exact on the active constraints."""
-        n = lam.shape[0]
-        ok = lam == 0.0  # λ = 0 releases p0 exactly: D = 0 by definition
-        has_probe = self.active[np.arange(n), self.probe] & ~ok
-        probe_fail = np.zeros(n, bool)
-        if has_probe.any():
-            r = np.flatnonzero(has_probe)
-            single = np.zeros_like(self.active[r])
-            single[np.arange(r.size), self.probe[r]] = True
-            d = _divergences(self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd,
-                             single, prune=False)  # fmt: skip
-            probe_fail[r] = ((d > self.radii[None, :]) & single).any(axis=1)
-        full = ~ok & ~probe_fail
-        if full.any():
-            r = np.flatnonzero(full)
-            act = self.active[r]
-            d = _divergences(
-                self.lp[r], self.lp0[r], lam[r], self.orders, self.radii, self.fwd, act
-            )
-            viol = (d > self.radii[None, :]) & act
-            ok_r = ~viol.any(axis=1)
-            ok[r] = ok_r
-            if shrink:
-                bad = r[~ok_r]
-                self.active[bad] = viol[~ok_r]
-                excess = np.where(viol[~ok_r], _excess(d[~ok_r], self.orders, self.radii), -np.inf)
-                self.probe[bad] = np.argmax(excess, axis=1)
-        return ok
 
 
 def _excess(d: np.ndarray, orders: np.ndarray, radii: np.ndarray) -> np.ndarray:
