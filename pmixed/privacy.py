@@ -208,7 +208,7 @@ class Calibration:
     def total_rdp(self, n_queries: int | None = None) -> np.ndarray:
         """T · per_query_rdp, summed with ``math.fsum`` per order."""
         t = self.config.query_budget if n_queries is None else n_queries
-        return np.array([math.fsum([c] * t) if math.isfinite(c) else c for c in self.per_query_rdp])
+        return _compose(self.per_query_rdp, t)
 
 
 def coarse_grid(top: int) -> tuple[int, ...]:
@@ -220,6 +220,11 @@ def coarse_grid(top: int) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------ internals
+
+
+def _compose(curve: np.ndarray, n_queries: int) -> np.ndarray:
+    """n_queries copies of a per-query curve, summed with ``math.fsum`` per order (+inf stays)."""
+    return np.array([math.fsum([c] * n_queries) if math.isfinite(c) else c for c in curve])
 
 
 def _fields(cfg: PMixEDConfig) -> dict:
@@ -338,10 +343,7 @@ def _epsilon_of(cfg: PMixEDConfig, beta: float) -> float:
 
 def _make_fixed(cfg: PMixEDConfig, beta: float) -> Calibration:
     charged, ar = _curves(cfg, beta)
-    total = np.array(
-        [math.fsum([c] * cfg.query_budget) if math.isfinite(c) else c for c in charged]
-    )
-    eps, order = rdp_to_epsilon(cfg.orders, total, cfg.delta)
+    eps, order = rdp_to_epsilon(cfg.orders, _compose(charged, cfg.query_budget), cfg.delta)
     status = "conditional" if cfg.amplification == "tight" else "certified"
     return Calibration(
         config=cfg,
@@ -430,8 +432,7 @@ def _calibrate_reference(cfg: PMixEDConfig) -> Calibration:
     betas = tuple(_reference_beta(cfg, n, r_q) for n in range(1, cfg.n_members + 1))
     orders = np.asarray(cfg.orders)
     claim = np.where(orders <= alpha, r_q, np.inf)
-    total = np.array([math.fsum([c] * cfg.query_budget) if math.isfinite(c) else c for c in claim])
-    eps, order = rdp_to_epsilon(cfg.orders, total, cfg.delta)
+    eps, order = rdp_to_epsilon(cfg.orders, _compose(claim, cfg.query_budget), cfg.delta)
     return Calibration(
         config=cfg,
         beta=None,
