@@ -1,9 +1,10 @@
 """The ``pmixed`` command line.
 
-Subcommands that exist today: ``calibrate`` (β and the per-query RDP curve for a deployment) and
-``demo`` (the foundation check: calibration of the three modes and the exact neighbour audit that
-separates certified accounting from the paper code's). The training campaign, ledger and report
-commands arrive with their packages.
+Subcommands that exist today: ``calibrate`` (β and the per-query RDP curve for a deployment),
+``verify-ledger`` and ``account`` (check a ledger's hash chain; recompute the privacy it spent with
+dp-accounting), and ``demo`` (the foundation check: calibration of the three modes and the exact
+neighbour audit that separates certified accounting from the paper code's). The training campaign and
+report commands arrive with their packages.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+import accounting
 from pmixed import InfeasibleBudget, PMixEDConfig, neighbour_divergence
 
 PAPER = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
@@ -121,6 +123,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_ledger(args: argparse.Namespace) -> int:
+    """Exit 0 when the chain is intact (and ends at --expect-head); 1 with the first fault."""
+    head = args.expect_head
+    if head is not None and not (head.startswith("sha256:") and len(head) == 71):
+        raise ValueError(f"--expect-head must be sha256:<64 hex digits>. Found {head!r}.")
+    result = accounting.verify(args.ledger, expect_head=head, restricted=args.restricted)
+    print(result if result.ok else f"FAIL {result}")
+    return 0 if result.ok else 1
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    """Verify, compose with dp-accounting, print (epsilon, delta, order, steps, certified)."""
+    if not 0 < args.delta < 1:
+        raise ValueError(f"--delta must be in (0, 1). Found {args.delta}.")
+    try:
+        spent = accounting.compose(args.ledger, args.delta)
+    except accounting.LedgerCorrupt as err:
+        print(f"pmixed account: ledger does not verify: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(spent.to_json(), indent=2))
+        return 0
+    label = "" if spent.certified else "  (UNCERTIFIED: not a DP guarantee)"
+    certified = "yes" if spent.certified else "no"
+    if spent.status == "conditional":
+        certified = "conditional (unproven tight amplification)"
+    print(f"epsilon        {spent.epsilon:.6f}{label}")
+    print(f"delta          {spent.delta:g}")
+    print(f"optimal order  {spent.optimal_order:g}")
+    print(f"steps          {spent.steps} ({spent.public_steps} answered by the public model)")
+    print(f"relation       {spent.relation}")
+    print(f"certified      {certified}")
+    print(f"cross-check    compute_epsilon(fsum of curves) = {spent.epsilon_cross_check:.6f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmixed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("verify-ledger", help="check a ledger's hash chain and schema")
+    p.add_argument("ledger", type=Path)
+    p.add_argument(
+        "--expect-head",
+        default=None,
+        metavar="sha256:HEX",
+        help="the chain head published elsewhere; detects deleted last records",
+    )
+    p.add_argument(
+        "--restricted",
+        action="store_true",
+        help="also check the 0600 restricted sibling and its links",
+    )
+    p.set_defaults(func=cmd_verify_ledger)
+    p = sub.add_parser("account", help="recompute the privacy a ledger spent (dp-accounting)")
+    p.add_argument("ledger", type=Path)
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_account)
     p = sub.add_parser("demo", help="calibrate all modes and run the exact neighbour audit")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--quick", action="store_true", help="accepted for compatibility; no effect yet")
@@ -140,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, InfeasibleBudget) as err:
+    except (ValueError, InfeasibleBudget, OSError) as err:
         print(f"pmixed {args.command}: error: {err}", file=sys.stderr)
         return 2
 

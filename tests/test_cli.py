@@ -36,3 +36,46 @@ def test_demo_separates_certified_from_reference_accounting(tmp_path, capsys):
     assert result["exact_audit"]["reference"]["ratio"] > 2.0
     assert result["calibration"]["reference"]["status"] == "UNCERTIFIED"
     assert "UNCERTIFIED: not a DP guarantee" in capsys.readouterr().out
+
+
+def _ledger(tmp_path, mode="certified"):
+    from pmixed.ledgering import create_ledger, query_event
+
+    extra = {"mode": "reference"} if mode == "reference" else {}
+    cal = pmixed.PMixEDConfig(n_members=4, sampling_rate=0.1, epsilon=8.0, delta=1e-5,
+                              query_budget=50, orders=tuple(range(2, 13)), **extra).calibrate()  # fmt: skip
+    path = tmp_path / f"{mode}.jsonl"
+    with create_ledger(path, cal) as led:
+        for _ in range(50):
+            led.append(query_event(cal))
+    return path, json.loads(path.read_bytes().splitlines()[-1])["hash"], cal
+
+
+def test_verify_ledger_exits_0_when_intact_and_1_with_the_first_fault(tmp_path, capsys):
+    path, head, _ = _ledger(tmp_path)
+    assert main(["verify-ledger", str(path), "--expect-head", head]) == 0
+    assert "OK, 52 records, 50 queries" in capsys.readouterr().out
+    assert main(["verify-ledger", str(path), "--expect-head", "sha256:" + "ab" * 32]) == 1
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:10] + lines[11:]))
+    assert main(["verify-ledger", str(path)]) == 1
+    assert f"FAIL {path}:11: broken chain" in capsys.readouterr().out
+    assert main(["verify-ledger", str(path), "--expect-head", "sha256:12"]) == 2
+
+
+def test_account_recomputes_the_planned_epsilon(tmp_path, capsys):
+    path, _, cal = _ledger(tmp_path)
+    assert main(["account", str(path), "--delta", "1e-5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["epsilon"] - cal.planned_epsilon) < 1e-9
+    assert out["steps"] == 50 and out["certified"] is True
+    assert out["optimal_order"] == cal.planned_order
+    assert main(["account", str(path), "--delta", "1e-5"]) == 0
+    text = capsys.readouterr().out
+    assert "certified      yes" in text and "steps          50" in text
+    ref, _, _ = _ledger(tmp_path, "reference")
+    assert main(["account", str(ref), "--delta", "1e-5"]) == 0
+    assert "UNCERTIFIED: not a DP guarantee" in capsys.readouterr().out
+    assert main(["account", str(path), "--delta", "2"]) == 2
+    path.write_bytes(path.read_bytes()[:-5])
+    assert main(["account", str(path), "--delta", "1e-5"]) == 1

@@ -1,0 +1,178 @@
+"""Ledger records: canonical encoding, sealing with SHA-256, and the schema checks of one line.
+
+A sealed line is the canonical JSON of the record (sorted keys, no spaces, ASCII, no NaN) with one
+field appended before the closing brace::
+
+    {"event_seq":1,"kind":"query","prev":"sha256:…","seq":2,"status":"certified","hash":"sha256:…"}
+
+``hash`` is the SHA-256 of the line's bytes without that field (``{…}``), and ``prev`` is the previous
+record's ``hash`` (the genesis value for the header). Any changed byte in a line changes its own hash
+or breaks its suffix, so a single edit is reported at the line that was edited; a deleted or reordered
+line breaks ``prev`` and ``seq`` at the line that follows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from accounting.events import EVENT_TYPES, PMixEDQueryEvent, RdpCurveEvent, event_from_json
+
+SCHEMA = "pmixed-ledger/1"
+GENESIS = "sha256:" + "0" * 64
+_SUFFIX = re.compile(rb',"hash":"(sha256:[0-9a-f]{64})"\}\Z')
+_SUFFIX_LEN = len(b',"hash":"sha256:"}') + 64
+HEADER_MODES = ("certified", "capped", "reference", "custom")
+HEADER_STATUSES = ("certified", "conditional", "UNCERTIFIED")
+
+#: Keys a calibration summary in the public header may have (all data-independent).
+CALIBRATION_KEYS = frozenset({
+    "n_members", "sampling_rate", "epsilon", "delta", "query_budget", "mode", "relation",
+    "orders", "lambda_max", "amplification", "accept_unproven_amplification", "constraint_grid",
+    "reference_alpha", "reference_sampler", "beta", "beta_by_size", "per_query_rdp",
+    "planned_epsilon", "planned_order", "status",
+})  # fmt: skip
+BUDGET_KEYS = frozenset({"epsilon", "delta", "monitored_orders"})
+HEADER_KEYS = frozenset({
+    "kind", "seq", "schema", "run_id", "created", "mode", "relation", "status", "orders",
+    "calibration", "budget", "versions", "seeded", "prev",
+})  # fmt: skip
+EVENT_KEYS = frozenset({"kind", "seq", "event", "status", "prev"})
+QUERY_KEYS = frozenset({"kind", "seq", "event_seq", "status", "prev"})
+
+#: Every key that may appear anywhere in the public ledger file. Restricted data has no key here.
+PUBLIC_KEYS = frozenset(
+    HEADER_KEYS | EVENT_KEYS | QUERY_KEYS | CALIBRATION_KEYS | BUDGET_KEYS | {"hash", "type"}
+    | {a.name for cls, _ in EVENT_TYPES.values() for a in cls.__attrs_attrs__}
+)  # fmt: skip
+
+
+class Fault(Exception):
+    """A line that does not verify: ``reason`` says why (the caller adds the line number)."""
+
+
+def jsonable(x: object) -> object:
+    """Plain JSON values for ``x``: numpy to Python, ±inf to ``"inf"``/``"-inf"``; NaN is refused."""
+    if isinstance(x, Mapping):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise ValueError(f"record keys must be strings. Found {k!r}.")
+            out[k] = jsonable(v)
+        return out
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            raise ValueError("records must not contain NaN.")
+        return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+    if x is None or isinstance(x, str):
+        return x
+    raise TypeError(f"records hold JSON values only. Found {type(x).__name__}.")
+
+
+def seal(record: Mapping) -> tuple[bytes, str]:
+    """(line without newline, its hash): canonical JSON plus the ``hash`` field."""
+    body = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")  # fmt: skip
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}', digest
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def unseal(line: bytes) -> tuple[dict, str]:
+    """(record without ``hash``, hash) of one line, or :class:`Fault` if it was altered."""
+    m = _SUFFIX.search(line)
+    if m is None or len(line) < _SUFFIX_LEN + 2:
+        raise Fault("malformed record: no well-formed trailing hash field (edited or truncated)")
+    digest = m.group(1).decode("ascii")
+    body = line[:-_SUFFIX_LEN] + b"}"
+    if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+        raise Fault("hash mismatch: the record's bytes were edited after it was written")
+    try:
+        record = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise Fault(f"not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise Fault("schema violation: a record must be a JSON object")
+    return record, digest
+
+
+def _need(cond: bool, why: str) -> None:
+    if not cond:
+        raise Fault(f"schema violation: {why}")
+
+
+def check_keys(record: Mapping, allowed: frozenset, what: str) -> None:
+    keys = set(record)
+    _need(keys == allowed, f"{what} keys {sorted(keys ^ allowed)} are unexpected or missing")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_header(rec: Mapping) -> None:
+    """Schema of the header record (line 1)."""
+    check_keys(rec, HEADER_KEYS, "header")
+    _need(rec["kind"] == "header" and rec["seq"] == 0, "line 1 must be the header with seq 0")
+    _need(rec["schema"] == SCHEMA, f"schema must be {SCHEMA!r}, found {rec['schema']!r}")
+    _need(isinstance(rec["run_id"], str) and 0 < len(rec["run_id"]) <= 100, "run_id")
+    _need(isinstance(rec["created"], str), "created must be a timestamp string")
+    _need(rec["mode"] in HEADER_MODES, f"mode must be one of {HEADER_MODES}")
+    _need(rec["relation"] in ("add_remove", "replace_one"), "relation")
+    _need(rec["status"] in HEADER_STATUSES, f"status must be one of {HEADER_STATUSES}")
+    _need((rec["mode"] == "reference") == (rec["status"] == "UNCERTIFIED"),
+          "status must be 'UNCERTIFIED' exactly in reference mode")  # fmt: skip
+    orders = rec["orders"]
+    _need(isinstance(orders, list) and orders and all(_is_number(k) and k > 1 for k in orders)
+          and all(b > a for a, b in zip(orders, orders[1:])),
+          "orders must be a non-empty increasing list of numbers > 1")  # fmt: skip
+    cal = rec["calibration"]
+    _need(isinstance(cal, dict) and set(cal) <= CALIBRATION_KEYS,
+          f"calibration keys must come from {sorted(CALIBRATION_KEYS)}")  # fmt: skip
+    for k, v in cal.items():
+        flat = v if isinstance(v, list) else [v]
+        _need(all(x is None or isinstance(x, (str, int, float)) for x in flat),
+              f"calibration[{k!r}] must be a scalar or a list of scalars")  # fmt: skip
+    b = rec["budget"]
+    if b is not None:
+        _need(isinstance(b, dict) and set(b) == BUDGET_KEYS, "budget keys")
+        _need(_is_number(b["epsilon"]) and b["epsilon"] > 0, "budget epsilon must be > 0")
+        _need(_is_number(b["delta"]) and 0 < b["delta"] < 1, "budget delta must be in (0, 1)")
+        mon = b["monitored_orders"]
+        _need(isinstance(mon, list) and mon and all(k in orders for k in mon),
+              "budget monitored_orders must be a non-empty subset of the orders")  # fmt: skip
+    _need(isinstance(rec["versions"], list)
+          and all(isinstance(v, str) and "==" in v for v in rec["versions"]),
+          "versions must be a list of 'name==version' strings")  # fmt: skip
+    _need(isinstance(rec["seeded"], bool), "seeded must be true or false")
+    _need(rec["prev"] == GENESIS, "the header's prev must be the genesis hash")
+
+
+def check_event(rec: Mapping, header: Mapping):
+    """Schema of an event-definition record; returns the decoded event."""
+    check_keys(rec, EVENT_KEYS, "event record")
+    try:
+        event = event_from_json(rec["event"])
+    except (ValueError, TypeError) as err:
+        raise Fault(f"schema violation: invalid event: {err}") from None
+    _need(rec["status"] == getattr(event, "status", "certified"), "status differs from the event's")
+    if isinstance(event, PMixEDQueryEvent):
+        _need(list(event.orders) == header["orders"], "event orders differ from the header's")
+    if isinstance(event, (PMixEDQueryEvent, RdpCurveEvent)):
+        _need(event.relation == header["relation"], "event relation differs from the header's")
+    return event

@@ -1,0 +1,577 @@
+"""The append-only, hash-chained privacy ledger: one public JSON-lines file and a restricted sibling.
+
+Public file (``ledger.jsonl``), one sealed record per line (see ``_records.py`` for the encoding):
+
+* line 1, the **header**: schema, run id, creation time, mode, relation, status, orders, the public
+  calibration summary, the budget fixed before deployment, library versions, whether the randomness
+  was seeded (the seed itself is restricted);
+* **event** records: the first time an event is charged, its full description (``events.py``);
+* **query** records: one per charged query, naming the event it paid for by the event record's ``seq``.
+
+Restricted file (``ledger.restricted.jsonl``, created with mode 0600): its own hash chain of records
+``{"seq": s, "public": <hash of public record s>, "data": {...}}`` holding what must never be public
+(subsets, their sizes, λ, data-dependent values, the seed). The restricted side points at the public
+side, never the other way round: a public hash of a low-entropy subset could be inverted by brute force.
+
+Writing: every append holds an exclusive ``flock`` on the public file, first reads what other processes
+appended (verifying it), writes whole lines with one ``write`` and ``fsync``s before returning.
+:meth:`Ledger.transaction` groups several appends under one lock, one write and one fsync (group
+commit): the caller releases nothing until the block exits. A writer killed mid-append can leave at most
+one torn last line; it was never acknowledged, so the next writer removes it under the lock (a WARNING
+says so) and :func:`verify` reports it meanwhile.
+
+Reading never imports code named in a ledger: event types come from a fixed registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import platform
+import stat
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from dp_accounting import dp_event
+
+from accounting._records import (
+    _SUFFIX,
+    GENESIS,
+    QUERY_KEYS,
+    SCHEMA,
+    Fault,
+    check_event,
+    check_header,
+    check_keys,
+    jsonable,
+    seal,
+    unseal,
+)
+from accounting.events import event_to_json
+
+__all__ = [
+    "Ledger",
+    "LedgerContents",
+    "LedgerCorrupt",
+    "Receipt",
+    "Verification",
+    "read_ledger",
+    "restricted_path",
+    "verify",
+]
+
+log = logging.getLogger(__name__)
+
+
+class LedgerCorrupt(Exception):
+    """The ledger does not verify: ``line`` (1-based) is the first bad line, ``reason`` says why."""
+
+    def __init__(self, line: int, reason: str, path: str | os.PathLike = "") -> None:
+        super().__init__(f"{path}:{line}: {reason}" if path else f"line {line}: {reason}")
+        self.line, self.reason, self.path = line, reason, str(path)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The durable query record: its sequence number (line number − 1) and hash."""
+
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Result of :func:`verify`. ``line`` and ``reason`` describe the first fault (None when ok)."""
+
+    ok: bool
+    path: str
+    line: int | None
+    reason: str
+    records: int
+    queries: int
+    head: str | None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return (
+                f"{self.path}: OK, {self.records} records, {self.queries} queries, head {self.head}"
+            )
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+def restricted_path(path: str | os.PathLike) -> Path:
+    """``ledger.jsonl`` -> ``ledger.restricted.jsonl`` (the 0600 sibling)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.restricted{p.suffix}" if p.suffix else f"{p.name}.restricted")
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class LedgerContents:
+    """What a verified ledger says: header, events and how often each was charged."""
+
+    header: dict | None = None
+    next_seq: int = 0
+    head: str = GENESIS
+    events: dict[int, dp_event.DpEvent] = field(default_factory=dict)
+    event_seq: dict[dp_event.DpEvent, int] = field(default_factory=dict)
+    tally: dict[dp_event.DpEvent, int] = field(default_factory=dict)
+    n_queries: int = 0
+    n_public_steps: int = 0
+
+    @property
+    def orders(self) -> list:
+        return list(self.header["orders"])
+
+    def counted_events(self) -> list[tuple[dp_event.DpEvent, int]]:
+        """(event, number of queries charged with it), in order of first use."""
+        return list(self.tally.items())
+
+    def feed(self, line: bytes) -> str:
+        """Checks one line against the chain so far and absorbs it; returns its hash."""
+        rec, digest = unseal(line)
+        if rec.get("prev") != self.head:
+            raise Fault(
+                "broken chain: prev is not the hash of the previous line "
+                "(a record was deleted, inserted or reordered)"
+            )
+        if rec.get("seq") != self.next_seq:
+            raise Fault(f"schema violation: seq {rec.get('seq')!r}, expected {self.next_seq}")
+        kind = rec.get("kind")
+        if self.header is None:
+            check_header(rec)
+            self.header = rec
+        elif kind == "event":
+            event = check_event(rec, self.header)
+            self.events[rec["seq"]] = event
+            self.event_seq.setdefault(event, rec["seq"])
+        elif kind == "query":
+            check_keys(rec, QUERY_KEYS, "query record")
+            event = self.events.get(rec["event_seq"])
+            if event is None:
+                raise Fault(
+                    f"schema violation: event_seq {rec['event_seq']!r} is not an event record"
+                )
+            if rec["status"] != _status_of(event):
+                raise Fault(f"schema violation: status {rec['status']!r} differs from its event's")
+            self.tally[event] = self.tally.get(event, 0) + 1
+            self.n_queries += 1
+            self.n_public_steps += isinstance(event, dp_event.NoOpDpEvent)
+        else:
+            raise Fault(f"schema violation: unknown record kind {kind!r}")
+        self.head = digest
+        self.next_seq += 1
+        return digest
+
+
+def _status_of(event: dp_event.DpEvent) -> str:
+    return getattr(event, "status", "certified")
+
+
+def _split(data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines (without newline) and the torn remainder after the last newline."""
+    *lines, rest = data.split(b"\n")
+    return lines, rest
+
+
+def _scan(path: Path, digests: list[str] | None = None) -> LedgerContents:
+    data = path.read_bytes()
+    if not data:
+        raise LedgerCorrupt(1, "empty file: no header record", path)
+    lines, rest = _split(data)
+    contents = LedgerContents()
+    for i, line in enumerate(lines, start=1):
+        try:
+            digest = contents.feed(line)
+        except Fault as fault:
+            raise LedgerCorrupt(i, str(fault), path) from None
+        if digests is not None:
+            digests.append(digest)
+    if rest:
+        raise LedgerCorrupt(len(lines) + 1, "truncated last line (no newline at the end)", path)
+    return contents
+
+
+def read_ledger(path: str | os.PathLike) -> LedgerContents:
+    """Reads and verifies a ledger; raises :class:`LedgerCorrupt` at the first bad line."""
+    return _scan(Path(path))
+
+
+def verify(
+    path: str | os.PathLike, *, expect_head: str | None = None, restricted: bool = False
+) -> Verification:
+    """Checks every line of a ledger; reports the first fault with its 1-based line number.
+
+    Args:
+        path: the public ledger file.
+        expect_head: ``sha256:<hex>`` published elsewhere (a report, a receipt): the chain must end
+            there. This is what detects a deleted last line, which a chain alone cannot.
+        restricted: also check the restricted sibling's chain, mode 0600 and links to public records.
+    """
+    path = Path(path)
+    digests: list[str] = []
+    try:
+        c = _scan(path, digests)
+    except LedgerCorrupt as err:
+        return Verification(False, str(path), err.line, err.reason, err.line - 1, 0, None)
+    except OSError as err:
+        return Verification(False, str(path), 1, f"cannot read: {err.strerror}", 0, 0, None)
+    n = len(digests)
+    if expect_head is not None and c.head != expect_head:
+        if expect_head in digests:
+            at = digests.index(expect_head) + 1
+            where = f"the expected head is line {at}; {n - at} records follow it"
+        else:
+            where = ("the expected head is not in the chain (records at the end were deleted, "
+                     "or this is another ledger)")  # fmt: skip
+        reason = f"head {c.head} != expected {expect_head}: {where}"
+        return Verification(False, str(path), n + 1, reason, n, c.n_queries, c.head)
+    if restricted:
+        fault = _verify_restricted(restricted_path(path), digests)
+        if fault is not None:
+            line, reason = fault
+            return Verification(False, str(restricted_path(path)), line, reason, n, c.n_queries,
+                                c.head)  # fmt: skip
+    return Verification(True, str(path), None, "", n, c.n_queries, c.head)
+
+
+def _verify_restricted(rpath: Path, public: list[str]) -> tuple[int, str] | None:
+    try:
+        mode = stat.S_IMODE(rpath.stat().st_mode)
+        data = rpath.read_bytes()
+    except OSError as err:
+        return 1, f"cannot read the restricted file: {err.strerror}"
+    if mode & 0o077:
+        return 1, f"restricted file mode is {mode:o}; it must be 600"
+    lines, rest = _split(data)
+    head = GENESIS
+    for i, line in enumerate(lines, start=1):
+        try:
+            rec, digest = unseal(line)
+        except Fault as fault:
+            return i, str(fault)
+        if rec.get("prev") != head:
+            return i, "broken chain in the restricted file"
+        seq = rec.get("seq")
+        if rec.get("kind") != ("header" if i == 1 else "data"):
+            return i, "schema violation: line 1 is the header, every other line a data record"
+        if (
+            not isinstance(seq, int)
+            or not 0 <= seq < len(public)
+            or rec.get("public") != public[seq]
+        ):
+            return i, f"restricted record does not link to public record seq {seq!r}"
+        head = digest
+    if rest:
+        return len(lines) + 1, "truncated last line (no newline at the end)"
+    return None
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _versions(extra: Sequence[str]) -> list[str]:
+    out = [f"python=={platform.python_version()}"]
+    for dist in ("pmixed-audit", "dp-accounting", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out.append(f"{dist}=={version(dist)}")
+    return out + [v for v in extra if v not in out]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _publish(path: Path, line: bytes, mode: int) -> None:
+    """Writes ``line`` to a new file at ``path`` atomically: temp file, fsync, hard link."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        if mode == 0o600:
+            os.fchmod(fd, 0o600)
+        _write_all(fd, line + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Ledger:
+    """An open ledger for appending (several processes may hold one on the same file).
+
+    Args:
+        path: an existing ledger (see :meth:`create`).
+        fsync: fsync after every write (default). ``False`` survives a process crash but not a
+            power cut; use it for benchmarks and simulations only.
+
+    Raises:
+        LedgerCorrupt: the file does not verify (a torn last line from a killed writer is removed).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.restricted_path = restricted_path(self.path)
+        self.fsync = bool(fsync)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        self._rfd: int | None = None
+        self._offset = 0
+        self._state = LedgerContents()
+        self._tlock = threading.RLock()
+        try:
+            with self._locked():
+                pass
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        mode: str,
+        relation: str,
+        status: str,
+        orders: Sequence[float],
+        calibration: Mapping,
+        seeded: bool,
+        budget: Mapping | None = None,
+        seed: int | None = None,
+        run_id: str | None = None,
+        versions: Sequence[str] = (),
+        fsync: bool = True,
+    ) -> Ledger:
+        """Creates the public ledger and its 0600 restricted sibling; refuses to overwrite either.
+
+        ``calibration`` is the public summary (keys from ``_records.CALIBRATION_KEYS``); ``budget``
+        is ``{"epsilon", "delta", "monitored_orders"}`` when a Rényi filter guards the ledger;
+        ``seed`` goes to the restricted header only, ``seeded`` to the public one.
+        """
+        path = Path(path)
+        rpath = restricted_path(path)
+        if not isinstance(seeded, bool):
+            raise ValueError(f"seeded must be True or False. Found {seeded!r}.")
+        if seed is not None and (not seeded or isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer and needs seeded=True. Found {seed!r}.")
+        for p in (path, rpath):
+            if p.exists():
+                raise FileExistsError(f"ledger file already exists: {p}")
+        header = jsonable({
+            "kind": "header", "seq": 0, "schema": SCHEMA, "run_id": run_id or uuid.uuid4().hex,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mode": mode,
+            "relation": relation, "status": status, "orders": list(orders),
+            "calibration": dict(calibration), "budget": None if budget is None else dict(budget),
+            "versions": _versions(versions), "seeded": seeded, "prev": GENESIS,
+        })  # fmt: skip
+        try:
+            check_header(header)
+        except Fault as fault:
+            raise ValueError(f"header: {fault}") from None
+        line, digest = seal(header)
+        rline, _ = seal({"kind": "header", "seq": 0, "public": digest, "seed": seed,
+                         "prev": GENESIS})  # fmt: skip
+        _publish(rpath, rline, 0o600)
+        _publish(path, line, 0o644)
+        return cls(path, fsync=fsync)
+
+    # -------------------------------------------------------------------------------- state
+
+    @property
+    def header(self) -> dict:
+        return self._state.header
+
+    @property
+    def head(self) -> str:
+        return self._state.head
+
+    def contents(self) -> LedgerContents:
+        """A snapshot after reading what other processes appended."""
+        with self._locked():
+            s = self._state
+            return LedgerContents(s.header, s.next_seq, s.head, dict(s.events),
+                                  dict(s.event_seq), dict(s.tally), s.n_queries,
+                                  s.n_public_steps)  # fmt: skip
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._tlock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._sync()
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _sync(self) -> None:
+        """Reads and verifies what was appended since the last look (the lock is held)."""
+        size = os.fstat(self._fd).st_size
+        if size < self._offset:
+            raise LedgerCorrupt(self._state.next_seq, "the file shrank while open", self.path)
+        if size == self._offset:
+            return
+        lines, rest = _split(os.pread(self._fd, size - self._offset, self._offset))
+        for line in lines:
+            try:
+                self._state.feed(line)
+            except Fault as fault:
+                raise LedgerCorrupt(self._state.next_seq + 1, str(fault), self.path) from None
+            self._offset += len(line) + 1
+        if rest:
+            # Only a dead writer leaves a partial line: live ones write under this lock.
+            log.warning("%s: removing a torn last line (%d bytes) left by an interrupted append; "
+                        "it was never acknowledged", self.path, len(rest))  # fmt: skip
+            os.ftruncate(self._fd, self._offset)
+            os.fsync(self._fd)
+        if self._state.header is None:
+            raise LedgerCorrupt(1, "empty file: no header record", self.path)
+
+    # -------------------------------------------------------------------------------- appends
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Transaction]:
+        """Group commit: appends inside the block are written with one write and one fsync at exit.
+
+        Nothing is written if the block raises. Release nothing that depends on these records until
+        the block has exited.
+        """
+        with self._locked():
+            tx = _Transaction(self._state)
+            yield tx
+            if tx.lines:
+                data = b"\n".join(tx.lines) + b"\n"
+                _write_all(self._fd, data)
+                if self.fsync:
+                    os.fsync(self._fd)
+                for line in tx.lines:
+                    self._state.feed(line)
+                self._offset += len(data)
+
+    def append(self, event: dp_event.DpEvent, *, admit=None) -> Receipt:
+        """Charges one query to ``event``; durable when this returns.
+
+        Args:
+            event: a PMixED query, an RDP curve, or a public step (``accounting.events``).
+            admit: ``admit(tally, event)`` is called under the lock with the up-to-date
+                ``{event: count}``; it raises (e.g. ``BudgetExhausted``) to refuse, and then nothing
+                is written.
+        """
+        with self.transaction() as tx:
+            return tx.append(event, admit=admit)
+
+    def append_restricted(self, receipt: Receipt, data: Mapping) -> None:
+        """Writes restricted ``data`` for the query of ``receipt`` to the 0600 sibling file."""
+        record = jsonable(dict(data))
+        with self._tlock:
+            if self._rfd is None:
+                fd = os.open(self.restricted_path, os.O_RDWR | os.O_APPEND)
+                if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                    os.close(fd)
+                    raise PermissionError(f"{self.restricted_path} must have mode 600.")
+                self._rfd = fd
+            fcntl.flock(self._rfd, fcntl.LOCK_EX)
+            try:
+                prev = _tail_hash(self._rfd, self.restricted_path)
+                line, _ = seal({"kind": "data", "seq": receipt.seq, "public": receipt.hash,
+                                "data": record, "prev": prev})  # fmt: skip
+                _write_all(self._rfd, line + b"\n")
+                if self.fsync:
+                    os.fsync(self._rfd)
+            finally:
+                fcntl.flock(self._rfd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._rfd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._rfd = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Transaction:
+    """Records staged under the ledger lock; see :meth:`Ledger.transaction`."""
+
+    def __init__(self, state: LedgerContents) -> None:
+        self._state = state
+        self._seq = state.next_seq
+        self._head = state.head
+        self._new: dict[dp_event.DpEvent, int] = {}
+        self.tally = dict(state.tally)
+        self.lines: list[bytes] = []
+
+    def _add(self, record: dict) -> str:
+        line, digest = seal(record)
+        self.lines.append(line)
+        self._seq, self._head = self._seq + 1, digest
+        return digest
+
+    def append(self, event: dp_event.DpEvent, *, admit=None) -> Receipt:
+        body = event_to_json(event)  # TypeError for an event type the ledger does not know
+        if admit is not None:
+            admit(self.tally, event)
+        es = self._state.event_seq.get(event, self._new.get(event))
+        if es is None:
+            record = {"kind": "event", "seq": self._seq, "event": body,
+                      "status": _status_of(event), "prev": self._head}  # fmt: skip
+            try:
+                check_event(record, self._state.header)
+            except Fault as fault:
+                raise ValueError(str(fault)) from None
+            es = self._new[event] = self._seq
+            self._add(record)
+        seq = self._seq
+        digest = self._add({"kind": "query", "seq": seq, "event_seq": es,
+                            "status": _status_of(event), "prev": self._head})  # fmt: skip
+        self.tally[event] = self.tally.get(event, 0) + 1
+        return Receipt(seq, digest)
+
+
+def _tail_hash(fd: int, path: Path) -> str:
+    """Hash of the last complete line of an append-only file (a torn tail is removed)."""
+    size = os.fstat(fd).st_size
+    chunk = 4096
+    while True:
+        if size == 0:
+            raise LedgerCorrupt(1, "the restricted file has no header", path)
+        start = max(0, size - chunk)
+        data = os.pread(fd, size - start, start)
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n")
+            if cut < 0 and start > 0:
+                chunk *= 2
+                continue
+            log.warning("%s: removing a torn last line left by an interrupted append", path)
+            size = start + cut + 1
+            os.ftruncate(fd, size)
+            continue
+        cut = data.rfind(b"\n", 0, len(data) - 1)
+        if cut < 0 and start > 0:
+            chunk *= 2
+            continue
+        m = _SUFFIX.search(data[cut + 1 : -1])
+        if m is None:
+            raise LedgerCorrupt(0, "the restricted file's last line has no hash", path)
+        return m.group(1).decode("ascii")
