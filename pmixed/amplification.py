@@ -21,8 +21,22 @@ __all__ = [
     "rdp_to_epsilon",
 ]
 
-LOG2 = math.log(2.0)
 LOG3 = math.log(3.0)
+
+
+def _log_mix_one(x: np.ndarray, w: float) -> np.ndarray:
+    """log((1 − w) + w·e^x) for x ≥ 0, w ∈ (0, 1], with full relative precision as x → 0.
+
+    ``logaddexp(log(1−w), x + log w)`` cancels to rounding noise when x is tiny (β ≈ 1e-20 broke
+    monotonicity in k); ``log1p(w·expm1(x))`` is exact there and overflows only for large x.
+    """
+    x = np.asarray(x, np.float64)
+    small = x < 1.0
+    out = np.empty_like(x)
+    out[small] = np.log1p(w * np.expm1(x[small]))
+    big = x[~small]
+    out[~small] = big + math.log(w) if w == 1.0 else np.logaddexp(math.log1p(-w), big + math.log(w))
+    return out
 
 
 def base_rdp_certified(beta: float, k: np.ndarray) -> np.ndarray:
@@ -34,7 +48,7 @@ def base_rdp_certified(beta: float, k: np.ndarray) -> np.ndarray:
     ``max(βk, (logaddexp(0, (k−1)·4βk) − log 2)/(k−1))``; the βk term covers S = ∅ vs {j}.
     """
     k = np.asarray(k, np.float64)
-    mixture = (np.logaddexp(0.0, (k - 1.0) * 4.0 * beta * k) - LOG2) / (k - 1.0)
+    mixture = _log_mix_one((k - 1.0) * 4.0 * beta * k, 0.5) / (k - 1.0)
     return np.maximum(beta * k, mixture)
 
 
@@ -42,7 +56,7 @@ def base_rdp_capped(beta: float, lambda_max: float, k: np.ndarray) -> np.ndarray
     """Capped mode: every mixture is ≥ (1−λ_max)·p0, so D_k(A‖p̄_j) ≤ βk + L, L = −log(1−λ_max)."""
     k = np.asarray(k, np.float64)
     big_l = -math.log1p(-lambda_max)
-    mixture = (np.logaddexp(0.0, (k - 1.0) * (beta * k + big_l)) - LOG2) / (k - 1.0)
+    mixture = _log_mix_one((k - 1.0) * (beta * k + big_l), 0.5) / (k - 1.0)
     return np.maximum(beta * k, mixture)
 
 
@@ -51,8 +65,7 @@ def base_rdp_reference(beta: float, n: int, k: np.ndarray) -> np.ndarray:
     k = np.asarray(k, np.float64)
     if n <= 1:
         return beta * k
-    mix = np.logaddexp(math.log((n - 1) / n), (k - 1.0) * 4.0 * beta * k - math.log(n))
-    return mix / (k - 1.0)
+    return _log_mix_one((k - 1.0) * 4.0 * beta * k, 1.0 / n) / (k - 1.0)
 
 
 def poisson_subsampled_rdp(
