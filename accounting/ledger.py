@@ -41,8 +41,8 @@ from pathlib import Path
 
 from dp_accounting import dp_event
 
+from accounting._files import TailCorrupt, publish, tail_hash, write_all
 from accounting._records import (
-    _SUFFIX,
     GENESIS,
     QUERY_KEYS,
     SCHEMA,
@@ -287,34 +287,6 @@ def _versions(extra: Sequence[str]) -> list[str]:
     return out + [v for v in extra if v not in out]
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _publish(path: Path, line: bytes, mode: int) -> None:
-    """Writes ``line`` to a new file at ``path`` atomically: temp file, fsync, hard link."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        if mode == 0o600:
-            os.fchmod(fd, 0o600)
-        _write_all(fd, line + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    finally:
-        tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class Ledger:
     """An open ledger for appending (several processes may hold one on the same file).
 
@@ -389,8 +361,8 @@ class Ledger:
         line, digest = seal(header)
         rline, _ = seal({"kind": "header", "seq": 0, "public": digest, "seed": seed,
                          "prev": GENESIS})  # fmt: skip
-        _publish(rpath, rline, 0o600)
-        _publish(path, line, 0o644)
+        publish(rpath, rline, 0o600)
+        publish(path, line, 0o644)
         return cls(path, fsync=fsync)
 
     # -------------------------------------------------------------------------------- state
@@ -458,7 +430,7 @@ class Ledger:
             yield tx
             if tx.lines:
                 data = b"\n".join(tx.lines) + b"\n"
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
                 if self.fsync:
                     os.fsync(self._fd)
                 for line in tx.lines:
@@ -489,10 +461,13 @@ class Ledger:
                 self._rfd = fd
             fcntl.flock(self._rfd, fcntl.LOCK_EX)
             try:
-                prev = _tail_hash(self._rfd, self.restricted_path)
+                try:
+                    prev = tail_hash(self._rfd, self.restricted_path)
+                except TailCorrupt as err:
+                    raise LedgerCorrupt(1, str(err), self.restricted_path) from None
                 line, _ = seal({"kind": "data", "seq": receipt.seq, "public": receipt.hash,
                                 "data": record, "prev": prev})  # fmt: skip
-                _write_all(self._rfd, line + b"\n")
+                write_all(self._rfd, line + b"\n")
                 if self.fsync:
                     os.fsync(self._rfd)
             finally:
@@ -547,31 +522,3 @@ class _Transaction:
                             "status": _status_of(event), "prev": self._head})  # fmt: skip
         self.tally[event] = self.tally.get(event, 0) + 1
         return Receipt(seq, digest)
-
-
-def _tail_hash(fd: int, path: Path) -> str:
-    """Hash of the last complete line of an append-only file (a torn tail is removed)."""
-    size = os.fstat(fd).st_size
-    chunk = 4096
-    while True:
-        if size == 0:
-            raise LedgerCorrupt(1, "the restricted file has no header", path)
-        start = max(0, size - chunk)
-        data = os.pread(fd, size - start, start)
-        if not data.endswith(b"\n"):
-            cut = data.rfind(b"\n")
-            if cut < 0 and start > 0:
-                chunk *= 2
-                continue
-            log.warning("%s: removing a torn last line left by an interrupted append", path)
-            size = start + cut + 1
-            os.ftruncate(fd, size)
-            continue
-        cut = data.rfind(b"\n", 0, len(data) - 1)
-        if cut < 0 and start > 0:
-            chunk *= 2
-            continue
-        m = _SUFFIX.search(data[cut + 1 : -1])
-        if m is None:
-            raise LedgerCorrupt(0, "the restricted file's last line has no hash", path)
-        return m.group(1).decode("ascii")

@@ -317,3 +317,24 @@ def test_query_event_type_is_allowed_in_a_matching_ledger(tmp_path):
     with create_ledger(tmp_path / "l.jsonl", cal) as led:
         r = led.append(query_event(cal))
     assert r.seq == 2 and isinstance(read_ledger(tmp_path / "l.jsonl").events[1], PMixEDQueryEvent)
+
+
+def test_a_torn_restricted_tail_is_reported_then_removed_by_the_next_write(tmp_path, caplog):
+    path = tmp_path / "l.jsonl"
+    with new_ledger(path) as led:
+        r = led.append(curve())
+        led.append_restricted(r, {"subset": [1]})
+    rpath = path.with_name("l.restricted.jsonl")
+    good = rpath.read_bytes()
+    with open(rpath, "ab") as f:
+        f.write(b'{"data":{"subset":[2')
+    v = verify(path, restricted=True)
+    assert not v.ok and v.line == 3 and "truncated" in v.reason
+    with caplog.at_level(logging.WARNING), Ledger(path) as led:
+        led.append_restricted(led.append(curve()), {"subset": [3]})
+    assert "torn last line" in caplog.text
+    assert rpath.read_bytes().startswith(good) and verify(path, restricted=True).ok
+    rpath.write_bytes(b"no newline at all")
+    with Ledger(path) as led, pytest.raises(LedgerCorrupt, match="no complete line"):
+        led.append_restricted(led.append(curve()), {"subset": [4]})
+    assert rpath.read_bytes() == b"no newline at all"  # never truncated to nothing
