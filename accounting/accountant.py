@@ -95,6 +95,8 @@ class Spent:
         status: ``"certified"``, ``"conditional"`` or ``"UNCERTIFIED"``.
         relation: the neighbouring relation of every composed event.
         epsilon_cross_check: ε from ``compute_epsilon`` on the curves summed with ``math.fsum``.
+        budget: the budget fixed in the ledger header (``epsilon``, ``delta``,
+            ``monitored_orders``), or None.
     """
 
     epsilon: float
@@ -107,6 +109,7 @@ class Spent:
     status: str
     relation: str
     epsilon_cross_check: float
+    budget: dict | None = None
 
     @property
     def certified(self) -> bool:
@@ -125,6 +128,7 @@ class Spent:
             "certified": self.certified,
             "relation": self.relation,
             "epsilon_cross_check": self.epsilon_cross_check,
+            "budget": self.budget,
             "accountant": f"dp-accounting {_dp_accounting_version()} RdpAccountant",
         }
 
@@ -198,6 +202,7 @@ def compose(
         status=acc.status,
         relation=relation,
         epsilon_cross_check=float(eps_check),
+        budget=contents.header["budget"],
     )
 
 

@@ -156,6 +156,13 @@ def cmd_account(args: argparse.Namespace) -> int:
     print(f"relation       {spent.relation}")
     print(f"certified      {certified}")
     print(f"cross-check    compute_epsilon(fsum of curves) = {spent.epsilon_cross_check:.6f}")
+    if spent.budget is not None:
+        b = spent.budget
+        limits = accounting.PrivacyBudget(b["epsilon"], b["delta"], spent.orders)
+        for k in b["monitored_orders"]:
+            used = spent.rdp[spent.orders.index(float(k))]
+            print(f"budget         epsilon {b['epsilon']:g} at delta {b['delta']:g}: RDP at order "
+                  f"{k:g} spent {used:.6g} of {limits.limits([k])[0]:.6g}")  # fmt: skip
     return 0
 
 

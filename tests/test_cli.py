@@ -45,7 +45,8 @@ def _ledger(tmp_path, mode="certified"):
     cal = pmixed.PMixEDConfig(n_members=4, sampling_rate=0.1, epsilon=8.0, delta=1e-5,
                               query_budget=50, orders=tuple(range(2, 13)), **extra).calibrate()  # fmt: skip
     path = tmp_path / f"{mode}.jsonl"
-    with create_ledger(path, cal) as led:
+    budget = {"epsilon": 8.0, "delta": 1e-5, "monitored_orders": [cal.planned_order]}
+    with create_ledger(path, cal, budget=budget) as led:
         for _ in range(50):
             led.append(query_event(cal))
     return path, json.loads(path.read_bytes().splitlines()[-1])["hash"], cal
@@ -73,6 +74,7 @@ def test_account_recomputes_the_planned_epsilon(tmp_path, capsys):
     assert main(["account", str(path), "--delta", "1e-5"]) == 0
     text = capsys.readouterr().out
     assert "certified      yes" in text and "steps          50" in text
+    assert f"RDP at order {cal.planned_order} spent" in text
     ref, _, _ = _ledger(tmp_path, "reference")
     assert main(["account", str(ref), "--delta", "1e-5"]) == 0
     assert "UNCERTIFIED: not a DP guarantee" in capsys.readouterr().out
