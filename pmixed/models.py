@@ -1,0 +1,137 @@
+"""The public model and the sampled members' next-token distributions from one batched forward.
+
+All members are LoRA adapters on one frozen base; the base itself is the public model. A query runs
+ONE forward over rows ``[public, sampled members...]`` with peft's mixed-batch ``adapter_names``
+(``"__base__"`` for the public row). Members that are not sampled are not computed.
+
+KV cache: every row keeps its own cache of the tokens it has processed. The public row is computed at
+every step, so its cache is always one token behind. A member is computed only when sampled, so its
+cache may lag by several tokens; the step feeds each row the tokens it has not seen yet,
+left-padded to a common length, with the caches left-padded to a common length and masked, and
+explicit position ids. After the forward each row's cache is compacted back. The result equals a
+plain forward over the whole context (tested against a ``set_adapter`` loop without cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+__all__ = ["EnsembleLM", "SequenceState"]
+
+PUBLIC = "__base__"
+
+
+@dataclass
+class SequenceState:
+    """One context being extended: its tokens and, per row, the cached keys and values.
+
+    ``caches[row]`` is a list over layers of ``(keys, values)``, each ``[1, heads, length, dim]``;
+    ``row`` is ``None`` for the public model and the member index otherwise.
+    """
+
+    tokens: list[int]
+    caches: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def cached(self, row: int | None) -> int:
+        cache = self.caches.get(row)
+        return 0 if not cache else cache[0][0].shape[2]
+
+
+class EnsembleLM:
+    """A peft model with one adapter per member; its base is the public model.
+
+    Args:
+        model: a ``peft.PeftModel`` (LoRA) whose adapters are the members.
+        members: adapter names in member order (member i is ``members[i]``).
+        pad_id: the token id used for padding (masked; never seen by a real position).
+    """
+
+    def __init__(self, model: torch.nn.Module, members: Sequence[str], pad_id: int) -> None:
+        known = set(getattr(model, "peft_config", {}))
+        missing = [m for m in members if m not in known]
+        if missing:
+            raise ValueError(f"members must be adapters of the model. Unknown: {missing}.")
+        self.model = model.eval()
+        self.members = list(members)
+        self.pad_id = int(pad_id)
+        self.max_positions = int(model.config.n_positions)
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    @torch.no_grad()
+    def next_logprobs(
+        self, state: SequenceState, members: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p0 ``[V]``, log p_i ``[len(members), V]``), float64, for the next token of ``state``.
+
+        One forward over the public row and the listed members; their caches are extended.
+        """
+        n = len(state.tokens)
+        if n == 0:
+            raise ValueError("state.tokens must hold at least one token (a prompt).")
+        if n > self.max_positions:
+            raise ValueError(f"the context has {n} tokens; the model allows {self.max_positions}.")
+        rows: list[int | None] = [None, *members]
+        if any(not 0 <= m < self.n_members for m in members) or len(set(members)) != len(members):
+            raise ValueError(f"members must be distinct indices in [0, {self.n_members}).")
+        for r in rows:  # a row with nothing new re-reads its last token
+            if state.cached(r) >= n:
+                state.caches[r] = [(k[:, :, : n - 1], v[:, :, : n - 1]) for k, v in state.caches[r]]
+        lens = [state.cached(r) for r in rows]
+        new = [n - c for c in lens]
+        c_max, l_max, b = max(lens), max(new), len(rows)
+        ids = torch.full((b, l_max), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((b, l_max), dtype=torch.long)
+        mask = torch.zeros((b, c_max + l_max), dtype=torch.long)
+        for i, (c, m) in enumerate(zip(lens, new)):
+            ids[i, l_max - m :] = torch.tensor(state.tokens[c:])
+            pos[i, l_max - m :] = torch.arange(c, n)
+            mask[i, c_max - c : c_max] = 1
+            mask[i, c_max + l_max - m :] = 1
+        cache = DynamicCache()
+        if c_max:
+            layers = len(next(iter(state.caches.values())))
+            for layer in range(layers):
+                keys, values = [], []
+                for r, c in zip(rows, lens):
+                    k, v = state.caches[r][layer] if c else self._empty(layer, state)
+                    pad = (0, 0, c_max - c, 0)  # left-pad the length axis
+                    keys.append(torch.nn.functional.pad(k, pad))
+                    values.append(torch.nn.functional.pad(v, pad))
+                cache.update(torch.cat(keys), torch.cat(values), layer)
+        names = [PUBLIC if r is None else self.members[r] for r in rows]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                         use_cache=True, adapter_names=names)  # fmt: skip
+        logp = torch.log_softmax(out.logits[:, -1, :].double(), dim=-1)  # [rows, V]
+        for i, (r, c, m) in enumerate(zip(rows, lens, new)):
+            state.caches[r] = [
+                (torch.cat([lay.keys[i : i + 1, :, c_max - c : c_max],
+                            lay.keys[i : i + 1, :, c_max + l_max - m :]], dim=2),
+                 torch.cat([lay.values[i : i + 1, :, c_max - c : c_max],
+                            lay.values[i : i + 1, :, c_max + l_max - m :]], dim=2))
+                for lay in out.cache.layers
+            ]  # fmt: skip
+        return logp[0], logp[1:]
+
+    def _empty(self, layer: int, state: SequenceState) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = next(c for c in state.caches.values() if c)[layer]
+        shape = (1, k.shape[1], 0, k.shape[3])
+        return k.new_zeros(shape), v.new_zeros(shape)
+
+    @torch.no_grad()
+    def reference_logprobs(self, tokens: Sequence[int], member: int | None) -> torch.Tensor:
+        """log p(next | tokens) for one row by ``set_adapter`` and a full forward without cache."""
+        ids = torch.tensor([list(tokens)])
+        if member is None:
+            with self.model.disable_adapter():
+                logits = self.model(input_ids=ids).logits
+        else:
+            self.model.set_adapter(self.members[member])
+            logits = self.model(input_ids=ids).logits
+        return torch.log_softmax(logits[0, -1].double(), dim=-1)

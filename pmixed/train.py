@@ -1,0 +1,202 @@
+"""Tokenizer, public model and LoRA ensemble, trained from nothing on the CPU.
+
+* The tokenizer is a byte-level BPE trained on PUBLIC text only: private text must not shape the
+  vocabulary (a rare private name would otherwise become its own token).
+* The public model is a small GPT-2 built from a config (``AutoModelForCausalLM.from_config``), with
+  untied input and output embeddings (Opacus ghost clipping needs them untied).
+* Each ensemble member is a LoRA adapter (peft, ``fan_in_fan_out=True`` for GPT-2's Conv1D) on the
+  same frozen public weights, trained on its own partition only, from the same initial state.
+
+Blocks are cut inside each partition, after partitioning (``pmixed.data``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+__all__ = [
+    "EOS",
+    "LoraSpec",
+    "ModelSpec",
+    "TrainSpec",
+    "add_lora_members",
+    "blocks",
+    "build_public_model",
+    "train_lm",
+    "train_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The public model's architecture (GPT-2 style)."""
+
+    vocab_size: int = 4096
+    block_size: int = 128
+    n_embd: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """An optimisation run: AdamW, linear warm-up then cosine decay."""
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 10
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA on GPT-2's attention and MLP projections."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+
+    def config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), fan_in_fan_out=True,
+                          bias="none", task_type="CAUSAL_LM")  # fmt: skip
+
+
+def train_tokenizer(public_texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on public text only; ``<|endoftext|>`` is id 0 and doubles as padding."""
+    if not public_texts:
+        raise ValueError("public_texts must not be empty.")
+    if not 257 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be in [257, 65536]. Found {vocab_size}.")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(public_texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                   pad_token=EOS)  # fmt: skip
+
+
+def blocks(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, block_size: int
+) -> torch.Tensor:
+    """Texts joined by EOS and cut into ``[n_blocks, block_size]`` token ids (the tail is dropped)."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens cannot fill one block of {block_size}.")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def build_public_model(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int
+) -> torch.nn.Module:
+    """A freshly initialised GPT-2 from ``spec`` (untied embeddings), seeded for reproducibility."""
+    if len(tokenizer) > spec.vocab_size:
+        raise ValueError(f"vocab_size must be >= the tokenizer's {len(tokenizer)}.")
+    cfg = GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.block_size, n_embd=spec.n_embd,
+                     n_layer=spec.n_layer, n_head=spec.n_head, tie_word_embeddings=False,
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _lr(step: int, spec: TrainSpec) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    frac = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return spec.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def train_lm(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    spec: TrainSpec,
+    generator: torch.Generator,
+    *,
+    progress: object | None = None,
+) -> list[float]:
+    """Next-token training on ``data`` blocks ``[n, T]`` (only parameters with ``requires_grad``).
+
+    Batches are drawn with ``generator``; returns the loss per step. ``progress`` is an optional
+    callable ``progress(step, loss)`` (the command line shows a bar).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters.")
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    n, t = data.shape
+    positions = torch.arange(t).repeat(min(spec.batch_size, n), 1)
+    model.train()
+    losses = []
+    for step in range(spec.steps):
+        idx = torch.randperm(n, generator=generator)[: spec.batch_size]
+        batch = data[idx]
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, spec)
+        loss = model(input_ids=batch, labels=batch, position_ids=positions[: len(batch)]).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {step}.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def add_lora_members(
+    public: torch.nn.Module,
+    parts: Sequence[torch.Tensor],
+    lora: LoraSpec,
+    spec: TrainSpec,
+    seed: int,
+    *,
+    names: Sequence[str] | None = None,
+    progress: object | None = None,
+) -> PeftModel:
+    """One LoRA adapter per partition on the frozen public model; adapter i sees only ``parts[i]``.
+
+    Every adapter starts from the same LoRA initialisation (seeded) and its own batch generator, so
+    member i's weights depend on partition i alone.
+    """
+    names = list(names or [f"member-{i:02d}" for i in range(len(parts))])
+    if len(names) != len(parts) or len(set(names)) != len(names):
+        raise ValueError("names must be distinct, one per partition.")
+    model = None
+    for i, (name, data) in enumerate(zip(names, parts)):
+        torch.manual_seed(seed)
+        if model is None:
+            model = get_peft_model(public, lora.config(), adapter_name=name)
+        else:
+            model.add_adapter(name, lora.config())
+        model.set_adapter(name)  # only this adapter's LoRA weights require grad
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        cb = None if progress is None else (lambda s, loss, i=i: progress(i, s, loss))
+        train_lm(model, data, spec, gen, progress=cb)
+    model.eval()
+    return model
+
+
+def spec_dict(*specs: object) -> dict:
+    """The specs as one JSON-able dict (artefacts carry their config)."""
+    return {type(s).__name__: asdict(s) for s in specs}

@@ -1,0 +1,119 @@
+"""Training isolation and the batched multi-adapter forward with per-row KV caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pmixed.models import EnsembleLM, SequenceState
+from pmixed.train import (
+    LoraSpec,
+    ModelSpec,
+    TrainSpec,
+    add_lora_members,
+    blocks,
+    build_public_model,
+    train_lm,
+    train_tokenizer,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+PUBLIC = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. " * 4,
+    "Now is the winter of our discontent made glorious summer by this sun of York. " * 6,
+]
+PRIVATE = [
+    ["Friends, Romans, countrymen, lend me your ears; I come to bury Caesar. " * 5],
+    ["Out, damned spot! out, I say! One: two: why, then, 'tis time to do't. " * 5],
+    ["If music be the food of love, play on; give me excess of it. " * 5],
+]
+SPEC = ModelSpec(vocab_size=320, block_size=64, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(PUBLIC, 320)
+
+
+def _ensemble(tok, private, seed=0):
+    pub = build_public_model(SPEC, tok, seed)
+    train_lm(pub, blocks(PUBLIC, tok, 32), TrainSpec(steps=5, batch_size=4),
+             torch.Generator().manual_seed(seed))  # fmt: skip
+    parts = [blocks(texts, tok, 32) for texts in private]
+    return add_lora_members(pub, parts, LoraSpec(r=4), TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
+
+
+def _lora_weights(model, name):
+    return {k: v.clone() for k, v in model.state_dict().items() if f".{name}." in k}
+
+
+def test_each_member_depends_on_its_own_partition_only(tok):
+    a = _ensemble(tok, PRIVATE)
+    b = _ensemble(tok, [PRIVATE[0], ["Something else entirely, said by a new user. " * 6],
+                        PRIVATE[2]])  # fmt: skip
+    for i, same in [(0, True), (1, False), (2, True)]:
+        wa, wb = _lora_weights(a, f"member-{i:02d}"), _lora_weights(b, f"member-{i:02d}")
+        assert wa.keys() == wb.keys() and wa
+        assert all(torch.equal(wa[k], wb[k]) for k in wa) is same
+    base = [v for k, v in a.state_dict().items() if "lora_" not in k]
+    assert all(not p.requires_grad for n, p in a.named_parameters() if "lora_" not in n)
+    assert base
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    model = _ensemble(tok, PRIVATE)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # make members clearly different from the public model
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return EnsembleLM(model, ["member-00", "member-01", "member-02"], tok.eos_token_id)
+
+
+def test_batched_cached_forward_equals_the_set_adapter_loop(lm, tok):
+    rng = torch.Generator().manual_seed(0)
+    state = SequenceState(tok("Friends, Romans")["input_ids"])
+    worst, gap = 0.0, 0.0
+    for _ in range(20):
+        members = [i for i in range(3) if torch.rand(1, generator=rng).item() < 0.4]
+        lp0, lps = lm.next_logprobs(state, members)
+        assert lps.shape == (len(members), 320) and lp0.dtype == torch.float64
+        worst = max(worst, (lp0 - lm.reference_logprobs(state.tokens, None)).abs().max().item())
+        for j, m in enumerate(members):
+            ref = lm.reference_logprobs(state.tokens, m)
+            worst = max(worst, (lps[j] - ref).abs().max().item())
+            gap = max(gap, (ref - lp0).abs().max().item())
+        state.tokens.append(int(torch.multinomial(lp0.exp(), 1, generator=rng)))
+    assert worst < 1e-6
+    assert gap > 0.1  # the members really differ from the public model
+
+
+def test_unsampled_members_are_not_computed(lm, tok):
+    seen = []
+    handle = lm.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("adapter_names")), with_kwargs=True
+    )
+    try:
+        state = SequenceState(tok("Out, damned")["input_ids"])
+        lm.next_logprobs(state, [2])
+        lm.next_logprobs(state, [])
+    finally:
+        handle.remove()
+    assert seen == [["__base__", "member-02"], ["__base__"]]
+    assert state.cached(0) == 0 and state.cached(1) == 0 and state.cached(2) > 0
+
+
+def test_bad_requests_are_refused(lm):
+    with pytest.raises(ValueError, match="members"):
+        lm.next_logprobs(SequenceState([1, 2]), [3])
+    with pytest.raises(ValueError, match="members"):
+        lm.next_logprobs(SequenceState([1, 2]), [1, 1])
+    with pytest.raises(ValueError, match="tokens"):
+        lm.next_logprobs(SequenceState([]), [])
+    with pytest.raises(ValueError, match="allows 64"):
+        lm.next_logprobs(SequenceState([1] * 65), [])
+    with pytest.raises(ValueError, match="adapters"):
+        EnsembleLM(lm.model, ["member-09"], 0)
