@@ -6,43 +6,14 @@ import pytest
 import torch
 
 from pmixed.models import EnsembleLM, SequenceState
-from pmixed.train import (
-    LoraSpec,
-    ModelSpec,
-    TrainSpec,
-    add_lora_members,
-    blocks,
-    build_public_model,
-    train_lm,
-    train_tokenizer,
-)
+from tests.pmixed.tiny import PRIVATE, ensemble, tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-PUBLIC = [
-    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
-    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. " * 4,
-    "Now is the winter of our discontent made glorious summer by this sun of York. " * 6,
-]
-PRIVATE = [
-    ["Friends, Romans, countrymen, lend me your ears; I come to bury Caesar. " * 5],
-    ["Out, damned spot! out, I say! One: two: why, then, 'tis time to do't. " * 5],
-    ["If music be the food of love, play on; give me excess of it. " * 5],
-]
-SPEC = ModelSpec(vocab_size=320, block_size=64, n_embd=32, n_layer=2, n_head=2)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(PUBLIC, 320)
-
-
-def _ensemble(tok, private, seed=0):
-    pub = build_public_model(SPEC, tok, seed)
-    train_lm(pub, blocks(PUBLIC, tok, 32), TrainSpec(steps=5, batch_size=4),
-             torch.Generator().manual_seed(seed))  # fmt: skip
-    parts = [blocks(texts, tok, 32) for texts in private]
-    return add_lora_members(pub, parts, LoraSpec(r=4), TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
+    return tokenizer()
 
 
 def _lora_weights(model, name):
@@ -50,8 +21,8 @@ def _lora_weights(model, name):
 
 
 def test_each_member_depends_on_its_own_partition_only(tok):
-    a = _ensemble(tok, PRIVATE)
-    b = _ensemble(tok, [PRIVATE[0], ["Something else entirely, said by a new user. " * 6],
+    a = ensemble(tok, PRIVATE)
+    b = ensemble(tok, [PRIVATE[0], ["Something else entirely, said by a new user. " * 6],
                         PRIVATE[2]])  # fmt: skip
     for i, same in [(0, True), (1, False), (2, True)]:
         wa, wb = _lora_weights(a, f"member-{i:02d}"), _lora_weights(b, f"member-{i:02d}")
@@ -64,13 +35,7 @@ def test_each_member_depends_on_its_own_partition_only(tok):
 
 @pytest.fixture(scope="module")
 def lm(tok):
-    model = _ensemble(tok, PRIVATE)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # make members clearly different from the public model
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return EnsembleLM(model, ["member-00", "member-01", "member-02"], tok.eos_token_id)
+    return tiny_lm(tok)
 
 
 def test_batched_cached_forward_equals_the_set_adapter_loop(lm, tok):

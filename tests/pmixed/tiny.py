@@ -1,0 +1,53 @@
+"""A tiny trained ensemble (tokenizer, public GPT-2, three LoRA members) shared by model tests."""
+
+from __future__ import annotations
+
+import torch
+
+from pmixed.models import EnsembleLM
+from pmixed.train import (
+    LoraSpec,
+    ModelSpec,
+    TrainSpec,
+    add_lora_members,
+    blocks,
+    build_public_model,
+    train_lm,
+    train_tokenizer,
+)
+
+PUBLIC = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. " * 4,
+    "Now is the winter of our discontent made glorious summer by this sun of York. " * 6,
+]
+PRIVATE = [
+    ["Friends, Romans, countrymen, lend me your ears; I come to bury Caesar. " * 5],
+    ["Out, damned spot! out, I say! One: two: why, then, 'tis time to do't. " * 5],
+    ["If music be the food of love, play on; give me excess of it. " * 5],
+]
+SPEC = ModelSpec(vocab_size=320, block_size=64, n_embd=32, n_layer=2, n_head=2)
+
+
+def tokenizer():
+    return train_tokenizer(PUBLIC, 320)
+
+
+def ensemble(tok, private=PRIVATE, seed=0):
+    pub = build_public_model(SPEC, tok, seed)
+    train_lm(pub, blocks(PUBLIC, tok, 32), TrainSpec(steps=5, batch_size=4),
+             torch.Generator().manual_seed(seed))  # fmt: skip
+    parts = [blocks(texts, tok, 32) for texts in private]
+    return add_lora_members(pub, parts, LoraSpec(r=4), TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
+
+
+def tiny_lm(tok=None, spread: float = 0.3) -> EnsembleLM:
+    """Three members made clearly different from the public model (random LoRA B, seeded)."""
+    tok = tok or tokenizer()
+    model = ensemble(tok)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(spread * torch.randn(p.shape, generator=gen))
+    return EnsembleLM(model, ["member-00", "member-01", "member-02"], tok.eos_token_id)
