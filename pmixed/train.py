@@ -12,24 +12,34 @@ Blocks are cut inside each partition, after partitioning (``pmixed.data``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
 __all__ = [
     "EOS",
+    "DpsgdResult",
     "LoraSpec",
     "ModelSpec",
     "TrainSpec",
     "add_lora_members",
+    "add_trained_adapter",
     "blocks",
     "build_public_model",
+    "train_dpsgd_adapter",
     "train_lm",
     "train_tokenizer",
 ]
@@ -195,6 +205,91 @@ def add_lora_members(
         train_lm(model, data, spec, gen, progress=cb)
     model.eval()
     return model
+
+
+def add_trained_adapter(
+    model: PeftModel, name: str, data: torch.Tensor, lora: LoraSpec, spec: TrainSpec, seed: int
+) -> PeftModel:
+    """One more LoRA adapter on the same base, trained (non-privately) on ``data``."""
+    torch.manual_seed(seed)
+    model.add_adapter(name, lora.config())
+    model.set_adapter(name)
+    train_lm(model, data, spec, torch.Generator().manual_seed(seed))
+    return model
+
+
+@dataclass(frozen=True)
+class DpsgdResult:
+    """The Opacus run behind the DP-SGD adapter: its accountant history and settings."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    empty_batches: int
+    max_grad_norm: float
+    history: tuple[tuple[float, float, int], ...]
+    epsilon_opacus: float
+
+
+def train_dpsgd_adapter(
+    model: PeftModel,
+    name: str,
+    data: torch.Tensor,
+    lora: LoraSpec,
+    *,
+    epsilon: float,
+    delta: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float,
+    seed: int,
+) -> DpsgdResult:
+    """A LoRA adapter trained with Opacus DP-SGD at (ε, δ), added to ``model`` as ``name``.
+
+    Record level (one block is one record), Poisson sampling with expected batch ``batch_size``,
+    noise calibrated by Opacus for ``epochs``; an empty Poisson batch skips the forward, gets a
+    zero-size ``grad_sample`` and still takes a (noise-only) step. Training runs on a copy of the
+    base; the trained LoRA weights are then loaded into ``model``.
+    """
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(seed)
+    base = copy.deepcopy(model).unload()  # the public weights without any LoRA layer
+    work = get_peft_model(base, lora.config(), adapter_name=name)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size,
+                                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    params = [p for p in work.parameters() if p.requires_grad]
+    engine = PrivacyEngine(accountant="rdp")
+    dp_model, opt, dp_loader = engine.make_private_with_epsilon(
+        module=work, optimizer=torch.optim.SGD(params, lr=lr), data_loader=loader,
+        target_epsilon=epsilon, target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm,
+        noise_generator=torch.Generator().manual_seed(seed + 1),
+    )  # fmt: skip
+    positions = torch.arange(data.shape[1])
+    empty = steps = 0
+    dp_model.train()
+    for _ in range(epochs):
+        for (x,) in dp_loader:
+            opt.zero_grad(set_to_none=True)
+            if len(x) == 0:
+                empty += 1
+                for p in params:
+                    p.grad_sample = torch.zeros(0, *p.shape)
+            else:
+                out = dp_model(input_ids=x, labels=x, position_ids=positions.repeat(len(x), 1))
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"DP-SGD loss is {out.loss.item()} at step {steps}.")
+                out.loss.backward()
+            opt.step()
+            steps += 1
+    state = get_peft_model_state_dict(work, adapter_name=name)
+    model.add_adapter(name, lora.config())
+    set_peft_model_state_dict(model, state, adapter_name=name)
+    model.eval()
+    hist = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
+    return DpsgdResult(float(opt.noise_multiplier), float(dp_loader.sample_rate), steps, empty,
+                       max_grad_norm, hist, float(engine.get_epsilon(delta)))  # fmt: skip
 
 
 def spec_dict(*specs: object) -> dict:

@@ -82,3 +82,28 @@ def test_bad_requests_are_refused(lm):
         lm.next_logprobs(SequenceState([1] * 65), [])
     with pytest.raises(ValueError, match="adapters"):
         EnsembleLM(lm.model, ["member-09"], 0)
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook",
+                            "ignore::UserWarning")  # fmt: skip
+def test_dpsgd_and_finetune_adapters_join_the_same_model(tok):
+    from accounting import from_opacus
+    from pmixed.train import LoraSpec, TrainSpec, add_trained_adapter, blocks, train_dpsgd_adapter
+
+    model = ensemble(tok)
+    data = blocks(PRIVATE[0] * 8, tok, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "member-00" in k}
+    res = train_dpsgd_adapter(model, "dpsgd", data, LoraSpec(r=4), epsilon=8.0, delta=1e-5,
+                              epochs=2, batch_size=2, lr=0.1, max_grad_norm=1.0, seed=0)  # fmt: skip
+    add_trained_adapter(
+        model, "finetuned", data, LoraSpec(r=4), TrainSpec(steps=3, batch_size=4), 1
+    )
+    assert {"dpsgd", "finetuned", "member-00"} <= set(model.peft_config)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert res.steps == sum(n for _, _, n in res.history) and res.empty_batches > 0
+    assert res.epsilon_opacus <= 8.0 + 1e-6
+    rep = from_opacus(list(res.history), 1e-5)
+    assert rep.opacus == pytest.approx(res.epsilon_opacus, rel=1e-12)
+    lm = EnsembleLM(model, ["dpsgd", "finetuned"], tok.eos_token_id)
+    lp0, lps = lm.next_logprobs(SequenceState(tok("Friends")["input_ids"]), [0, 1])
+    assert (lps[0] - lp0).abs().max() > 1e-4  # the DP-SGD weights were loaded
