@@ -1,0 +1,142 @@
+"""Test perplexity of every model, and of PMixED through the real ledger and budget.
+
+PMixED is scored teacher-forced, as in the paper: each next-token prediction on held-out users' text is
+one query, charged to the ledger before it is scored. Two numbers (PMIXED_MATH.md §10):
+
+* **exact released law**: PPL = exp(−mean_t log P_E(y_t | x_t)), the law users actually sample from;
+* **realised subsample mixture** (the paper's kind): p̄_{S_t} for drawn subsets S_t (p0 if empty),
+  mean ± sd over ``runs`` independent draws. By Jensen it is never better in expectation.
+
+Perplexities are utility metrics computed on held-out text; they are not covered by the guarantee
+(which protects released tokens) and are reported as such.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from accounting import BudgetExhausted, PublicStepEvent, RenyiFilter
+from pmixed._checks import logsumexp
+from pmixed.ledgering import query_event
+from pmixed.mechanism import exact_released_log_law, sample_subset
+from pmixed.mollifier import mix_log, mollify_log
+from pmixed.privacy import Calibration
+
+__all__ = ["PMixEDScore", "lm_perplexity", "member_logprobs", "pmixed_perplexity"]
+
+
+@torch.no_grad()
+def lm_perplexity(model: torch.nn.Module, data: torch.Tensor, adapter: str | None, *,
+                  batch_size: int = 16) -> float:  # fmt: skip
+    """exp(mean next-token NLL) over blocks ``[n, T]``; ``adapter=None`` is the public model."""
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        x = data[i : i + batch_size]
+        names = ["__base__" if adapter is None else adapter] * len(x)
+        logits = model(input_ids=x, adapter_names=names).logits[:, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                x[:, 1:].reshape(-1), reduction="sum")  # fmt: skip
+        total += nll.item()
+        count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def member_logprobs(model: torch.nn.Module, members: list[str], x: torch.Tensor):
+    """(log p0 ``[T, V]``, log p_i ``[N, T, V]``) float64 at every position of one block ``x [T]``.
+
+    One forward over N + 1 rows (public + every member): the exact law needs all of them.
+    """
+    rows = x.unsqueeze(0).repeat(len(members) + 1, 1)
+    logits = model(input_ids=rows, adapter_names=["__base__", *members]).logits.double()
+    logp = torch.log_softmax(logits, dim=-1).numpy()
+    return logp[0], logp[1:]
+
+
+@dataclass(frozen=True)
+class PMixEDScore:
+    """PMixED utility over ``queries`` teacher-forced predictions (``public_steps`` of them fell back)."""
+
+    exact_ppl: float
+    realized_ppl_mean: float
+    realized_ppl_sd: float
+    runs: int
+    queries: int
+    public_steps: int
+
+
+def pmixed_perplexity(
+    model: torch.nn.Module,
+    members: list[str],
+    data: torch.Tensor,
+    calibration: Calibration,
+    budget: RenyiFilter,
+    rng: np.random.Generator,
+    *,
+    n_queries: int,
+    runs: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> PMixEDScore:
+    """Scores ``n_queries`` next-token predictions from held-out blocks ``data [n, T]``.
+
+    Each prediction is charged through ``budget`` (its ledger) before it is scored; an exhausted
+    budget scores the public model (a zero-cost public step). The subset and λ of the first run go to
+    the restricted ledger file.
+    """
+    if len(members) != calibration.config.n_members:
+        raise ValueError(
+            f"calibration has n_members={calibration.config.n_members}; got {len(members)}."
+        )
+    if budget.ledger is None:
+        raise ValueError("budget must be a RenyiFilter attached to a ledger.")
+    event, cfg = query_event(calibration), calibration.config
+    exact, realized, done, public = [], [[] for _ in range(runs)], 0, 0
+    for block in data:
+        if done == n_queries:
+            break
+        lp0_all, lps_all = member_logprobs(model, members, block)
+        for t in range(min(len(block) - 1, n_queries - done)):
+            y = int(block[t + 1])
+            lp0, lps = lp0_all[t], lps_all[:, t]
+            try:
+                receipt = budget.charge(event)
+            except BudgetExhausted:
+                budget.charge(PublicStepEvent())
+                exact.append(lp0[y])
+                for r in realized:
+                    r.append(lp0[y])
+                public += 1
+            else:
+                exact.append(exact_released_log_law(lps, lp0, calibration)[y])
+                fixed = calibration.beta is not None
+                lam_fixed = mollify_log(lps, lp0, calibration) if fixed else None
+                for k, r in enumerate(realized):
+                    s = sample_subset(
+                        cfg.n_members, cfg.sampling_rate, rng, sampler=cfg.reference_sampler
+                    )
+                    if len(s) == 0:
+                        r.append(lp0[y])
+                        lam = np.zeros(0)
+                    else:
+                        lam = (
+                            lam_fixed[s]
+                            if lam_fixed is not None
+                            else mollify_log(lps[s], lp0, calibration)
+                        )
+                        mixed = mix_log(lps[s], lp0[None, :], lam)
+                        r.append(logsumexp(mixed[:, y], axis=0) - math.log(len(s)))
+                    if k == 0:
+                        budget.ledger.append_restricted(receipt, {"subset": s, "lambdas": lam})
+            done += 1
+            if progress is not None:
+                progress(done)
+    if done < n_queries:
+        raise ValueError(f"data holds {done} predictions; n_queries={n_queries} were asked for.")
+    ppl = [math.exp(-float(np.mean(r))) for r in realized]
+    return PMixEDScore(math.exp(-float(np.mean(exact))), float(np.mean(ppl)),
+                       float(np.std(ppl, ddof=1)) if runs > 1 else 0.0, runs, done, public)  # fmt: skip
