@@ -28,6 +28,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/mechanism.py --out benchmarks/results
 	$(PY) benchmarks/ledger.py --out benchmarks/results
+	$(PY) benchmarks/generate.py --out benchmarks/results
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

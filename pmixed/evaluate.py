@@ -32,18 +32,26 @@ __all__ = ["PMixEDScore", "lm_perplexity", "member_logprobs", "pmixed_perplexity
 
 @torch.no_grad()
 def lm_perplexity(model: torch.nn.Module, data: torch.Tensor, adapter: str | None, *,
-                  batch_size: int = 16) -> float:  # fmt: skip
-    """exp(mean next-token NLL) over blocks ``[n, T]``; ``adapter=None`` is the public model."""
-    total, count = 0.0, 0
+                  n_predictions: int | None = None, batch_size: int = 16) -> float:  # fmt: skip
+    """exp(mean next-token NLL) on blocks ``[n, T]``; ``adapter=None`` is the public model.
+
+    ``n_predictions`` keeps the first predictions in block order (block 0 positions 1..T−1, then
+    block 1, ...), the same stream :func:`pmixed_perplexity` scores, so the numbers compare.
+    """
+    nll = []
     for i in range(0, len(data), batch_size):
         x = data[i : i + batch_size]
         names = ["__base__" if adapter is None else adapter] * len(x)
         logits = model(input_ids=x, adapter_names=names).logits[:, :-1].double()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                x[:, 1:].reshape(-1), reduction="sum")  # fmt: skip
-        total += nll.item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
+        per = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                x[:, 1:].reshape(-1), reduction="none")  # fmt: skip
+        nll.append(per)
+        if n_predictions is not None and sum(map(len, nll)) >= n_predictions:
+            break
+    flat = torch.cat(nll)[:n_predictions]
+    if n_predictions is not None and len(flat) < n_predictions:
+        raise ValueError(f"data holds {len(flat)} predictions; n_predictions={n_predictions}.")
+    return math.exp(flat.mean().item())
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_exact_audit(args: argparse.Namespace) -> int:
     """Calibrate every mode at the paper's defaults, then audit one adversarial instance exactly."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"ratio = {ratio:.2f}  {verdict}{label}")  # fmt: skip
         result["exact_audit"][mode] = {"exact_rdp": float(nd.worst[0]), "charged": claim,
                                        "ratio": ratio, "status": cal.status}  # fmt: skip
-    path = out / "demo.json"
+    path = out / "exact_audit.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
@@ -166,6 +166,112 @@ def cmd_account(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bars(name: str, total: int):
+    """A tqdm bar for one stage; the returned callback takes the number of steps done."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"{name:<30}", unit="step", leave=True, dynamic_ncols=True)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _campaign_config(quick: bool):
+    from reports.campaign import FULL, QUICK
+
+    return QUICK if quick else FULL
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from reports.campaign import run_demo
+
+    run_demo(_campaign_config(args.quick), args.out, _bars, evaluate=False)
+    print(f"trained run in {args.out}")
+    return 0
+
+
+def _print_table(metrics: dict) -> None:
+    ppl, priv = metrics["perplexity"], metrics["privacy"]
+    print(f"\n{'model':<30}{'perplexity':>12}{'realized':>18}{'epsilon':>10}  guarantee")
+    for name, p in ppl.items():
+        info = priv[name]
+        eps = "-" if info.get("epsilon") is None else f"{info['epsilon']:.3f}"
+        if isinstance(p, dict):
+            exact = f"{p['exact']:.2f}"
+            real = f"{p['realized_mean']:.2f} +- {p['realized_sd']:.2f}"
+        else:
+            exact, real = f"{p:.2f}", ""
+        if "relation" in info:
+            claim = f"{info['relation']}, {info['unit']}"
+            if not info.get("certified", False):
+                claim = "UNCERTIFIED: not a DP guarantee (" + claim + ")"
+        else:
+            claim = info.get("note", "")
+        print(f"{name:<30}{exact:>12}{real:>18}{eps:>10}  {claim}")
+    print(f"(delta = {priv['dpsgd']['delta']:g}; {metrics['note']})")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from reports.campaign import run_demo
+
+    metrics = run_demo(_campaign_config(args.quick), args.out, _bars)
+    _print_table(metrics)
+    print(f"wrote {args.out / 'metrics.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole campaign; then verify and recompute the main ledger as a reviewer would."""
+    rc = cmd_evaluate(args)
+    ledger = args.out / "ledger.jsonl"
+    check = accounting.verify(ledger, restricted=True)
+    spent = accounting.compose(ledger, 1e-5)
+    print(f"ledger {ledger}: {'intact' if check.ok else 'FAILED ' + str(check)}, head {check.head}")
+    print(f"pmixed account {ledger} --delta 1e-5  ->  epsilon {spent.epsilon:.6f} "
+          f"(certified: {'yes' if spent.certified else 'no'})")  # fmt: skip
+    return rc if check.ok else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pmixed.generator import PrivateGenerator
+    from pmixed.ledgering import create_ledger, query_event
+    from pmixed.models import EnsembleLM
+    from reports.campaign import load_run
+
+    cfg, tok, model, members = load_run(args.run)
+    pcfg = PMixEDConfig(n_members=cfg["n_members"], sampling_rate=cfg["sampling_rate"],
+                        epsilon=cfg["epsilon"], delta=cfg["delta"],
+                        query_budget=cfg["query_budget"])  # fmt: skip
+    cal = pcfg.calibrate()
+    budget = accounting.PrivacyBudget(pcfg.epsilon, pcfg.delta, cal.orders)
+    plan = accounting.RenyiFilter.for_plan(budget, query_event(cal), pcfg.query_budget)
+    path = args.ledger or args.run / "generate.jsonl"
+    if path.exists():
+        ledger = accounting.Ledger(path)
+    else:
+        ledger = create_ledger(path, cal, budget=plan.header_record(), seed=args.seed)
+    guard = accounting.RenyiFilter(budget, plan.monitored, ledger=ledger)
+    gen = PrivateGenerator(EnsembleLM(model, members, tok.eos_token_id), cal, guard,
+                           on_exhausted=args.on_exhausted, seed=args.seed)  # fmt: skip
+    prompts = [tok(p)["input_ids"] for p in args.prompt]
+    outs = gen.generate(
+        prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k
+    )
+    for text, g in zip(args.prompt, outs):
+        print(f"{text}{tok.decode(list(g.tokens))}")
+        status = "refused: budget exhausted" if g.refused else "ok"
+        print(f"  [{g.private_steps} private, {g.public_steps} public-model tokens; {status}]")
+    spent = accounting.compose(path, pcfg.delta)
+    print(
+        f"ledger {path}: epsilon spent {spent.epsilon:.4f} of {pcfg.epsilon} over {spent.steps} tokens"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmixed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,10 +298,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_account)
-    p = sub.add_parser("demo", help="calibrate all modes and run the exact neighbour audit")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true", help="accepted for compatibility; no effect yet")
-    p.set_defaults(func=cmd_demo)
+    what = "calibrate all modes and run the exact neighbour audit on a toy instance"
+    p = sub.add_parser("exact-audit", help=what)
+    p.add_argument("--out", type=Path, default=Path("runs/exact-audit"))
+    p.set_defaults(func=cmd_exact_audit)
+    for name, func, what in [
+        ("train", cmd_train, "train tokenizer, public model, ensemble, fine-tune and DP-SGD"),
+        ("evaluate", cmd_evaluate, "train if needed, then evaluate through real ledgers"),
+        ("demo", cmd_demo, "the whole campaign: train, evaluate, print the table"),
+    ]:
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--out", "--run", dest="out", type=Path, default=Path("runs/demo"))
+        p.add_argument("--quick", action="store_true", help="small models and budget (minutes)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("generate", help="generate text privately from a trained run")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--on-exhausted", choices=["public", "refuse"], default="public")
+    p.add_argument("--seed", type=int, default=None, help="audits only; default: OS entropy")
+    p.add_argument("--ledger", type=Path, default=None,
+                   help="deployment ledger (default RUN/generate.jsonl; reused across calls)")  # fmt: skip
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -204,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, InfeasibleBudget, OSError) as err:
+    except (ValueError, InfeasibleBudget, OSError, accounting.LedgerCorrupt) as err:
         print(f"pmixed {args.command}: error: {err}", file=sys.stderr)
         return 2
 

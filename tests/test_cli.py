@@ -29,9 +29,9 @@ def test_bad_input_exits_2_with_a_one_line_reason(capsys):
     assert "\n" not in err
 
 
-def test_demo_separates_certified_from_reference_accounting(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "demo.json").read_text())
+def test_exact_audit_separates_certified_from_reference_accounting(tmp_path, capsys):
+    assert main(["exact-audit", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "exact_audit.json").read_text())
     assert result["exact_audit"]["certified"]["ratio"] <= 1.0
     assert result["exact_audit"]["reference"]["ratio"] > 2.0
     assert result["calibration"]["reference"]["status"] == "UNCERTIFIED"

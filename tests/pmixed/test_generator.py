@@ -47,8 +47,8 @@ def test_budget_pays_exactly_t_private_tokens_then_the_public_model_answers(tmp_
     gen, ledger = _generator(tmp_path / "l.jsonl", lm, seed=1)
     prompt = tok("To be")["input_ids"]
     seen = []
-    handle = lm.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs.get("adapter_names")), with_kwargs=True
+    handle = lm._lora_layers[0].register_forward_hook(  # what a LoRA layer really receives
+        lambda mod, args, kwargs, out: seen.append(kwargs.get("adapter_names")), with_kwargs=True
     )
     try:
         (out,) = gen.generate([prompt], 14)

@@ -58,8 +58,8 @@ def test_batched_cached_forward_equals_the_set_adapter_loop(lm, tok):
 
 def test_unsampled_members_are_not_computed(lm, tok):
     seen = []
-    handle = lm.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs.get("adapter_names")), with_kwargs=True
+    handle = lm._lora_layers[0].register_forward_hook(  # what a LoRA layer really receives
+        lambda mod, args, kwargs, out: seen.append(kwargs.get("adapter_names")), with_kwargs=True
     )
     try:
         state = SequenceState(tok("Out, damned")["input_ids"])

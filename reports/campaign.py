@@ -1,0 +1,306 @@
+"""The campaign behind ``pmixed demo``: data -> tokenizer -> public model -> ensemble -> fine-tune ->
+DP-SGD -> evaluation, each stage cached in the run directory under a hash of its configuration.
+
+Run directory::
+
+    config.json                 resolved config, library versions, stage hashes
+    tokenizer/ public/          public-only BPE tokenizer; the public GPT-2 (safetensors)
+    ensemble/                   one LoRA adapter per member, plus "finetuned" and "dpsgd"
+    dpsgd.json                  the Opacus run: noise, sample rate, steps, accountant history
+    ledger.jsonl (+ .restricted.jsonl)          certified, add_remove: the main deployment
+    ledger-replace_one.jsonl, ledger-reference.jsonl (+ restricted siblings)
+    metrics.json                perplexity table and the epsilon of every mechanism
+
+A stage whose ``stage.json`` carries the same hash is loaded instead of recomputed, so a re-run
+resumes. Every artefact is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
+from pmixed import PMixEDConfig
+from pmixed.data import load_shakespeare, partition_users, split_heldout
+from pmixed.evaluate import lm_perplexity, pmixed_perplexity
+from pmixed.ledgering import create_ledger, query_event
+from pmixed.train import (
+    LoraSpec,
+    ModelSpec,
+    TrainSpec,
+    add_lora_members,
+    add_trained_adapter,
+    blocks,
+    build_public_model,
+    train_dpsgd_adapter,
+    train_lm,
+    train_tokenizer,
+)
+
+__all__ = ["FULL", "QUICK", "DemoConfig", "load_run", "run_demo"]
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo depends on (hashed into the stage keys)."""
+
+    seed: int = 0
+    salt: str = "pmixed-demo-v1"
+    heldout_fraction: float = 0.1
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_size=2048, block_size=128))
+    public_steps: int = 600
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    n_members: int = 32
+    member_steps: int = 30
+    member_batch: int = 8
+    member_lr: float = 3e-3
+    finetune_steps: int = 300
+    dpsgd_epochs: int = 1
+    dpsgd_batch: int = 64
+    dpsgd_lr: float = 0.5
+    dpsgd_clip: float = 1.0
+    sampling_rate: float = 0.05
+    query_budget: int = 1024
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    realized_runs: int = 4
+    max_private_records: int | None = None
+
+
+FULL = DemoConfig()
+QUICK = replace(
+    FULL, model=ModelSpec(vocab_size=1024, block_size=64, n_embd=64, n_layer=2, n_head=2),
+    public_steps=150, n_members=8, member_steps=10, finetune_steps=60, dpsgd_batch=32,
+    sampling_rate=0.1, query_budget=64, max_private_records=4000,
+)  # fmt: skip
+
+
+def _hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(stage: Path, key: str) -> bool:
+    meta = stage / "stage.json"
+    return meta.exists() and json.loads(meta.read_text()).get("hash") == key
+
+
+def _commit(tmp: Path, stage: Path, key: str) -> None:
+    (tmp / "stage.json").write_text(json.dumps({"hash": key}))
+    if stage.exists():
+        shutil.rmtree(stage)
+    tmp.rename(stage)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _save_adapters(model, names: list[str], lora: LoraSpec, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for name in names:
+        save_file(
+            get_peft_model_state_dict(model, adapter_name=name), folder / f"{name}.safetensors"
+        )
+    (folder / "adapters.json").write_text(json.dumps({"names": names, "lora": asdict(lora)}))
+
+
+def _load_adapters(public, folder: Path):
+    meta = json.loads((folder / "adapters.json").read_text())
+    lora = LoraSpec(**{**meta["lora"], "target_modules": tuple(meta["lora"]["target_modules"])})
+    model = None
+    for name in meta["names"]:
+        if model is None:
+            model = get_peft_model(public, lora.config(), adapter_name=name)
+        else:
+            model.add_adapter(name, lora.config())
+        set_peft_model_state_dict(
+            model, load_file(folder / f"{name}.safetensors"), adapter_name=name
+        )
+    return model.eval()
+
+
+def _texts(records) -> list[str]:
+    return [r.text for r in records]
+
+
+def run_demo(
+    cfg: DemoConfig, out: Path, progress: Progress, *, evaluate: bool = True
+) -> dict | None:
+    """Runs (or resumes) the campaign in ``out``; returns the metrics written to ``metrics.json``.
+
+    ``evaluate=False`` stops after training (``pmixed train``).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_shakespeare()
+    private = corpus.private[: cfg.max_private_records]
+    train_recs, held_recs = split_heldout(private, cfg.heldout_fraction, cfg.salt)
+    parts = partition_users(train_recs, cfg.n_members, cfg.salt)
+    members = [f"member-{i:02d}" for i in range(cfg.n_members)]
+    keys = {
+        "data": _hash([corpus.name, len(private), cfg.salt, cfg.heldout_fraction, cfg.n_members])
+    }
+
+    # Tokenizer: public text only.
+    keys["tokenizer"] = _hash([keys["data"], cfg.model.vocab_size])
+    if not _cached(out / "tokenizer", keys["tokenizer"]):
+        tmp = Path(tempfile.mkdtemp(dir=out))
+        train_tokenizer(corpus.public, cfg.model.vocab_size).save_pretrained(tmp)
+        _commit(tmp, out / "tokenizer", keys["tokenizer"])
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    t = cfg.model.block_size
+
+    # Public model.
+    keys["public"] = _hash([keys["tokenizer"], asdict(cfg.model), cfg.public_steps, cfg.seed])
+    if not _cached(out / "public", keys["public"]):
+        model = build_public_model(cfg.model, tok, cfg.seed)
+        data = blocks(corpus.public, tok, t)
+        bar = progress("public model", cfg.public_steps)
+        train_lm(model, data, TrainSpec(steps=cfg.public_steps), torch.Generator().manual_seed(cfg.seed),
+                 progress=lambda step, _loss: bar(step + 1))  # fmt: skip
+        tmp = Path(tempfile.mkdtemp(dir=out))
+        model.save_pretrained(tmp)
+        _commit(tmp, out / "public", keys["public"])
+    public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
+
+    # Ensemble (one adapter per partition), non-private fine-tune, DP-SGD: adapters on one base.
+    keys["ensemble"] = _hash([keys["public"], asdict(cfg.lora), cfg.member_steps, cfg.member_batch,
+                              cfg.member_lr, cfg.finetune_steps, cfg.dpsgd_epochs, cfg.dpsgd_batch,
+                              cfg.dpsgd_lr, cfg.dpsgd_clip, cfg.epsilon, cfg.delta])  # fmt: skip
+    if not _cached(out / "ensemble", keys["ensemble"]):
+        member_data = [blocks(_texts(p), tok, t) for p in parts]
+        spec = TrainSpec(steps=cfg.member_steps, batch_size=cfg.member_batch, lr=cfg.member_lr)
+        bar = progress("ensemble members", cfg.n_members)
+        done = lambda i, step, _loss: bar(i + 1) if step == spec.steps - 1 else None  # noqa: E731
+        model = add_lora_members(public, member_data, cfg.lora, spec, cfg.seed, progress=done)
+        all_private = blocks(_texts(train_recs), tok, t)
+        bar = progress("non-private fine-tune", cfg.finetune_steps)
+        add_trained_adapter(model, "finetuned", all_private, cfg.lora,
+                            TrainSpec(steps=cfg.finetune_steps, batch_size=16, lr=cfg.member_lr),
+                            cfg.seed + 1, progress=lambda step, _loss: bar(step + 1))  # fmt: skip
+        expected = cfg.dpsgd_epochs * -(-len(all_private) // cfg.dpsgd_batch)
+        bar = progress("DP-SGD (Opacus)", expected)
+        dp = train_dpsgd_adapter(
+            model, "dpsgd", all_private, cfg.lora, epsilon=cfg.epsilon, delta=cfg.delta,
+            epochs=cfg.dpsgd_epochs, batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr,
+            max_grad_norm=cfg.dpsgd_clip, seed=cfg.seed + 2,
+            progress=lambda step, _total: bar(min(step, expected)),
+        )  # fmt: skip
+        tmp = Path(tempfile.mkdtemp(dir=out))
+        _save_adapters(model, [*members, "finetuned", "dpsgd"], cfg.lora, tmp / "adapters")
+        (tmp / "dpsgd.json").write_text(json.dumps(asdict(dp)))
+        _commit(tmp, out / "ensemble", keys["ensemble"])
+        public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
+    model = _load_adapters(public, out / "ensemble" / "adapters")
+    dp_run = json.loads((out / "ensemble" / "dpsgd.json").read_text())
+    _write_json(out / "dpsgd.json", dp_run)
+
+    config = {"demo": asdict(cfg), "stage_hashes": keys, "corpus": corpus.name,
+              "users": {"train": len({r.user for r in train_recs}),
+                        "heldout": len({r.user for r in held_recs})},
+              "versions": {d: version(d) for d in ("pmixed-audit", "torch", "transformers", "peft",
+                                                   "opacus", "dp-accounting", "numpy")}}  # fmt: skip
+    _write_json(out / "config.json", config)
+    if not evaluate:
+        return None
+
+    # Evaluation through real ledgers and budgets.
+    keys["evaluate"] = _hash([keys["ensemble"], cfg.sampling_rate, cfg.query_budget,
+                              cfg.realized_runs, cfg.seed])  # fmt: skip
+    metrics_path = out / "metrics.json"
+    if (
+        metrics_path.exists()
+        and json.loads(metrics_path.read_text()).get("hash") == keys["evaluate"]
+    ):
+        metrics = json.loads(metrics_path.read_text())
+    else:
+        metrics = _evaluate(cfg, out, model, members, tok, held_recs, dp_run, keys["evaluate"],
+                            progress)  # fmt: skip
+    return metrics
+
+
+def load_run(out: Path):
+    """(demo config dict, tokenizer, model with every adapter, member names) of a trained run."""
+    config_path = out / "config.json"
+    if not config_path.exists() or not (out / "ensemble" / "stage.json").exists():
+        raise FileNotFoundError(
+            f"{out} is not a trained run: run `pmixed train --out {out}` first."
+        )
+    cfg = json.loads(config_path.read_text())["demo"]
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
+    model = _load_adapters(public, out / "ensemble" / "adapters")
+    return cfg, tok, model, [f"member-{i:02d}" for i in range(cfg["n_members"])]
+
+
+def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -> dict:
+    t = cfg.model.block_size
+    held = blocks(_texts(held_recs), tok, t)
+    n = cfg.query_budget  # every model is scored on the same T predictions as PMixED
+    models = (("public", None), ("finetuned", "finetuned"), ("dpsgd", "dpsgd"))
+    ppl = {name: lm_perplexity(model, held, adapter, n_predictions=n) for name, adapter in models}
+    dp = from_opacus([tuple(h) for h in dp_run["history"]], cfg.delta)
+    privacy = {
+        "public": {"epsilon": 0.0, "note": "trained on public text only"},
+        "finetuned": {"epsilon": None, "certified": False, "note": "no privacy: non-private fine-tune"},
+        "dpsgd": {"epsilon": dp.rdp, "epsilon_pld": dp.pld, "epsilon_opacus": dp.opacus,
+                  "delta": cfg.delta, "accountant": "dp-accounting RDP (Opacus history)",
+                  "unit": f"one {t}-token training block (record level)", "relation": "add_remove",
+                  "certified": True},
+    }  # fmt: skip
+    common = dict(n_members=cfg.n_members, sampling_rate=cfg.sampling_rate, epsilon=cfg.epsilon,
+                  delta=cfg.delta, query_budget=cfg.query_budget)  # fmt: skip
+    runs = {
+        "pmixed_certified_add_remove": ("ledger.jsonl", PMixEDConfig(**common)),
+        "pmixed_certified_replace_one": ("ledger-replace_one.jsonl",
+                                         PMixEDConfig(**common, relation="replace_one")),
+        "pmixed_reference": ("ledger-reference.jsonl", PMixEDConfig(**common, mode="reference")),
+    }  # fmt: skip
+    units = {"add_remove": "one ensemble member (one partition of users)",
+             "replace_one": "one user (its partition's member replaced)"}  # fmt: skip
+    work = Path(tempfile.mkdtemp(dir=out))
+    for i, (name, (fname, pcfg)) in enumerate(runs.items()):
+        cal = pcfg.calibrate()
+        event = query_event(cal)
+        budget = PrivacyBudget(pcfg.epsilon, pcfg.delta, cal.orders)
+        plan = RenyiFilter.for_plan(budget, event, pcfg.query_budget)
+        ledger = create_ledger(work / fname, cal, budget=plan.header_record(), seed=cfg.seed + i)
+        filt = RenyiFilter(budget, plan.monitored, ledger=ledger)
+        score = pmixed_perplexity(
+            model, members, held, cal, filt, np.random.default_rng(cfg.seed + i),
+            n_queries=pcfg.query_budget, runs=cfg.realized_runs,
+            progress=progress(name, pcfg.query_budget),
+        )  # fmt: skip
+        ledger.close()
+        spent = compose(work / fname, pcfg.delta)
+        ppl[name] = {"exact": score.exact_ppl, "realized_mean": score.realized_ppl_mean,
+                     "realized_sd": score.realized_ppl_sd, "queries": score.queries}  # fmt: skip
+        privacy[name] = {"epsilon": spent.epsilon, "delta": spent.delta,
+                         "optimal_order": spent.optimal_order, "steps": spent.steps,
+                         "accountant": "dp-accounting RDP (PMixEDAccountant over the ledger)",
+                         "ledger": fname, "unit": units[pcfg.relation], "relation": pcfg.relation,
+                         "certified": spent.certified, "status": spent.status,
+                         "beta": cal.beta, "beta_by_size": list(cal.beta_by_size[:6])}  # fmt: skip
+    for f in work.iterdir():
+        f.rename(out / f.name)
+    work.rmdir()
+    note = "perplexities are utility metrics on held-out users' text, outside the guarantee"
+    metrics = {"hash": key, "perplexity": ppl, "privacy": privacy, "note": note}
+    _write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,100 @@
+"""The campaign behind `pmixed demo`: files, ledgers that verify and recompute, resumable stages."""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import replace
+
+import pytest
+
+import accounting
+from pmixed.train import ModelSpec
+from reports.campaign import QUICK, run_demo
+from reports.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+TINY = replace(
+    QUICK, model=ModelSpec(vocab_size=300, block_size=32, n_embd=32, n_layer=1, n_head=2),
+    public_steps=4, n_members=4, member_steps=2, finetune_steps=2, dpsgd_batch=64,
+    sampling_rate=0.2, query_budget=16, realized_runs=2, max_private_records=600,
+)  # fmt: skip
+
+
+def _quiet(name, total):
+    return lambda done: None
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, run_demo(TINY, out, _quiet)
+
+
+def test_run_directory_holds_the_promised_files(run):
+    out, metrics = run
+    files = ("config.json", "metrics.json", "dpsgd.json", "ledger.jsonl", "ledger.restricted.jsonl",
+             "ledger-replace_one.jsonl", "ledger-reference.jsonl")  # fmt: skip
+    for name in files:
+        assert (out / name).exists(), name
+    assert stat.S_IMODE((out / "ledger.restricted.jsonl").stat().st_mode) == 0o600
+    assert set(metrics["perplexity"]) == {"public", "finetuned", "dpsgd",
+                                          "pmixed_certified_add_remove",
+                                          "pmixed_certified_replace_one", "pmixed_reference"}  # fmt: skip
+    priv = metrics["privacy"]
+    for name in ("dpsgd", "pmixed_certified_add_remove", "pmixed_certified_replace_one"):
+        assert priv[name]["epsilon"] <= 8.0 and priv[name]["certified"] is True
+        assert priv[name]["delta"] == 1e-5 and priv[name]["accountant"] and priv[name]["unit"]
+    assert priv["pmixed_reference"]["certified"] is False
+    assert priv["pmixed_certified_replace_one"]["unit"].startswith("one user")
+    config = json.loads((out / "config.json").read_text())
+    assert config["versions"]["dp-accounting"] and config["stage_hashes"]["ensemble"]
+
+
+def test_every_ledger_verifies_and_recomputes_the_reported_epsilon(run, capsys):
+    out, metrics = run
+    for info in metrics["privacy"].values():
+        if "ledger" not in info:
+            continue
+        path = out / info["ledger"]
+        assert main(["verify-ledger", str(path), "--restricted"]) == 0
+        assert "OK" in capsys.readouterr().out
+        assert main(["account", str(path), "--delta", "1e-5", "--json"]) == 0
+        spent = json.loads(capsys.readouterr().out)
+        assert spent["epsilon"] == pytest.approx(info["epsilon"], rel=1e-12)
+        assert spent["steps"] == TINY.query_budget
+
+
+def test_a_rerun_resumes_from_the_cached_stages(run):
+    out, metrics = run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run_demo(TINY, out, _quiet)
+    assert again == metrics
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    for stage in ("tokenizer", "public", "ensemble", "ledger.jsonl"):
+        assert before[stage] == after[stage]
+    assert accounting.verify(out / "ledger.jsonl").ok
+
+
+def test_generate_charges_a_persistent_deployment_ledger(run, capsys):
+    out, _ = run
+    args = [
+        "generate",
+        "--run",
+        str(out),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "1",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("To be") and "5 private, 0 public-model tokens" in first
+    assert main(args) == 0  # the same ledger: the budget carries over between calls
+    contents = accounting.read_ledger(out / "generate.jsonl")
+    assert contents.n_queries == 10 and contents.header["seeded"] is True
+    assert main(["generate", "--run", str(out / "nope"), "--prompt", "x"]) == 2
+    assert "pmixed train" in capsys.readouterr().err

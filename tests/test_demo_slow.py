@@ -1,0 +1,35 @@
+"""End-to-end `pmixed demo --quick` in a subprocess (slow: `make test-all`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import accounting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_its_files_and_the_ledger_recomputes(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "reports.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pmixed_certified_add_remove" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    spent = accounting.compose(out / "ledger.jsonl", 1e-5)
+    assert spent.epsilon == pytest.approx(
+        metrics["privacy"]["pmixed_certified_add_remove"]["epsilon"]
+    )
+    assert accounting.verify(out / "ledger.jsonl", restricted=True).ok
+    assert (
+        metrics["perplexity"]["pmixed_certified_add_remove"]["exact"]
+        < metrics["perplexity"]["public"]
+    )
