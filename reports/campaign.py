@@ -53,6 +53,8 @@ from pmixed.train import (
 __all__ = ["FULL", "QUICK", "DemoConfig", "load_run", "run_demo"]
 
 Progress = Callable[[str, int], Callable[[int], None]]
+#: Bumped when metrics.json changes shape, so a cached evaluation is recomputed.
+METRICS_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def run_demo(
 
     # Evaluation through real ledgers and budgets.
     keys["evaluate"] = _hash([keys["ensemble"], cfg.sampling_rate, cfg.query_budget,
-                              cfg.realized_runs, cfg.seed])  # fmt: skip
+                              cfg.realized_runs, cfg.seed, METRICS_SCHEMA])  # fmt: skip
     metrics_path = out / "metrics.json"
     if (
         metrics_path.exists()
@@ -257,8 +259,12 @@ def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -
     ppl = {name: lm_perplexity(model, held, adapter, n_predictions=n) for name, adapter in models}
     dp = from_opacus([tuple(h) for h in dp_run["history"]], cfg.delta)
     privacy = {
-        "public": {"epsilon": 0.0, "note": "trained on public text only"},
-        "finetuned": {"epsilon": None, "certified": False, "note": "no privacy: non-private fine-tune"},
+        "public": {"epsilon": 0.0, "delta": 0.0, "accountant": "none needed: no private data",
+                   "unit": "n/a", "relation": "n/a", "certified": True,
+                   "note": "trained on public text only"},
+        "finetuned": {"epsilon": None, "delta": None, "accountant": "none",
+                      "unit": "none", "relation": "n/a", "certified": False,
+                      "note": "no privacy: non-private fine-tune"},
         "dpsgd": {"epsilon": dp.rdp, "epsilon_pld": dp.pld, "epsilon_opacus": dp.opacus,
                   "delta": cfg.delta, "accountant": "dp-accounting RDP (Opacus history)",
                   "unit": f"one {t}-token training block (record level)", "relation": "add_remove",

@@ -205,12 +205,12 @@ def _print_table(metrics: dict) -> None:
             real = f"{p['realized_mean']:.2f} +- {p['realized_sd']:.2f}"
         else:
             exact, real = f"{p:.2f}", ""
-        if "relation" in info:
-            claim = f"{info['relation']}, {info['unit']}"
-            if not info.get("certified", False):
-                claim = "UNCERTIFIED: not a DP guarantee (" + claim + ")"
+        if info["relation"] == "n/a":
+            claim = info["note"]
         else:
-            claim = info.get("note", "")
+            claim = f"{info['relation']}, {info['unit']}"
+            if not info["certified"]:
+                claim = "UNCERTIFIED: not a DP guarantee (" + claim + ")"
         print(f"{name:<30}{exact:>12}{real:>18}{eps:>10}  {claim}")
     print(f"(delta = {priv['dpsgd']['delta']:g}; {metrics['note']})")
 

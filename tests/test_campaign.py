@@ -47,6 +47,9 @@ def test_run_directory_holds_the_promised_files(run):
         assert priv[name]["epsilon"] <= 8.0 and priv[name]["certified"] is True
         assert priv[name]["delta"] == 1e-5 and priv[name]["accountant"] and priv[name]["unit"]
     assert priv["pmixed_reference"]["certified"] is False
+    for info in priv.values():  # one schema for every mechanism
+        assert {"epsilon", "delta", "accountant", "unit", "relation", "certified"} <= set(info)
+    assert priv["finetuned"]["certified"] is False and priv["public"]["epsilon"] == 0.0
     assert priv["pmixed_certified_replace_one"]["unit"].startswith("one user")
     config = json.loads((out / "config.json").read_text())
     assert config["versions"]["dp-accounting"] and config["stage_hashes"]["ensemble"]
