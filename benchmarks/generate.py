@@ -34,7 +34,7 @@ from pmixed.mechanism import sample_subset, sample_token
 from pmixed.models import EnsembleLM
 from pmixed.train import LoraSpec, ModelSpec, build_public_model, train_tokenizer
 
-N, Q, PROMPT, TOKENS = 16, 0.15, 16, 48
+N, Q, TOKENS = 16, 0.15, 48
 
 
 def build(seed: int = 0):
@@ -111,9 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
     args = parser.parse_args()
     lm = build()
-    prompt = list(range(5, 5 + PROMPT))
+    prompt = list(range(5, 5 + args.prompt_tokens))
     rows = {"public": [], "ours": [], "reference": []}
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d:
         for r in range(args.repeats):
@@ -123,14 +124,16 @@ def main() -> None:
             rows["ours"].append(ours(lm, prompt, sub))
             rows["reference"].append(reference_loop(lm, prompt, np.random.default_rng(r)))
     med = {k: float(np.median(v)) for k, v in rows.items()}
-    print(f"per-token time, median of {args.repeats} (N={N}, q={Q}, {TOKENS} tokens):")
+    print(f"per-token time, median of {args.repeats} (N={N}, q={Q}, prompt {args.prompt_tokens}, "
+          f"{TOKENS} tokens):")  # fmt: skip
     for k in ("public", "ours", "reference"):
         print(f"  {k:<10} {1e3 * med[k]:8.2f} ms")
     print(f"  ours / public    = {med['ours'] / med['public']:.2f}  (target <= 3)")
     print(f"  reference / ours = {med['reference'] / med['ours']:.2f}  (target >= 10)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"meta": {"python": platform.python_version(), "n_members": N, "q": Q,
-                       "tokens": TOKENS, "command": "python benchmarks/generate.py"},
+                       "tokens": TOKENS, "prompt_tokens": args.prompt_tokens,
+                       "command": "python benchmarks/generate.py"},
               "median_seconds_per_token": med,
               "ratios": {"ours_over_public": med["ours"] / med["public"],
                          "reference_over_ours": med["reference"] / med["ours"]}}  # fmt: skip

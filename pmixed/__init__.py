@@ -20,9 +20,11 @@ from pmixed.privacy import Calibration, InfeasibleBudget, PMixEDConfig
 
 __all__ = [
     "Calibration",
+    "EnsembleLM",
     "InfeasibleBudget",
     "NeighbourDivergence",
     "PMixEDConfig",
+    "PrivateGenerator",
     "StepResult",
     "exact_released_law",
     "exact_released_log_law",
@@ -37,3 +39,14 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: Names that need torch/transformers/peft, imported on first use so `import pmixed` stays light.
+_LAZY = {"PrivateGenerator": "pmixed.generator", "EnsembleLM": "pmixed.models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pmixed' has no attribute {name!r}")
