@@ -15,7 +15,6 @@ sampled per token):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pmixed.ledgering import create_ledger, query_event
 from pmixed.mechanism import sample_subset, sample_token
 from pmixed.models import EnsembleLM
 from pmixed.train import LoraSpec, ModelSpec, build_public_model, train_tokenizer
+from reports.files import write_json
 
 N, Q, TOKENS = 16, 0.15, 48
 
@@ -137,11 +137,7 @@ def main() -> None:
               "median_seconds_per_token": med,
               "ratios": {"ours_over_public": med["ours"] / med["public"],
                          "reference_over_ours": med["reference"] / med["ours"]}}  # fmt: skip
-    out = args.out / "generate.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out / 'generate.json', result)}")
 
 
 if __name__ == "__main__":

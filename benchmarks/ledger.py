@@ -9,7 +9,6 @@ per-record fsync, the deployment default. Compose includes verifying every line'
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from accounting import Ledger, compose, verify
 from pmixed import PMixEDConfig
 from pmixed.ledgering import create_ledger, query_event
+from reports.files import write_json
 
 CONFIG = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=100_000)
 
@@ -86,12 +86,7 @@ def main() -> None:
     result = {"meta": meta, "appends": rows, "compose": {
         "queries": args.queries, "bytes": size, "seconds": t_compose, "verify_seconds": t_verify,
         "epsilon": spent.epsilon}}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "ledger.json"
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out / 'ledger.json', result)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ members perturbed in log space), so the ratio column is what to compare across m
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from scipy.optimize import bisect
 
 from pmixed import PMixEDConfig, mollify_log
 from pmixed.divergence import renyi_divergence_log
+from reports.files import write_json
 
 DEFAULTS = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
 
@@ -85,13 +85,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['vocab']:>6} {r['members']:>2} {r['certified_s']:>14.4f} "
               f"{r['reference_scipy_s']:>20.4f} {r['ratio']:>7.2f}")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(python=platform.python_version(), machine=platform.machine(), repeats=args.repeats)
-    path = args.out / "mechanism.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tmp.replace(path)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(args.out / 'mechanism.json', {'meta': meta, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from pmixed.train import (
     train_lm,
     train_tokenizer,
 )
+from reports.files import write_json
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "load_run", "run_demo"]
 
@@ -106,12 +107,6 @@ def _commit(tmp: Path, stage: Path, key: str) -> None:
     if stage.exists():
         shutil.rmtree(stage)
     tmp.rename(stage)
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def _save_adapters(model, names: list[str], lora: LoraSpec, folder: Path) -> None:
@@ -211,14 +206,14 @@ def run_demo(
         public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
     model = _load_adapters(public, out / "ensemble" / "adapters")
     dp_run = json.loads((out / "ensemble" / "dpsgd.json").read_text())
-    _write_json(out / "dpsgd.json", dp_run)
+    write_json(out / "dpsgd.json", dp_run)
 
     config = {"demo": asdict(cfg), "stage_hashes": keys, "corpus": corpus.name,
               "users": {"train": len({r.user for r in train_recs}),
                         "heldout": len({r.user for r in held_recs})},
               "versions": {d: version(d) for d in ("pmixed-audit", "torch", "transformers", "peft",
                                                    "opacus", "dp-accounting", "numpy")}}  # fmt: skip
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     if not evaluate:
         return None
 
@@ -308,5 +303,5 @@ def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -
     work.rmdir()
     note = "perplexities are utility metrics on held-out users' text, outside the guarantee"
     metrics = {"hash": key, "perplexity": ppl, "privacy": privacy, "note": note}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics

@@ -18,6 +18,7 @@ import numpy as np
 
 import accounting
 from pmixed import InfeasibleBudget, PMixEDConfig, neighbour_divergence
+from reports.files import write_json
 
 PAPER = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
 
@@ -115,11 +116,7 @@ def cmd_exact_audit(args: argparse.Namespace) -> int:
               f"ratio = {ratio:.2f}  {verdict}{label}")  # fmt: skip
         result["exact_audit"][mode] = {"exact_rdp": float(nd.worst[0]), "charged": claim,
                                        "ratio": ratio, "status": cal.status}  # fmt: skip
-    path = out / "exact_audit.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
-    print(f"\nwrote {path}")
+    print(f"\nwrote {write_json(out / 'exact_audit.json', result)}")
     return 0
 
 
