@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmixed import PMixEDConfig, mollify
+from pmixed import PMixEDConfig, mollifier, mollify
 from pmixed._checks import as_log_distribution
 from pmixed.divergence import renyi_divergence_log
 from pmixed.mollifier import mix_log
@@ -76,6 +76,49 @@ def test_lambda_is_feasible_and_maximal_to_1e_9(ens, beta, mode):
         assert feasible(lp, lp0, l, cons)
         if l < cons.lambda_cap:
             assert not feasible(lp, lp0, min(l + 1e-9, cons.lambda_cap), cons)
+
+
+def _both_paths(pm, p0, cal):
+    """λ with the staircase forced on every evaluation, and with it switched off."""
+    saved = mollifier.STAIRCASE_MIN_WORK
+    try:
+        mollifier.STAIRCASE_MIN_WORK = 0
+        stair = mollify(pm, p0, cal)
+        mollifier.STAIRCASE_MIN_WORK = float("inf")
+        full = mollify(pm, p0, cal)
+    finally:
+        mollifier.STAIRCASE_MIN_WORK = saved
+    return stair, full
+
+
+@settings(max_examples=300)
+@given(ens=ensemble(max_n=4, max_v=12), beta=log_uniform(1e-3, 1.0), mode=modes())
+def test_staircase_pruning_keeps_lambda_feasible_maximal_and_equal_to_full_evaluation(
+    ens, beta, mode
+):
+    pm, p0 = ens
+    cal = make(mode, beta)
+    stair, full = _both_paths(pm, p0, cal)
+    np.testing.assert_allclose(stair, full, atol=2e-12, rtol=0)
+    cons = cal.constraints(len(pm))
+    for i, l in enumerate(stair):
+        lp, lp0 = logs(pm[i]), logs(p0)
+        assert feasible(lp, lp0, l, cons)
+        if l < cons.lambda_cap:
+            assert not feasible(lp, lp0, min(l + 1e-9, cons.lambda_cap), cons)
+
+
+def test_staircase_equals_full_evaluation_on_lm_sized_vocabularies():
+    rng = np.random.default_rng(0)
+    cfg = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5, query_budget=256)
+    for scale, beta in [(0.05, None), (0.5, None), (2.0, None), (0.5, 0.3), (2.0, 1e-3)]:
+        logits0 = -1.1 * np.log(rng.permutation(2048) + 1.0) + 0.3 * rng.standard_normal(2048)
+        logits = logits0 + scale * rng.standard_normal((3, 2048))
+        p0, pm = np.exp(logits0), np.exp(logits)
+        p0, pm = p0 / p0.sum(), pm / pm.sum(axis=1, keepdims=True)
+        cal = cfg.calibrate() if beta is None else cfg.calibration_for_beta(beta)
+        stair, full = _both_paths(pm, p0, cal)
+        np.testing.assert_allclose(stair, full, atol=2e-12, rtol=0)
 
 
 @settings(max_examples=150)
