@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
 from pmixed import PMixEDConfig
-from pmixed.data import load_shakespeare, partition_users, split_heldout
+from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
 from pmixed.ledgering import create_ledger, query_event
 from pmixed.train import (
@@ -83,6 +83,8 @@ class DemoConfig:
     delta: float = 1e-5
     realized_runs: int = 4
     max_private_records: int | None = None
+    public_dir: str | None = None
+    private_jsonl: str | None = None
 
 
 FULL = DemoConfig()
@@ -97,13 +99,29 @@ def _hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a stage (its content hash), by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "stage.json"}  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    return {d: version(d) for d in ("pmixed-audit", "torch", "transformers", "peft", "opacus",
+                                    "dp-accounting", "numpy")}  # fmt: skip
+
+
 def _cached(stage: Path, key: str) -> bool:
+    """True when ``stage`` was built from the same config and its files are unchanged."""
     meta = stage / "stage.json"
-    return meta.exists() and json.loads(meta.read_text()).get("hash") == key
+    if not meta.exists():
+        return False
+    saved = json.loads(meta.read_text())
+    return saved.get("hash") == key and saved.get("files") == _digests(stage)
 
 
 def _commit(tmp: Path, stage: Path, key: str) -> None:
-    (tmp / "stage.json").write_text(json.dumps({"hash": key}))
+    meta = {"hash": key, "files": _digests(tmp), "versions": _versions()}
+    (tmp / "stage.json").write_text(json.dumps(meta, indent=2))
     if stage.exists():
         shutil.rmtree(stage)
     tmp.rename(stage)
@@ -133,6 +151,15 @@ def _load_adapters(public, folder: Path):
     return model.eval()
 
 
+def _corpus_digest(public, private) -> str:
+    h = hashlib.sha256()
+    for text in public:
+        h.update(text.encode() + b"\x00")
+    for r in private:
+        h.update(r.user.encode() + b"\x00" + r.text.encode() + b"\x00")
+    return h.hexdigest()
+
+
 def _texts(records) -> list[str]:
     return [r.text for r in records]
 
@@ -145,13 +172,20 @@ def run_demo(
     ``evaluate=False`` stops after training (``pmixed train``).
     """
     out.mkdir(parents=True, exist_ok=True)
-    corpus = load_shakespeare()
+    if (cfg.public_dir is None) != (cfg.private_jsonl is None):
+        raise ValueError("public_dir and private_jsonl must be given together.")
+    if cfg.public_dir is None:
+        corpus = load_shakespeare()
+    else:
+        corpus = load_user_data(cfg.public_dir, cfg.private_jsonl)
     private = corpus.private[: cfg.max_private_records]
     train_recs, held_recs = split_heldout(private, cfg.heldout_fraction, cfg.salt)
     parts = partition_users(train_recs, cfg.n_members, cfg.salt)
     members = [f"member-{i:02d}" for i in range(cfg.n_members)]
     keys = {
-        "data": _hash([corpus.name, len(private), cfg.salt, cfg.heldout_fraction, cfg.n_members])
+        "data": _hash(
+            [_corpus_digest(corpus.public, private), cfg.salt, cfg.heldout_fraction, cfg.n_members]
+        )
     }
 
     # Tokenizer: public text only.
@@ -211,8 +245,7 @@ def run_demo(
     config = {"demo": asdict(cfg), "stage_hashes": keys, "corpus": corpus.name,
               "users": {"train": len({r.user for r in train_recs}),
                         "heldout": len({r.user for r in held_recs})},
-              "versions": {d: version(d) for d in ("pmixed-audit", "torch", "transformers", "peft",
-                                                   "opacus", "dp-accounting", "numpy")}}  # fmt: skip
+              "versions": _versions()}  # fmt: skip
     write_json(out / "config.json", config)
     if not evaluate:
         return None

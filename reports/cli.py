@@ -177,16 +177,24 @@ def _bars(name: str, total: int):
     return update
 
 
-def _campaign_config(quick: bool):
+def _campaign_config(args: argparse.Namespace):
+    from dataclasses import replace
+
     from reports.campaign import FULL, QUICK
 
-    return QUICK if quick else FULL
+    cfg = QUICK if args.quick else FULL
+    if args.public_dir is not None or args.private_jsonl is not None:
+        if args.public_dir is None or args.private_jsonl is None:
+            raise ValueError("--public-dir and --private-jsonl must be given together.")
+        cfg = replace(cfg, public_dir=str(args.public_dir), private_jsonl=str(args.private_jsonl),
+                      max_private_records=None)  # fmt: skip
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from reports.campaign import run_demo
 
-    run_demo(_campaign_config(args.quick), args.out, _bars, evaluate=False)
+    run_demo(_campaign_config(args), args.out, _bars, evaluate=False)
     print(f"trained run in {args.out}")
     return 0
 
@@ -215,7 +223,7 @@ def _print_table(metrics: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from reports.campaign import run_demo
 
-    metrics = run_demo(_campaign_config(args.quick), args.out, _bars)
+    metrics = run_demo(_campaign_config(args), args.out, _bars)
     _print_table(metrics)
     print(f"wrote {args.out / 'metrics.json'}")
     return 0
@@ -307,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what)
         p.add_argument("--out", "--run", dest="out", type=Path, default=Path("runs/demo"))
         p.add_argument("--quick", action="store_true", help="small models and budget (minutes)")
+        p.add_argument(
+            "--public-dir",
+            type=Path,
+            default=None,
+            help="your public text: a folder of .txt files (with --private-jsonl)",
+        )
+        p.add_argument(
+            "--private-jsonl",
+            type=Path,
+            default=None,
+            help='your private records: JSON lines {"user": ..., "text": ...}',
+        )
         p.set_defaults(func=func)
     p = sub.add_parser("generate", help="generate text privately from a trained run")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))

@@ -101,3 +101,29 @@ def test_generate_charges_a_persistent_deployment_ledger(run, capsys):
     assert contents.n_queries == 10 and contents.header["seeded"] is True
     assert main(["generate", "--run", str(out / "nope"), "--prompt", "x"]) == 2
     assert "pmixed train" in capsys.readouterr().err
+
+
+def test_user_supplied_data_and_a_tampered_stage_is_rebuilt(tmp_path):
+    pub = tmp_path / "public"
+    pub.mkdir()
+    (pub / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    rows = [{"user": f"user{u}", "text": f"User {u} writes about apples and pears, item {i}. " * 3}
+            for u in range(24) for i in range(6)]  # fmt: skip
+    priv = tmp_path / "private.jsonl"
+    priv.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    cfg = replace(TINY, public_dir=str(pub), private_jsonl=str(priv), max_private_records=None)
+    metrics = run_demo(cfg, out, _quiet)
+    assert metrics["privacy"]["pmixed_certified_add_remove"]["epsilon"] <= 8.0
+    stage = json.loads((out / "public" / "stage.json").read_text())
+    assert stage["files"] and stage["versions"]["torch"]
+    weights = next((out / "public").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # corrupt the saved public model
+    weights.write_bytes(bytes(data))
+    before = (out / "tokenizer").stat().st_mtime_ns
+    run_demo(cfg, out, _quiet, evaluate=False)
+    assert json.loads((out / "public" / "stage.json").read_text())["files"] == stage["files"]
+    assert (out / "tokenizer").stat().st_mtime_ns == before  # untouched stages are reused
+    with pytest.raises(ValueError, match="together"):
+        run_demo(replace(cfg, private_jsonl=None), out, _quiet)
