@@ -63,19 +63,22 @@ def make(mode, beta):
     return calibration(beta, mode)
 
 
-@settings(max_examples=300)
-@given(ens=ensemble(max_n=4, max_v=12), beta=log_uniform(1e-3, 1.0), mode=modes())
-def test_lambda_is_feasible_and_maximal_to_1e_9(ens, beta, mode):
-    pm, p0 = ens
-    cal = make(mode, beta)
-    lam = mollify(pm, p0, cal)
-    cons = cal.constraints(len(pm))
+def assert_feasible_and_maximal(pm, p0, lam, cons):
+    """Every constraint holds at λ, and λ is the cap or some constraint fails 1e-9 above it."""
     for i, l in enumerate(lam):
         lp, lp0 = logs(pm[i]), logs(p0)
         assert 0.0 <= l <= cons.lambda_cap
         assert feasible(lp, lp0, l, cons)
         if l < cons.lambda_cap:
             assert not feasible(lp, lp0, min(l + 1e-9, cons.lambda_cap), cons)
+
+
+@settings(max_examples=300)
+@given(ens=ensemble(max_n=4, max_v=12), beta=log_uniform(1e-3, 1.0), mode=modes())
+def test_lambda_is_feasible_and_maximal_to_1e_9(ens, beta, mode):
+    pm, p0 = ens
+    cal = make(mode, beta)
+    assert_feasible_and_maximal(pm, p0, mollify(pm, p0, cal), cal.constraints(len(pm)))
 
 
 def _both_paths(pm, p0, cal):
@@ -100,12 +103,7 @@ def test_staircase_pruning_keeps_lambda_feasible_maximal_and_equal_to_full_evalu
     cal = make(mode, beta)
     stair, full = _both_paths(pm, p0, cal)
     np.testing.assert_allclose(stair, full, atol=2e-12, rtol=0)
-    cons = cal.constraints(len(pm))
-    for i, l in enumerate(stair):
-        lp, lp0 = logs(pm[i]), logs(p0)
-        assert feasible(lp, lp0, l, cons)
-        if l < cons.lambda_cap:
-            assert not feasible(lp, lp0, min(l + 1e-9, cons.lambda_cap), cons)
+    assert_feasible_and_maximal(pm, p0, stair, cal.constraints(len(pm)))
 
 
 def test_staircase_equals_full_evaluation_on_lm_sized_vocabularies():
