@@ -25,7 +25,8 @@ import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from accounting.events import curve_at
+from accounting.accountant import sum_curves
+from accounting.events import _is_real, curve_at
 from accounting.ledger import Ledger, Receipt
 
 __all__ = ["BudgetExhausted", "PrivacyBudget", "RenyiFilter"]
@@ -51,14 +52,14 @@ class PrivacyBudget:
 
     def __post_init__(self) -> None:
         problems = []
-        if not _real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
+        if not _is_real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
             problems.append(f"epsilon must be finite and > 0. Found {self.epsilon!r}.")
-        if not _real(self.delta) or not 0 < self.delta < 1:
+        if not _is_real(self.delta) or not 0 < self.delta < 1:
             problems.append(f"delta must be in (0, 1). Found {self.delta!r}.")
         orders = tuple(self.orders) if isinstance(self.orders, (Sequence, np.ndarray)) else ()
         if (
             not orders
-            or not all(_real(k) and math.isfinite(k) and k > 1 for k in orders)
+            or not all(_is_real(k) and math.isfinite(k) and k > 1 for k in orders)
             or any(b <= a for a, b in zip(orders, orders[1:]))
         ):
             problems.append(f"orders must be increasing reals > 1. Found {self.orders!r}.")
@@ -168,14 +169,8 @@ class RenyiFilter:
 
 
 def _total(tally: Mapping, orders: Sequence[float], extra: dp_event.DpEvent | None = None):
-    """Σ count·curve (+ one more ``extra``) at ``orders``, ``math.fsum`` per order."""
-    terms = [n * curve_at(ev, orders) for ev, n in tally.items() if n]
-    if extra is not None:
-        terms.append(curve_at(extra, orders))
-    if not terms:
-        return np.zeros(len(orders))
-    cols = np.stack(terms).T
-    return np.array([math.fsum(c) if np.isfinite(c).all() else math.inf for c in cols])
+    """Σ count·curve (+ one more ``extra``) at ``orders``: the accountant's fsum cross-check."""
+    return sum_curves([*tally.items(), *([(extra, 1)] if extra is not None else [])], orders)
 
 
 def _same_budget(a: Mapping, b: Mapping) -> bool:
@@ -184,7 +179,3 @@ def _same_budget(a: Mapping, b: Mapping) -> bool:
         and a["delta"] == b["delta"]
         and [float(k) for k in a["monitored_orders"]] == [float(k) for k in b["monitored_orders"]]
     )
-
-
-def _real(x: object) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)

@@ -24,6 +24,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from accounting.events import _is_real
+
 __all__ = ["DpsgdAccounting", "dpsgd_epsilon", "dpsgd_event", "from_opacus", "opacus_history"]
 
 #: A grid where both libraries are exact: integers 2..256.
@@ -33,9 +35,9 @@ PLD_DISCRETIZATION = 1e-4
 
 def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
     """``steps`` Poisson-sampled Gaussian steps, validated (no step: a no-op event, ε = 0)."""
-    if not _real(noise_multiplier) or not noise_multiplier > 0 or math.isinf(noise_multiplier):
+    if not _is_real(noise_multiplier) or not noise_multiplier > 0 or math.isinf(noise_multiplier):
         raise ValueError(f"noise_multiplier must be finite and > 0. Found {noise_multiplier!r}.")
-    if not _real(sample_rate) or not 0 < sample_rate <= 1:
+    if not _is_real(sample_rate) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1]. Found {sample_rate!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0. Found {steps!r}.")
@@ -49,7 +51,7 @@ def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_e
 
 def _epsilon(event: dp_event.DpEvent, delta: float, accountant: str,
              orders: Sequence[float] | None = None) -> float:  # fmt: skip
-    if not _real(delta) or not 0 < delta < 1:
+    if not _is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
     if accountant == "rdp":
         acc = rdp_privacy_accountant.RdpAccountant(None if orders is None else list(orders))
@@ -155,7 +157,3 @@ def from_opacus(privacy_engine_or_history: object, delta: float) -> DpsgdAccount
             opacus_rdp.get_epsilon(delta=delta, alphas=list(INTEGER_ORDERS))
         ),
     )
-
-
-def _real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
