@@ -1,15 +1,15 @@
 """Per-token time of the private generator against plain public sampling and a reference-style loop.
 
-All three run in this process on the same model (the full demo's architecture: GPT-2, V = 2048,
-4 layers, width 128; N = 16 LoRA members with random weights, q = 0.15 so about 2.4 members are
-sampled per token):
+All three run in this process on the same model (``--model demo``, the default: the full demo's
+architecture, GPT-2 with V = 2048, 4 layers, width 128; ``--model gpt2-small``: 12 layers, width
+768; N = 16 LoRA members with random weights, q = 0.15 so about 2.4 members are sampled per token):
 
 * public:    KV-cached sampling from the public model alone (adapters disabled);
 * ours:      ``PrivateGenerator``, certified mode, ledger fsync'ed per token, budget checked;
 * reference: the paper code's loop: every member through ``set_adapter`` and a full forward without
              KV cache, then SciPy ``bisect`` (20 iterations, order 3) per sampled member.
 
-    .venv/bin/python benchmarks/generate.py --out benchmarks/results
+    .venv/bin/python benchmarks/generate.py --out benchmarks/results [--model gpt2-small]
 """
 
 from __future__ import annotations
@@ -35,11 +35,15 @@ from pmixed.train import LoraSpec, ModelSpec, build_public_model, train_tokenize
 from reports.files import write_json
 
 N, Q, TOKENS = 16, 0.15, 48
+#: (width, layers, heads) of the public model.
+MODELS = {"demo": (128, 4, 4), "gpt2-small": (768, 12, 12)}
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, model: str = "demo"):
     tok = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 200], 300)
-    public = build_public_model(ModelSpec(vocab_size=2048, block_size=128), tok, seed)
+    width, layers, heads = MODELS[model]
+    spec = ModelSpec(vocab_size=2048, block_size=128, n_embd=width, n_layer=layers, n_head=heads)
+    public = build_public_model(spec, tok, seed)
     from peft import get_peft_model
 
     model = get_peft_model(public, LoraSpec().config(), adapter_name="member-00")
@@ -112,8 +116,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     args = parser.parse_args()
-    lm = build()
+    lm = build(model=args.model)
     prompt = list(range(5, 5 + args.prompt_tokens))
     rows = {"public": [], "ours": [], "reference": []}
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d:
@@ -124,20 +129,22 @@ def main() -> None:
             rows["ours"].append(ours(lm, prompt, sub))
             rows["reference"].append(reference_loop(lm, prompt, np.random.default_rng(r)))
     med = {k: float(np.median(v)) for k, v in rows.items()}
-    print(f"per-token time, median of {args.repeats} (N={N}, q={Q}, prompt {args.prompt_tokens}, "
-          f"{TOKENS} tokens):")  # fmt: skip
+    print(f"per-token time, median of {args.repeats} ({args.model} model, N={N}, q={Q}, prompt "
+          f"{args.prompt_tokens}, {TOKENS} tokens):")  # fmt: skip
     for k in ("public", "ours", "reference"):
         print(f"  {k:<10} {1e3 * med[k]:8.2f} ms")
     print(f"  ours / public    = {med['ours'] / med['public']:.2f}  (target <= 3)")
     print(f"  reference / ours = {med['reference'] / med['ours']:.2f}  (target >= 10)")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"meta": {"python": platform.python_version(), "n_members": N, "q": Q,
+    result = {"meta": {"python": platform.python_version(), "model": args.model,
+                       "width_layers_heads": MODELS[args.model], "n_members": N, "q": Q,
                        "tokens": TOKENS, "prompt_tokens": args.prompt_tokens,
-                       "command": "python benchmarks/generate.py"},
+                       "command": f"python benchmarks/generate.py --model {args.model}"},
               "median_seconds_per_token": med,
               "ratios": {"ours_over_public": med["ours"] / med["public"],
                          "reference_over_ours": med["reference"] / med["ours"]}}  # fmt: skip
-    print(f"wrote {write_json(args.out / 'generate.json', result)}")
+    name = "generate.json" if args.model == "demo" else f"generate-{args.model}.json"
+    print(f"wrote {write_json(args.out / name, result)}")
 
 
 if __name__ == "__main__":
