@@ -1,0 +1,122 @@
+"""The exact pair audit: PLD anchors, soundness of the certified claim, the reference counterexample."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import optimize
+
+from audit.exact import _chi2, conformance, exact_pair_audit, pair_epsilon
+from pmixed import PMixEDConfig
+from pmixed.amplification import rdp_to_epsilon
+from tests.pmixed.strategies import ensemble
+
+ORDERS = tuple(range(2, 9))
+
+
+def rr_pair(eps):
+    a = math.exp(eps) / (1 + math.exp(eps))
+    return np.log([[a, 1 - a]]), np.log([[1 - a, a]])
+
+
+def test_randomized_response_anchor():
+    """AUDIT.md §7.3: RR with ε = 1 gives 1.000, and 10-fold composition gives 10.0."""
+    law, other = rr_pair(1.0)
+    assert pair_epsilon(law, other, 0.0) == pytest.approx(1.0, abs=5e-4)
+    assert round(pair_epsilon(law, other, 1e-5), 3) == 1.000
+    assert pair_epsilon(np.repeat(law, 10, 0), np.repeat(other, 10, 0), 0.0) == pytest.approx(
+        10.0, abs=5e-3
+    )
+
+
+def exact_epsilon(lp, lq, delta):
+    """ε(δ) of one pair by the hockey-stick divergence, both orders (independent of dp-accounting)."""
+    p, q = np.exp(lp), np.exp(lq)
+
+    def hs(e):
+        return max(
+            np.maximum(p - math.exp(e) * q, 0).sum(), np.maximum(q - math.exp(e) * p, 0).sum()
+        )
+
+    if hs(0.0) <= delta:
+        return 0.0
+    return optimize.brentq(lambda e: hs(e) - delta, 0.0, 50.0, xtol=1e-12)
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1e-5, 1e-2]))
+def test_pair_epsilon_is_a_lower_bound_within_discretisation(seed, delta):
+    rng = np.random.default_rng(seed)
+    p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+    lb = pair_epsilon(np.log(p)[None], np.log(q)[None], delta)
+    ex = exact_epsilon(np.log(p), np.log(q), delta)
+    assert lb <= ex + 1e-9 and lb >= ex - 2e-3
+
+
+def cal(mode="certified", n=4, q=0.1, relation="add_remove", **kw):
+    if mode == "capped":
+        kw.setdefault("lambda_max", 0.3)
+    return PMixEDConfig(n_members=n, sampling_rate=q, epsilon=8.0, delta=1e-5, query_budget=16,
+                        mode=mode, relation=relation, orders=ORDERS, **kw).calibrate()  # fmt: skip
+
+
+CALS = {(m, r): cal(m, relation=r) for m in ("certified", "capped")
+        for r in ("add_remove", "replace_one")}  # fmt: skip
+
+
+@settings(max_examples=40)
+@given(st.sampled_from(sorted(CALS)), st.data())
+def test_certified_exact_pair_never_exceeds_the_charged_cost(key, data):
+    """Issue acceptance: for PMixED certified the exact per-query RDP never exceeds the charge."""
+    c = CALS[key]
+    t = data.draw(st.integers(1, 3))
+    ctx = [data.draw(ensemble(max_n=4, max_v=6)) for _ in range(t)]
+    v = min(len(p0) for _, p0 in ctx)
+    ctx = [(pm[:, :v] + 1e-12, p0[:v] + 1e-12) for pm, p0 in ctx]
+    lp = np.stack([np.log(np.resize(pm / pm.sum(1, keepdims=True), (4, v))) for pm, _ in ctx])
+    lp0 = np.stack([np.log(p0 / p0.sum()) for _, p0 in ctx])
+    for replacement in (None, lp0):
+        pair = exact_pair_audit(lp, lp0, c, member=0, replacement=replacement)
+        if not pair.comparable:
+            assert pair.relation == "replace_one" and c.config.relation == "add_remove"
+            continue
+        assert not pair.alarm and pair.worst_ratio <= 1 + 1e-9
+        claim, _ = rdp_to_epsilon(np.asarray(ORDERS, float), pair.charged_per_query * t, 1e-5)
+        assert pair.epsilon_pair <= claim
+
+
+def test_reference_mode_counterexample_raises_the_alarm():
+    """PMIXED_MATH.md R2 (N = 1, |V| = 3, α = 6, q = 0.1): the exact D_6 is about 3.9x the claim."""
+    pm = np.array([[0.9005, 0.0979, 0.0016]])
+    p0 = np.array([0.1213, 0.8682, 0.0105])
+    pm, p0 = pm / pm.sum(), p0 / p0.sum()
+    c = PMixEDConfig(n_members=1, sampling_rate=0.1, epsilon=6.7617, delta=1e-5, query_budget=100,
+                     mode="reference", reference_alpha=6, orders=ORDERS).calibrate()  # fmt: skip
+    pair = exact_pair_audit(np.log(pm)[None], np.log(p0)[None], c, member=0)
+    assert pair.alarm and pair.worst_ratio > 2.0 and pair.status == "UNCERTIFIED"
+    assert pair.to_json()["alarm"] is True
+
+
+def test_real_sampler_conforms_to_the_exact_law_and_the_test_has_power():
+    rng = np.random.default_rng(0)
+    c = cal("certified", n=3)
+    pm = rng.dirichlet(np.ones(5), size=3)
+    p0 = rng.dirichlet(np.ones(5))
+    res = conformance(np.log(pm), np.log(p0), c, n_samples=3000, rng=rng)
+    assert res["token_p_value"] > 1e-3 and res["subset_size_p_value"] > 1e-3
+    assert res["duplicate_members"] == 0
+    wrong = np.bincount(rng.choice(5, 3000, p=p0), minlength=5)  # the public law alone
+    law = np.exp(np.log(pm).mean(0))
+    assert _chi2(wrong, law / law.sum()) < 1e-6
+
+
+def test_shapes_are_checked():
+    c = cal()
+    with pytest.raises(ValueError, match="disagree"):
+        exact_pair_audit(np.zeros((2, 4, 3)), np.zeros((3, 3)), c, member=0)
+    with pytest.raises(ValueError, match="member must be"):
+        exact_pair_audit(np.log(np.full((1, 4, 2), 0.5)), np.log(np.full((1, 2), 0.5)), c, member=7)
