@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
+from audit.runner import AuditPlan
 from pmixed import PMixEDConfig
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
@@ -49,6 +50,7 @@ from pmixed.train import (
     train_lm,
     train_tokenizer,
 )
+from reports.audit_stage import run_audit_stage
 from reports.files import write_json
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "load_run", "run_demo"]
@@ -82,6 +84,7 @@ class DemoConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     realized_runs: int = 4
+    audit_contexts: int = 256
     max_private_records: int | None = None
     public_dir: str | None = None
     private_jsonl: str | None = None
@@ -165,11 +168,11 @@ def _texts(records) -> list[str]:
 
 
 def run_demo(
-    cfg: DemoConfig, out: Path, progress: Progress, *, evaluate: bool = True
+    cfg: DemoConfig, out: Path, progress: Progress, *, evaluate: bool = True, audit: bool = True
 ) -> dict | None:
     """Runs (or resumes) the campaign in ``out``; returns the metrics written to ``metrics.json``.
 
-    ``evaluate=False`` stops after training (``pmixed train``).
+    ``evaluate=False`` stops after training (``pmixed train``); ``audit=False`` after evaluation.
     """
     out.mkdir(parents=True, exist_ok=True)
     if (cfg.public_dir is None) != (cfg.private_jsonl is None):
@@ -262,7 +265,24 @@ def run_demo(
     else:
         metrics = _evaluate(cfg, out, model, members, tok, held_recs, dp_run, keys["evaluate"],
                             progress)  # fmt: skip
+    if audit:
+        cals = {name: pcfg.calibrate() for name, (_, pcfg) in pmixed_runs(cfg).items()}
+        plan = AuditPlan(n_contexts=min(cfg.audit_contexts, cfg.query_budget), seed=cfg.seed)
+        run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
+                        blocks(_texts(held_recs), tok, t), cals, metrics, plan,
+                        progress)  # fmt: skip
     return metrics
+
+
+def config_from_run(out: Path) -> DemoConfig:
+    """The DemoConfig a run directory was made with (from its ``config.json``)."""
+    path = out / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out} is not a run: {path} is missing (run `pmixed demo` first).")
+    d = json.loads(path.read_text())["demo"]
+    d["model"] = ModelSpec(**d["model"])
+    d["lora"] = LoraSpec(**{**d["lora"], "target_modules": tuple(d["lora"]["target_modules"])})
+    return DemoConfig(**d)
 
 
 def load_run(out: Path):
@@ -277,6 +297,18 @@ def load_run(out: Path):
     public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
     model = _load_adapters(public, out / "ensemble" / "adapters")
     return cfg, tok, model, [f"member-{i:02d}" for i in range(cfg["n_members"])]
+
+
+def pmixed_runs(cfg: DemoConfig) -> dict[str, tuple[str, PMixEDConfig]]:
+    """The three PMixED deployments the demo evaluates and audits: name -> (ledger file, config)."""
+    common = dict(n_members=cfg.n_members, sampling_rate=cfg.sampling_rate, epsilon=cfg.epsilon,
+                  delta=cfg.delta, query_budget=cfg.query_budget)  # fmt: skip
+    return {
+        "pmixed_certified_add_remove": ("ledger.jsonl", PMixEDConfig(**common)),
+        "pmixed_certified_replace_one": ("ledger-replace_one.jsonl",
+                                         PMixEDConfig(**common, relation="replace_one")),
+        "pmixed_reference": ("ledger-reference.jsonl", PMixEDConfig(**common, mode="reference")),
+    }  # fmt: skip
 
 
 def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -> dict:
@@ -298,14 +330,7 @@ def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -
                   "unit": f"one {t}-token training block (record level)", "relation": "add_remove",
                   "certified": True},
     }  # fmt: skip
-    common = dict(n_members=cfg.n_members, sampling_rate=cfg.sampling_rate, epsilon=cfg.epsilon,
-                  delta=cfg.delta, query_budget=cfg.query_budget)  # fmt: skip
-    runs = {
-        "pmixed_certified_add_remove": ("ledger.jsonl", PMixEDConfig(**common)),
-        "pmixed_certified_replace_one": ("ledger-replace_one.jsonl",
-                                         PMixEDConfig(**common, relation="replace_one")),
-        "pmixed_reference": ("ledger-reference.jsonl", PMixEDConfig(**common, mode="reference")),
-    }  # fmt: skip
+    runs = pmixed_runs(cfg)
     units = {"add_remove": "one ensemble member (one partition of users)",
              "replace_one": "one user (its partition's member replaced)"}  # fmt: skip
     work = Path(tempfile.mkdtemp(dir=out))

@@ -223,14 +223,59 @@ def _print_table(metrics: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from reports.campaign import run_demo
 
-    metrics = run_demo(_campaign_config(args), args.out, _bars)
+    audit = getattr(args, "audit", False)
+    metrics = run_demo(_campaign_config(args), args.out, _bars, audit=audit)
     _print_table(metrics)
     print(f"wrote {args.out / 'metrics.json'}")
+    if audit:
+        _print_audit(json.loads((args.out / "audit.json").read_text()))
+        print(f"wrote {args.out / 'audit.json'} (+ audit.restricted.json, mode 0600)")
     return 0
+
+
+def _print_audit(result: dict) -> None:
+    print(f"\naudit ({result['statement']}):")
+    print(f"{'mechanism':<30}{'eps_ub':>8}{'eps_pair':>10}{'exact/charged':>15}{'AUC':>7}  alarms")
+    for name, m in result["mechanisms"].items():
+        pair = m.get("exact_pair", {})
+        auc = m.get("risk", {}).get("reference", m.get("risk", {}).get("loss", {}))
+        ub = m["claim"]["epsilon_ub"]
+        cells = ["-" if ub is None else f"{ub:.3f}",
+                 f"{pair['epsilon_pair']:.4f}" if pair else "-",
+                 f"{pair['worst_ratio_exact_over_charged']:.3g}" if pair.get("comparable") else "-",
+                 f"{auc['auc']['value']:.3f}" if auc else "-"]  # fmt: skip
+        flag = "ALARM" if m.get("alarms") else "none"
+        if ub is None:
+            flag += " (no privacy claim)"
+        elif not m["claim"]["certified"]:
+            flag += " (UNCERTIFIED claim)"
+        print(f"{name:<30}{cells[0]:>8}{cells[1]:>10}{cells[2]:>15}{cells[3]:>7}  {flag}")
+    ok = "all passed" if result["controls_passed"] else "FAILED"
+    print("controls: " + ", ".join(f"{c['id']} {'ok' if c['passed'] else 'FAILED'}"
+                                   for c in result["controls"]) + f" ({ok})")  # fmt: skip
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit a trained run: resumes every cached stage, then writes audit.json."""
+    from reports.campaign import config_from_run, run_demo
+
+    run_demo(config_from_run(args.run), args.run, _bars, audit=True)
+    result = json.loads((args.run / "audit.json").read_text())
+    _print_audit(result)
+    print(f"wrote {args.run / 'audit.json'} (+ audit.restricted.json, mode 0600)")
+    return (
+        1
+        if result["alarms"]
+        and any(
+            result["mechanisms"][a["mechanism"]]["claim"]["certified"] for a in result["alarms"]
+        )
+        else 0
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole campaign; then verify and recompute the main ledger as a reviewer would."""
+    args.audit = True
     rc = cmd_evaluate(args)
     ledger = args.out / "ledger.jsonl"
     check = accounting.verify(ledger, restricted=True)
@@ -310,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in [
         ("train", cmd_train, "train tokenizer, public model, ensemble, fine-tune and DP-SGD"),
         ("evaluate", cmd_evaluate, "train if needed, then evaluate through real ledgers"),
-        ("demo", cmd_demo, "the whole campaign: train, evaluate, print the table"),
+        ("demo", cmd_demo, "the whole campaign: train, evaluate, audit, print the tables"),
     ]:
         p = sub.add_parser(name, help=what)
         p.add_argument("--out", "--run", dest="out", type=Path, default=Path("runs/demo"))
@@ -328,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
             help='your private records: JSON lines {"user": ..., "text": ...}',
         )
         p.set_defaults(func=func)
+    p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("generate", help="generate text privately from a trained run")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")

@@ -127,3 +127,33 @@ def test_user_supplied_data_and_a_tampered_stage_is_rebuilt(tmp_path):
     assert (out / "tokenizer").stat().st_mtime_ns == before  # untouched stages are reused
     with pytest.raises(ValueError, match="together"):
         run_demo(replace(cfg, private_jsonl=None), out, _quiet)
+
+
+def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsys):
+    out, _ = run
+    public_text = (out / "audit.json").read_text()
+    result = json.loads(public_text)
+    restricted = json.loads((out / "audit.restricted.json").read_text())
+    assert stat.S_IMODE((out / "audit.restricted.json").stat().st_mode) == 0o600
+    assert set(result["mechanisms"]) == {"public", "finetuned", "dpsgd",
+                                         "pmixed_certified_add_remove",
+                                         "pmixed_certified_replace_one", "pmixed_reference"}  # fmt: skip
+    for name in ("pmixed_certified_add_remove", "pmixed_certified_replace_one"):
+        m = result["mechanisms"][name]
+        pair = m["exact_pair"]
+        assert pair["comparable"] and pair["worst_ratio_exact_over_charged"] <= 1.0
+        assert 0.0 <= pair["epsilon_pair"] <= m["claim"]["epsilon_ub"] and not m["alarms"]
+        assert m["conformance_passed"]
+    assert result["mechanisms"]["pmixed_reference"]["claim"]["certified"] is False
+    assert result["controls_passed"] and result["statement"].startswith("audits give lower")
+    for name in ("public", "finetuned", "dpsgd"):
+        auc = result["mechanisms"][name]["risk"]["loss"]["auc"]
+        assert 0.0 <= auc["ci"][0] <= auc["value"] <= auc["ci"][1] <= 1.0
+    # Raw per-example scores and the audited member's identity stay in the restricted annex.
+    raw = restricted["dpsgd"]["loss"]["in"][:5] + restricted["finetuned"]["reference"]["out"][:5]
+    assert all(repr(v) not in public_text for v in raw)
+    assert "summed_forward" not in public_text and '"member":' not in public_text
+    # `pmixed audit --run` reads the cached result back unchanged.
+    assert main(["audit", "--run", str(out)]) == 0
+    assert "controls: C1 ok, C2 ok, C3 ok" in capsys.readouterr().out
+    assert (out / "audit.json").read_text() == public_text

@@ -1,0 +1,62 @@
+"""The campaign's audit stage: runs ``audit.audit_models`` on a trained, evaluated run and writes
+
+* ``DIR/audit.json``: the public result (bounds, risk metrics, controls, alarms), and
+* ``DIR/audit.restricted.json`` (mode 0600): which member was audited, per-order divergence sums and
+  raw per-example scores; derived from private data and not covered by the guarantee.
+
+Cached by a key over the evaluation's key and the plan, like the other stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from audit.runner import AUDIT_SCHEMA, AuditPlan, audit_models
+from pmixed.privacy import Calibration
+from reports.files import write_json
+
+__all__ = ["run_audit_stage", "write_restricted_json"]
+
+
+def write_restricted_json(path: Path, obj: object) -> Path:
+    """Atomic JSON write of restricted data: created 0600 before any byte is written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    return path
+
+
+def run_audit_stage(
+    out: Path,
+    eval_key: str,
+    model: torch.nn.Module,
+    members: list[str],
+    train_blocks: torch.Tensor,
+    held_blocks: torch.Tensor,
+    calibrations: Mapping[str, Calibration],
+    metrics: dict,
+    plan: AuditPlan,
+    progress: Callable[[str, int], Callable[[int], None]],
+) -> dict:
+    """The public audit result, computed or read back from ``out / "audit.json"``."""
+    key = hashlib.sha256(json.dumps([eval_key, plan.__dict__, AUDIT_SCHEMA]).encode()).hexdigest()
+    path = out / "audit.json"
+    if path.exists() and (out / "audit.restricted.json").exists():
+        cached = json.loads(path.read_text())
+        if cached.get("hash") == key:
+            return cached
+    public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
+                                      metrics["privacy"], plan, progress)  # fmt: skip
+    public = {"hash": key, **public}
+    write_restricted_json(out / "audit.restricted.json", restricted)
+    write_json(path, public)
+    return public
