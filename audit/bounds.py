@@ -140,17 +140,20 @@ def _candidates(in_scores: np.ndarray, out_scores: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([u[:1], mids, [np.inf]]))
 
 
+def _rate_bounds(in_s, out_s, thresholds, level0, level1) -> tuple[np.ndarray, ...]:
+    """(k_fp, k_fn, FPR_u, FNR_u) per threshold: Clopper–Pearson upper bounds, vectorised."""
+    k_fp, k_fn = _counts(in_s, out_s, thresholds)
+
+    def upper(k, n, level):
+        return np.where(k == n, 1.0, stats.beta.ppf(1.0 - level, k + 1, np.maximum(n - k, 1)))
+
+    return k_fp, k_fn, upper(k_fp, out_s.size, level0), upper(k_fn, in_s.size, level1)
+
+
 def _best(in_s, out_s, delta, level0, level1) -> tuple[float, float, int, int]:
     """(ε, threshold, k_fp, k_fn) maximising the CP bound over every candidate threshold."""
     ts = _candidates(in_s, out_s)
-    k_fp, k_fn = _counts(in_s, out_s, ts)
-    fpr_u = np.where(
-        k_fp == out_s.size,
-        1.0,
-        stats.beta.ppf(1.0 - level0, k_fp + 1, np.maximum(out_s.size - k_fp, 1)),
-    )
-    fnr_u = np.where(k_fn == in_s.size, 1.0,
-                     stats.beta.ppf(1.0 - level1, k_fn + 1, np.maximum(in_s.size - k_fn, 1)))  # fmt: skip
+    k_fp, k_fn, fpr_u, fnr_u = _rate_bounds(in_s, out_s, ts, level0, level1)
     eps = np.array([_epsilon_from_rates(a, b, delta) for a, b in zip(fpr_u, fnr_u)])
     i = int(np.argmax(eps))
     return float(eps[i]), float(ts[i]), int(k_fp[i]), int(k_fn[i])

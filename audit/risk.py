@@ -16,7 +16,7 @@ import math
 import numpy as np
 from scipy import optimize, stats
 
-from audit.bounds import _as_scores, _candidates, _counts
+from audit.bounds import _as_scores, _candidates, _counts, _rate_bounds
 
 __all__ = ["auc", "gdp_epsilon", "gdp_estimate", "risk_metrics", "roc", "tpr_at_fpr"]
 
@@ -120,16 +120,10 @@ def gdp_estimate(in_scores: object, out_scores: object, *, delta: float, eta: fl
     conversion to ε assumes a Gaussian trade-off curve.
     """
     s_in, s_out = _as_scores(in_scores, "in_scores"), _as_scores(out_scores, "out_scores")
-    ts = _candidates(s_in, s_out)
+    level = eta / (4.0 * _candidates(s_in, s_out).size)  # two rates, two directions, thresholds
     best = 0.0
     for a, b in ((s_in, s_out), (-s_in, -s_out)):  # the second direction: low = member
-        k_fp, k_fn = _counts(a, b, _candidates(a, b))
-        level = eta / (4.0 * ts.size)  # two rates, two directions, every threshold
-        fpr_u = np.where(
-            k_fp == b.size, 1.0, stats.beta.ppf(1 - level, k_fp + 1, np.maximum(b.size - k_fp, 1))
-        )
-        fnr_u = np.where(k_fn == a.size, 1.0,
-                         stats.beta.ppf(1 - level, k_fn + 1, np.maximum(a.size - k_fn, 1)))  # fmt: skip
+        _, _, fpr_u, fnr_u = _rate_bounds(a, b, _candidates(a, b), level, level)
         with np.errstate(divide="ignore", invalid="ignore"):
             mu = stats.norm.ppf(1.0 - fpr_u) - stats.norm.ppf(fnr_u)
         mu = mu[np.isfinite(mu)]
