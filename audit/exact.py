@@ -2,8 +2,9 @@
 
 For each audited context t the exact per-query laws of the two worlds, P_t (the ensemble) and P'_t
 (one member dropped: ``add_remove``; or replaced, e.g. by the member retrained without its
-canaries: ``replace_one``), come from :func:`pmixed.mechanism.exact_released_log_law`, the same
-mixing code the generator samples from. Then:
+canaries: ``replace_one``), come from :func:`pmixed.mechanism.released_log_law`, the closed form
+behind ``exact_released_log_law``; each member's λ is computed once and shared by both worlds (it
+depends only on that member, p0 and the subset size). Then:
 
 * **Rényi check**: D_α(P_t‖P'_t) and D_α(P'_t‖P_t) at the accountant's orders, per query and summed
   over the queries (exact by additivity for fixed contexts), against the charged per-query cost and
@@ -24,7 +25,7 @@ from dp_accounting.pld import privacy_loss_distribution as pld
 from scipy import stats
 
 from pmixed.divergence import renyi_divergence_log
-from pmixed.mechanism import exact_released_log_law, step
+from pmixed.mechanism import exact_released_log_law, lambdas_by_size, released_log_law, step
 from pmixed.privacy import Calibration
 
 __all__ = ["ExactPair", "conformance", "exact_pair_audit", "pair_epsilon"]
@@ -89,16 +90,25 @@ class ExactPair:
 
 
 def _laws(lp: np.ndarray, lp0: np.ndarray, cal: Calibration, member: int, replacement):
-    """(log P [T, V], log P' [T, V]) over the contexts."""
+    """(log P [T, V], log P' [T, V]) over the contexts; the two worlds share every member's λ."""
+    q = cal.config.sampling_rate
+    n = lp.shape[1]
     law, other = [], []
     for t in range(lp.shape[0]):
-        law.append(exact_released_log_law(lp[t], lp0[t], cal))
-        if replacement is None:
-            rows = np.delete(lp[t], member, axis=0)
+        lam = lambdas_by_size(lp[t], lp0[t], cal)  # [sizes, N]
+        law.append(released_log_law(lp[t], lp0[t], lam, q))
+        if replacement is None:  # N − 1 members: the same λ per row, sizes 1..N−1
+            keep = np.delete(np.arange(n), member)
+            sizes = lam if lam.shape[0] == 1 else lam[: max(1, n - 1)]
+            other.append(released_log_law(lp[t][keep], lp0[t], sizes[:, keep], q))
         else:
             rows = lp[t].copy()
             rows[member] = replacement[t]
-        other.append(exact_released_log_law(rows, lp0[t], cal))
+            lam_other = lam.copy()
+            lam_other[:, member] = lambdas_by_size(rows[member : member + 1], lp0[t], cal,
+                                                   n_sizes=lam.shape[0] if lam.shape[0] > 1
+                                                   else None)[:, 0]  # fmt: skip
+            other.append(released_log_law(rows, lp0[t], lam_other, q))
     return np.stack(law), np.stack(other)
 
 

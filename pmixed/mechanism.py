@@ -29,8 +29,10 @@ __all__ = [
     "StepResult",
     "exact_released_law",
     "exact_released_log_law",
+    "lambdas_by_size",
     "neighbour_divergence",
     "release_log",
+    "released_log_law",
     "sample_subset",
     "sample_token",
     "step",
@@ -137,34 +139,63 @@ def step(
     return StepResult(token, subset, lam, np.exp(lmix), calibration.per_query_rdp.copy())
 
 
-def exact_released_log_law(
-    logp_members: np.ndarray, logp_public: np.ndarray, calibration: Calibration
+def lambdas_by_size(
+    logp_members: np.ndarray,
+    logp_public: np.ndarray,
+    calibration: Calibration,
+    n_sizes: int | None = None,
 ) -> np.ndarray:
-    """log P_E(y) for the ensemble given by the rows of ``logp_members`` ``[N, V]`` (any N ≥ 0)."""
+    """λ of every member row ``[R, V]`` for subset sizes 1..``n_sizes`` (default R): ``[n_sizes, R]``
+    (row m−1: size m) in reference mode, ``[1, R]`` (one row for all sizes) when β is fixed.
+
+    Each λ depends only on its own row, p0 and the size's constraints, so a neighbouring ensemble
+    reuses these (:func:`released_log_law`)."""
     lp = np.asarray(logp_members, np.float64)
     lp0 = np.asarray(logp_public, np.float64)
-    n = lp.shape[0]
-    q = calibration.config.sampling_rate
+    n = lp.shape[0] if n_sizes is None else n_sizes
+    if calibration.beta is not None:
+        return mollify_log(lp, lp0, calibration)[None, :]
+    lp0_rows = np.broadcast_to(lp0, lp.shape)
+    return np.stack([solve_lambdas(lp, lp0_rows, calibration.constraints(m))
+                     for m in range(1, n + 1)])  # fmt: skip
+
+
+def released_log_law(
+    logp_members: np.ndarray, logp_public: np.ndarray, lambdas: np.ndarray, sampling_rate: float
+) -> np.ndarray:
+    """log P_E(y) from the members' λ by subset size (:func:`lambdas_by_size`; a single row when β
+    is fixed, otherwise at least N rows, of which the first N are used)."""
+    lp = np.asarray(logp_members, np.float64)
+    lp0 = np.asarray(logp_public, np.float64)
+    n, q = lp.shape[0], sampling_rate
     if n == 0:
         return lp0.copy()
     log_none = n * math.log1p(-q) if q < 1 else -np.inf
-    if calibration.beta is not None:
-        lam = mollify_log(lp, lp0, calibration)
-        lpbar = mix_log(lp, lp0[None, :], lam)
+    if lambdas.shape[0] == 1:
+        lpbar = mix_log(lp, lp0[None, :], lambdas[0])
         with np.errstate(divide="ignore"):
             log_some = math.log(-math.expm1(log_none)) if q < 1 else 0.0
         private = log_some + logsumexp(lpbar, axis=0) - math.log(n)
         return np.logaddexp(log_none + lp0, private)
     terms = [log_none + lp0] if q < 1 else []
-    lp0_rows = np.broadcast_to(lp0, lp.shape)
     for m in range(1, n + 1):
         log_pmf = float(binom.logpmf(m, n, q))
         if not math.isfinite(log_pmf):
             continue
-        lam = solve_lambdas(lp, lp0_rows, calibration.constraints(m))
-        lpbar = mix_log(lp, lp0[None, :], lam)
+        lpbar = mix_log(lp, lp0[None, :], lambdas[m - 1])
         terms.append(log_pmf + logsumexp(lpbar, axis=0) - math.log(n))
     return logsumexp(np.stack(terms), axis=0)
+
+
+def exact_released_log_law(
+    logp_members: np.ndarray, logp_public: np.ndarray, calibration: Calibration
+) -> np.ndarray:
+    """log P_E(y) for the ensemble given by the rows of ``logp_members`` ``[N, V]`` (any N ≥ 0)."""
+    lp = np.asarray(logp_members, np.float64)
+    if lp.shape[0] == 0:
+        return np.asarray(logp_public, np.float64).copy()
+    lam = lambdas_by_size(lp, logp_public, calibration)
+    return released_log_law(lp, logp_public, lam, calibration.config.sampling_rate)
 
 
 def exact_released_law(p_members: object, p_public: object, calibration: Calibration):

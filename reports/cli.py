@@ -1,11 +1,11 @@
 """The ``pmixed`` command line.
 
-Subcommands that exist today: ``calibrate`` (β and the per-query RDP curve for a deployment),
-``verify-ledger`` and ``account`` (check a ledger's hash chain; recompute the privacy it spent with
-dp-accounting), and ``demo`` (the foundation check: calibration of the three modes and the exact
-neighbour audit that separates certified accounting from the paper code's). The training campaign and
-report commands arrive with their packages.
-"""
+``calibrate`` (β and the per-query RDP curve for a deployment), ``verify-ledger`` and ``account``
+(check a ledger's hash chain; recompute the privacy it spent with dp-accounting), ``exact-audit``
+(the exact neighbour audit on a public toy instance), ``train`` / ``evaluate`` / ``demo`` (the
+campaign: models, perplexities through real ledgers, and, for ``demo``, the audit), ``audit`` (the
+audit of a trained run) and ``generate`` (private text generation from a trained run). The
+compliance report arrives with its issue."""
 
 from __future__ import annotations
 
