@@ -15,19 +15,22 @@ What this version audits:
 * the public model, the non-private fine-tune and DP-SGD: loss and reference-calibrated attacks on
   training blocks against held-out blocks: risk metrics only. Train/held-out membership is not an
   independent draw of the mechanism per trial, so no ε bound is derived from it;
+* DP-SGD with Poisson(½)-included canaries and the non-private positive control on the same
+  canaries (:func:`audit.dpsgd.canary_audit`): the one-run bound, AUC and TPR at low FPR;
 * controls C1-C3 on synthetic arrays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from audit.attacks import loss, reference_calibrated
 from audit.controls import alarms, identical_worlds, non_private, randomized_response
+from audit.dpsgd import CanaryPlan, canary_audit
 from audit.exact import conformance, exact_pair_audit
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs, pmixed_contexts
@@ -49,6 +52,7 @@ class AuditPlan:
     bootstrap: int = 1000
     eta: float = 0.05
     seed: int = 0
+    canaries: CanaryPlan = field(default_factory=CanaryPlan)
 
 
 def _farthest_member(lp0: np.ndarray, lps: np.ndarray) -> int:
@@ -125,8 +129,14 @@ def audit_models(
     claims: Mapping[str, Mapping],
     plan: AuditPlan,
     progress: Callable[[str, int], Callable[[int], None]],
+    *,
+    dpsgd: Mapping | None = None,
 ) -> tuple[dict, dict]:
-    """(public audit result, restricted annex) for one trained run."""
+    """(public audit result, restricted annex) for one trained run.
+
+    ``dpsgd``: the demo's DP-SGD settings (``lora``, ``epsilon``, ``delta``, ``batch_size``, ``lr``,
+    ``max_grad_norm``, ``vocab``) to run the canary audit with; None skips it.
+    """
     bar = progress("audit: signals", 1)
     lp0, lps = pmixed_contexts(model, members, held_blocks, plan.n_contexts)
     bar(1)
@@ -156,9 +166,32 @@ def audit_models(
     controls = [identical_worlds(1000, delta=1e-5, seed=plan.seed),
                 randomized_response(1.0, 10_000, delta=1e-5, seed=plan.seed),
                 non_private(1000, delta=1e-5, seed=plan.seed)]  # fmt: skip
+    if dpsgd is not None:
+        canary, restricted["canaries"] = canary_audit(
+            model, train_blocks, plan.canaries, seed=plan.seed, progress=progress, **dpsgd
+        )
+        target, control = canary["audit-dpsgd"], canary["audit-finetuned"]
+        found = alarms({"one_run": target["one_run"]["epsilon_lb"]},
+                       target["claim"]["epsilon_ub"])  # fmt: skip
+        mechanisms["dpsgd"]["empirical"].append({"target": "DP-SGD run on the canary audit set",
+                                                 **target, "design": canary["design"]})  # fmt: skip
+        mechanisms["dpsgd"]["alarms"] = found
+        mechanisms["finetuned"]["empirical"].append(
+            {"target": "non-private positive control", **control, "design": canary["design"]}
+        )
+        lb = control["one_run"]["epsilon_lb"]
+        controls.append(
+            {
+                "id": "C3-lm",
+                "name": "non-private fine-tune with canaries (one-run)",
+                "expected": "epsilon_lb >= 1",
+                "epsilon_lb": lb,
+                "passed": lb >= 1.0,
+            }
+        )
     all_alarms = [dict(a, mechanism=k) for k, m in mechanisms.items() for a in m.get("alarms", [])]
     public = {"schema": AUDIT_SCHEMA, "statement": STATEMENT,
-              "plan": {**plan.__dict__, "member_choice": "largest mean KL from the public model"},
+              "plan": {**asdict(plan), "member_choice": "largest mean KL from the public model"},
               "mechanisms": mechanisms, "controls": controls,
               "controls_passed": all(c["passed"] for c in controls),
               "alarms": all_alarms}  # fmt: skip

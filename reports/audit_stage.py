@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -46,16 +47,20 @@ def run_audit_stage(
     metrics: dict,
     plan: AuditPlan,
     progress: Callable[[str, int], Callable[[int], None]],
+    dpsgd: Mapping,
 ) -> dict:
     """The public audit result, computed or read back from ``out / "audit.json"``."""
-    key = hashlib.sha256(json.dumps([eval_key, plan.__dict__, AUDIT_SCHEMA]).encode()).hexdigest()
+    settings = {k: asdict(v) if is_dataclass(v) else v for k, v in dpsgd.items()}
+    key = hashlib.sha256(
+        json.dumps([eval_key, asdict(plan), settings, AUDIT_SCHEMA]).encode()
+    ).hexdigest()
     path = out / "audit.json"
     if path.exists() and (out / "audit.restricted.json").exists():
         cached = json.loads(path.read_text())
         if cached.get("hash") == key:
             return cached
     public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
-                                      metrics["privacy"], plan, progress)  # fmt: skip
+                                      metrics["privacy"], plan, progress, dpsgd=dpsgd)  # fmt: skip
     public = {"hash": key, **public}
     write_restricted_json(out / "audit.restricted.json", restricted)
     write_json(path, public)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
+from audit.dpsgd import CanaryPlan, OneRunPlan
 from audit.runner import AuditPlan
 from pmixed import PMixEDConfig
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
@@ -85,6 +86,8 @@ class DemoConfig:
     delta: float = 1e-5
     realized_runs: int = 4
     audit_contexts: int = 256
+    audit_control_steps: int = 300
+    audit_canaries: int = 1000
     max_private_records: int | None = None
     public_dir: str | None = None
     private_jsonl: str | None = None
@@ -94,7 +97,8 @@ FULL = DemoConfig()
 QUICK = replace(
     FULL, model=ModelSpec(vocab_size=1024, block_size=64, n_embd=64, n_layer=2, n_head=2),
     public_steps=150, n_members=8, member_steps=10, finetune_steps=60, dpsgd_batch=32,
-    sampling_rate=0.1, query_budget=64, max_private_records=4000,
+    sampling_rate=0.1, query_budget=64, max_private_records=4000, audit_control_steps=600,
+    audit_canaries=250,
 )  # fmt: skip
 
 
@@ -267,10 +271,24 @@ def run_demo(
                             progress)  # fmt: skip
     if audit:
         cals = {name: pcfg.calibrate() for name, (_, pcfg) in pmixed_runs(cfg).items()}
-        plan = AuditPlan(n_contexts=min(cfg.audit_contexts, cfg.query_budget), seed=cfg.seed)
+        plan = AuditPlan(
+            n_contexts=min(cfg.audit_contexts, cfg.query_budget),
+            seed=cfg.seed,
+            canaries=CanaryPlan(
+                control_steps=cfg.audit_control_steps,
+                one_run=OneRunPlan(
+                    m=cfg.audit_canaries,
+                    k_pos=cfg.audit_canaries // 20,
+                    k_neg=cfg.audit_canaries // 20,
+                ),
+            ),
+        )
+        dpsgd = dict(lora=cfg.lora, epsilon=cfg.epsilon, delta=cfg.delta,
+                     batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr, max_grad_norm=cfg.dpsgd_clip,
+                     vocab=len(tok))  # fmt: skip
         run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
-                        blocks(_texts(held_recs), tok, t), cals, metrics, plan,
-                        progress)  # fmt: skip
+                        blocks(_texts(held_recs), tok, t), cals, metrics, plan, progress,
+                        dpsgd)  # fmt: skip
     return metrics
 
 

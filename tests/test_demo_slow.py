@@ -33,3 +33,9 @@ def test_quick_demo_writes_its_files_and_the_ledger_recomputes(tmp_path):
         metrics["perplexity"]["pmixed_certified_add_remove"]["exact"]
         < metrics["perplexity"]["public"]
     )
+    audit = json.loads((out / "audit.json").read_text())
+    controls = {c["id"]: c for c in audit["controls"]}
+    assert audit["controls_passed"] and controls["C3-lm"]["epsilon_lb"] >= 1.0  # positive control
+    dpsgd = audit["mechanisms"]["dpsgd"]["empirical"][0]
+    assert dpsgd["one_run"]["epsilon_lb"] <= dpsgd["claim"]["epsilon_ub"]
+    assert not audit["alarms"]
