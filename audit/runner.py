@@ -15,6 +15,8 @@ What this version audits:
 * the public model, the non-private fine-tune and DP-SGD: loss and reference-calibrated attacks on
   training blocks against held-out blocks: risk metrics only. Train/held-out membership is not an
   independent draw of the mechanism per trial, so no ε bound is derived from it;
+* the PMixED black-box game through the real ``PrivateGenerator`` against the ``replace_one``
+  deployment, with a poisoned canary member (:mod:`audit.game`);
 * DP-SGD with Poisson(½)-included canaries and the non-private positive control on the same
   canaries (:func:`audit.dpsgd.canary_audit`): the one-run bound, AUC and TPR at low FPR;
 * controls C1-C3 on synthetic arrays.
@@ -32,6 +34,7 @@ from audit.attacks import loss, reference_calibrated
 from audit.controls import alarms, identical_worlds, non_private, randomized_response
 from audit.dpsgd import CanaryPlan, canary_audit
 from audit.exact import conformance, exact_pair_audit
+from audit.game import GamePlan, pmixed_game
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs, pmixed_contexts
 from pmixed.privacy import Calibration
@@ -53,6 +56,7 @@ class AuditPlan:
     eta: float = 0.05
     seed: int = 0
     canaries: CanaryPlan = field(default_factory=CanaryPlan)
+    game: GamePlan = field(default_factory=GamePlan)
 
 
 def _farthest_member(lp0: np.ndarray, lps: np.ndarray) -> int:
@@ -131,11 +135,13 @@ def audit_models(
     progress: Callable[[str, int], Callable[[int], None]],
     *,
     dpsgd: Mapping | None = None,
+    tokenizer=None,
 ) -> tuple[dict, dict]:
     """(public audit result, restricted annex) for one trained run.
 
     ``dpsgd``: the demo's DP-SGD settings (``lora``, ``epsilon``, ``delta``, ``batch_size``, ``lr``,
-    ``max_grad_norm``, ``vocab``) to run the canary audit with; None skips it.
+    ``max_grad_norm``, ``vocab``) to run the canary audit with; None skips it. ``tokenizer`` (with
+    ``dpsgd`` for its LoRA settings) runs the PMixED game against the ``replace_one`` deployment.
     """
     bar = progress("audit: signals", 1)
     lp0, lps = pmixed_contexts(model, members, held_blocks, plan.n_contexts)
@@ -146,6 +152,15 @@ def audit_models(
     for i, (name, cal) in enumerate(calibrations.items()):
         mechanisms[name], restricted[name] = _pmixed(lp0, lps, cal, claims[name], plan, member)
         bar(i + 1)
+    ro = "pmixed_certified_replace_one"
+    if tokenizer is not None and dpsgd is not None and ro in calibrations:
+        game, restricted["game"] = pmixed_game(model, members, tokenizer, calibrations[ro],
+                                               plan.game, seed=plan.seed, member=member,
+                                               lora=dpsgd["lora"], progress=progress)  # fmt: skip
+        mechanisms[ro]["game"] = game
+        bounds = {f"game_{e['score']}": e["epsilon_lb"] for e in game["empirical"]}
+        mechanisms[ro]["alarms"] += alarms({**bounds, "game_pair": game["epsilon_pair"]},
+                                           mechanisms[ro]["claim"]["epsilon_ub"])  # fmt: skip
     n = min(plan.mia_blocks, len(train_blocks), len(held_blocks))
     bar = progress("audit: membership inference", 3)
     for i, (name, adapter) in enumerate((("public", None), ("finetuned", "finetuned"),

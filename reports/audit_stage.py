@@ -48,6 +48,7 @@ def run_audit_stage(
     plan: AuditPlan,
     progress: Callable[[str, int], Callable[[int], None]],
     dpsgd: Mapping,
+    tokenizer,
 ) -> dict:
     """The public audit result, computed or read back from ``out / "audit.json"``."""
     settings = {k: asdict(v) if is_dataclass(v) else v for k, v in dpsgd.items()}
@@ -60,7 +61,8 @@ def run_audit_stage(
         if cached.get("hash") == key:
             return cached
     public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
-                                      metrics["privacy"], plan, progress, dpsgd=dpsgd)  # fmt: skip
+                                      metrics["privacy"], plan, progress, dpsgd=dpsgd,
+                                      tokenizer=tokenizer)  # fmt: skip
     public = {"hash": key, **public}
     write_restricted_json(out / "audit.restricted.json", restricted)
     write_json(path, public)

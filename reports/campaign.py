@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
 from audit.dpsgd import CanaryPlan, OneRunPlan
+from audit.game import GamePlan
 from audit.runner import AuditPlan
 from pmixed import PMixEDConfig
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
@@ -85,7 +86,7 @@ class DemoConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     realized_runs: int = 4
-    audit_contexts: int = 256
+    audit_contexts: int = 128
     audit_control_steps: int = 300
     audit_canaries: int = 1000
     max_private_records: int | None = None
@@ -282,13 +283,14 @@ def run_demo(
                     k_neg=cfg.audit_canaries // 20,
                 ),
             ),
+            game=GamePlan(queries=min(GamePlan().queries, cfg.query_budget)),
         )
         dpsgd = dict(lora=cfg.lora, epsilon=cfg.epsilon, delta=cfg.delta,
                      batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr, max_grad_norm=cfg.dpsgd_clip,
                      vocab=len(tok))  # fmt: skip
         run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
                         blocks(_texts(held_recs), tok, t), cals, metrics, plan, progress,
-                        dpsgd)  # fmt: skip
+                        dpsgd, tok)  # fmt: skip
     return metrics
 
 

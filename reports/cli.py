@@ -250,6 +250,19 @@ def _print_audit(result: dict) -> None:
         elif not m["claim"]["certified"]:
             flag += " (UNCERTIFIED claim)"
         print(f"{name:<30}{cells[0]:>8}{cells[1]:>10}{cells[2]:>15}{cells[3]:>7}  {flag}")
+    for name, m in result["mechanisms"].items():
+        if "game" in m:
+            g = m["game"]
+            lbs = ", ".join(f"{e['score']} {e['epsilon_lb']:.3f}" for e in g["empirical"])
+            print(f"PMixED game vs {name}: {g['trials_per_world']} trials/world x "
+                  f"{g['queries_per_trial']} queries; eps_pair {g['epsilon_pair']:.4f}; "
+                  f"eps_lb {lbs}")  # fmt: skip
+        for e in m.get("empirical", []):
+            if "one_run" in e:
+                r = e["one_run"]
+                print(f"canary one-run vs {name} ({e['target']}): eps_lb {r['epsilon_lb']:.3f} "
+                      f"(precision {r['precision']:.2f} of {r['r']} guesses, m={r['m']}); "
+                      f"AUC {e['risk']['auc']['value']:.3f}")  # fmt: skip
     ok = "all passed" if result["controls_passed"] else "FAILED"
     print("controls: " + ", ".join(f"{c['id']} {'ok' if c['passed'] else 'FAILED'}"
                                    for c in result["controls"]) + f" ({ok})")  # fmt: skip

@@ -145,6 +145,11 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
         assert 0.0 <= pair["epsilon_pair"] <= m["claim"]["epsilon_ub"] and not m["alarms"]
         assert m["conformance_passed"]
     assert result["mechanisms"]["pmixed_reference"]["claim"]["certified"] is False
+    game = result["mechanisms"]["pmixed_certified_replace_one"]["game"]
+    assert [e["score"] for e in game["empirical"]] == ["count", "llr"]
+    assert game["trials_per_world"] == 50 and not game["per_query_alarm"]
+    assert all(0 <= e["epsilon_lb"] <= 8.0 for e in game["empirical"])
+    assert 0 <= game["epsilon_pair"] <= 8.0
     controls = {c["id"]: c for c in result["controls"]}
     assert all(controls[c]["passed"] for c in ("C1", "C2", "C3"))
     assert result["statement"].startswith("audits give lower")

@@ -144,3 +144,26 @@ def test_shapes_are_checked():
         exact_pair_audit(np.zeros((2, 4, 3)), np.zeros((3, 3)), c, member=0)
     with pytest.raises(ValueError, match="member must be"):
         exact_pair_audit(np.log(np.full((1, 4, 2), 0.5)), np.log(np.full((1, 2), 0.5)), c, member=7)
+
+
+def test_game_target_is_in_the_band_and_maximises_the_poisoned_divergence():
+    from audit.game import GamePlan, _poisoned, choose_target
+
+    c = cal("certified", n=3, relation="replace_one")
+    rng = np.random.default_rng(3)
+    lp0 = np.log(rng.dirichlet(np.full(40, 0.2)))
+    lps = np.log(rng.dirichlet(np.ones(40), size=3))
+    plan = GamePlan(band=(1e-4, 1e-2), candidates=40)
+    y = choose_target(lp0, lps, c, 0, plan)
+    p0 = np.exp(lp0)
+    assert 1e-4 <= p0[y] <= 1e-2
+    k = c.orders.index(c.planned_order)
+
+    def d(t):
+        return exact_pair_audit(lps[None], lp0[None], c, member=0,
+                                replacement=_poisoned(lp0, t)[None]).per_query[0, k]  # fmt: skip
+
+    band = [t for t in range(40) if 1e-4 <= p0[t] <= 1e-2]
+    assert d(y) == max(d(t) for t in band)
+    with pytest.raises(ValueError, match="no token has p0"):
+        choose_target(lp0, lps, c, 0, GamePlan(band=(0.99, 1.0)))
