@@ -10,6 +10,8 @@ from audit.bounds import one_run_epsilon
 from audit.canaries import child_rng, model_canaries, poisson_inclusion, random_canaries
 from audit.dpsgd import OneRunPlan, one_run_audit, one_run_guesses
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
+
 
 def test_seed_paths_are_stable_and_independent():
     a = child_rng(7, "canary/draw").integers(0, 2**32, 4)
