@@ -154,14 +154,16 @@ def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan
                  for name, (a, b) in scores.items()]  # fmt: skip
     public = {"relation": "replace_one (member replaced by a poisoned canary member)",
               "prompt": CANARY_PROMPT, "queries_per_trial": plan.queries,
-              "trials_per_world": plan.trials, "target_p0": float(np.exp(lp0[y])),
+              "trials_per_world": plan.trials,
               "canary_member_p_target": float(np.exp(lc[y])),
               "epsilon_pair": eps_pair, "per_query_worst_ratio": pair.worst_ratio,
               "per_query_alarm": pair.alarm, "empirical": empirical,
               "mean_count": {w: float(s.mean()) for w, s in zip(("D", "D'"), scores["count"])}}  # fmt: skip
+    # y* was chosen with the members' distributions: it, and p0(y*) which names it, stay restricted.
     restricted = {
         "member": member,
         "target": y,
+        "target_p0": float(np.exp(lp0[y])),
         "tokens": {w: t.tolist() for w, t in tokens.items()},
     }
     return public, restricted

@@ -167,6 +167,7 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
     raw += restricted["canaries"]["audit-finetuned"][:5]
     assert all(repr(v) not in public_text for v in raw)
     assert "summed_forward" not in public_text and '"member":' not in public_text
+    assert "target_p0" not in public_text and restricted["game"]["target_p0"] > 0
     # `pmixed audit --run` reads the cached result back unchanged.
     assert main(["audit", "--run", str(out)]) == 0
     assert "controls: C1 ok, C2 ok, C3 ok, C3-lm" in capsys.readouterr().out
