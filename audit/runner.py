@@ -108,11 +108,15 @@ def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member:
     return public, restricted
 
 
-def _mia(model, adapter, train, held, plan: AuditPlan):
-    lp_in = block_logprobs(model, adapter, train)
-    lp_out = block_logprobs(model, adapter, held)
-    ref_in = block_logprobs(model, None, train)
-    ref_out = block_logprobs(model, None, held)
+def _mia(model, adapter, train, held, reference: tuple[np.ndarray, np.ndarray], plan: AuditPlan):
+    """Risk metrics of ``adapter`` on training against held-out blocks; ``reference`` holds the
+    public model's per-token log-probs on the same blocks (computed once for every adapter)."""
+    ref_in, ref_out = reference
+    if adapter is None:
+        lp_in, lp_out = ref_in, ref_out
+    else:
+        lp_in = block_logprobs(model, adapter, train)
+        lp_out = block_logprobs(model, adapter, held)
     scores = {"loss": (loss(lp_in), loss(lp_out)),
               "reference": (reference_calibrated(lp_in, ref_in),
                             reference_calibrated(lp_out, ref_out))}  # fmt: skip
@@ -162,10 +166,12 @@ def audit_models(
         mechanisms[ro]["alarms"] += alarms({**bounds, "game_pair": game["epsilon_pair"]},
                                            mechanisms[ro]["claim"]["epsilon_ub"])  # fmt: skip
     n = min(plan.mia_blocks, len(train_blocks), len(held_blocks))
+    reference = (block_logprobs(model, None, train_blocks[:n]),
+                 block_logprobs(model, None, held_blocks[:n]))  # fmt: skip
     bar = progress("audit: membership inference", 3)
     for i, (name, adapter) in enumerate((("public", None), ("finetuned", "finetuned"),
                                          ("dpsgd", "dpsgd"))):  # fmt: skip
-        risk, raw = _mia(model, adapter, train_blocks[:n], held_blocks[:n], plan)
+        risk, raw = _mia(model, adapter, train_blocks[:n], held_blocks[:n], reference, plan)
         claim = claims[name]
         mechanisms[name] = {
             "relation": claim["relation"], "unit": claim["unit"], "delta": claim["delta"],
