@@ -41,6 +41,7 @@ __all__ = [
     "build_public_model",
     "train_dpsgd_adapter",
     "train_lm",
+    "train_member",
     "train_tokenizer",
 ]
 
@@ -192,17 +193,38 @@ def add_lora_members(
     names = list(names or [f"member-{i:02d}" for i in range(len(parts))])
     if len(names) != len(parts) or len(set(names)) != len(names):
         raise ValueError("names must be distinct, one per partition.")
-    model = None
+    model = public
     for i, (name, data) in enumerate(zip(names, parts)):
-        torch.manual_seed(seed)
-        if model is None:
-            model = get_peft_model(public, lora.config(), adapter_name=name)
-        else:
-            model.add_adapter(name, lora.config())
-        model.set_adapter(name)  # only this adapter's LoRA weights require grad
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         cb = None if progress is None else (lambda s, loss, i=i: progress(i, s, loss))
-        train_lm(model, data, spec, gen, progress=cb)
+        model = train_member(model, name, i, data, lora, spec, seed, progress=cb)
+    model.eval()
+    return model
+
+
+def train_member(
+    model: torch.nn.Module,
+    name: str,
+    index: int,
+    data: torch.Tensor,
+    lora: LoraSpec,
+    spec: TrainSpec,
+    seed: int,
+    *,
+    progress: object | None = None,
+) -> PeftModel:
+    """Adapter ``name`` trained exactly as member ``index`` of :func:`add_lora_members` would be
+    on ``data``: the same LoRA initialisation and batch generator. Retraining member i on its own
+    partition reproduces it bit for bit; on the partition plus canaries it is the audit's
+    "member retrained with its canaries" (``model`` may be the bare public model or a PeftModel).
+    """
+    torch.manual_seed(seed)
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, lora.config())
+    else:
+        model = get_peft_model(model, lora.config(), adapter_name=name)
+    model.set_adapter(name)  # only this adapter's LoRA weights require grad
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    train_lm(model, data, spec, gen, progress=progress)
     model.eval()
     return model
 

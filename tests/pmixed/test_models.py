@@ -33,6 +33,33 @@ def test_each_member_depends_on_its_own_partition_only(tok):
     assert base
 
 
+def test_retraining_a_member_on_its_partition_reproduces_it_and_canaries_change_it(tok):
+    from audit.canaries import MemberRecipe, canary_block, drop_adapter, retrain_with_canaries
+    from pmixed.train import LoraSpec, TrainSpec, blocks
+
+    model = ensemble(tok, PRIVATE)
+    recipe = MemberRecipe(LoraSpec(r=4), TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
+    part = blocks(PRIVATE[1], tok, 32)
+    block = canary_block(tok("The secret word of the day is")["input_ids"] + [42], 32)
+    for name, copies in (("again", 0), ("canary", len(part))):
+        retrain_with_canaries(model, name, 1, part, block, copies, recipe)
+    deployed = _lora_weights(model, "member-01")
+    again = {
+        k.replace(".again.", ".member-01."): v for k, v in _lora_weights(model, "again").items()
+    }
+    canary = {k.replace(".canary.", ".member-01."): v
+              for k, v in _lora_weights(model, "canary").items()}  # fmt: skip
+    assert again.keys() == deployed.keys() and all(
+        torch.equal(again[k], deployed[k]) for k in again
+    )
+    assert not all(torch.equal(canary[k], deployed[k]) for k in canary)
+    model.set_adapter("canary")
+    drop_adapter(model, "canary")  # the active one: another becomes active, no peft warning
+    assert "canary" not in model.peft_config and model.active_adapter != "canary"
+    with pytest.raises(ValueError, match="block must have shape"):
+        retrain_with_canaries(model, "bad", 1, part, block[:5], 1, recipe)
+
+
 @pytest.fixture(scope="module")
 def lm(tok):
     return tiny_lm(tok)
