@@ -100,7 +100,9 @@ def zlib_ratio(target: object, texts: Sequence[str], *, mask: object | None = No
     return (flat / sizes).reshape(lp.shape[:-1])
 
 
-def lira_offline(target_stat: object, out_stats: object) -> np.ndarray:
+def lira_offline(
+    target_stat: object, out_stats: object, *, fixed_variance: bool = False
+) -> np.ndarray:
     """Offline LiRA (Carlini et al. 2022): one-sided tail of the OUT Gaussian, as in the paper.
 
     Args:
@@ -108,6 +110,8 @@ def lira_offline(target_stat: object, out_stats: object) -> np.ndarray:
             target model.
         out_stats: ``[n, S]`` the same statistic under S ≥ 2 shadow models trained without the
             item. Location is the median, scale the standard deviation (ddof = 1).
+        fixed_variance: one scale for every item (the pooled within-item standard deviation), the
+            paper's variant for few shadow models.
 
     Returns:
         ``log P[Z <= (φ − μ_out)/σ_out]``: large when the target fits the item better than models
@@ -120,8 +124,9 @@ def lira_offline(target_stat: object, out_stats: object) -> np.ndarray:
     if not (np.isfinite(phi).all() and np.isfinite(outs).all()):
         raise ValueError("LiRA statistics must be finite.")
     mu = np.median(outs, axis=1)
-    sigma = np.maximum(outs.std(axis=1, ddof=1), 1e-12)
-    return stats.norm.logcdf((phi - mu) / sigma)
+    var = outs.var(axis=1, ddof=1)
+    sigma = np.sqrt(np.full_like(var, var.mean()) if fixed_variance else var)
+    return stats.norm.logcdf((phi - mu) / np.maximum(sigma, 1e-12))
 
 
 def pmixed_count(tokens: object, targets: object) -> np.ndarray:

@@ -8,6 +8,11 @@
 * :func:`random_canaries`: m records of uniformly random tokens (the exposure-style secret space).
 * :func:`poisson_inclusion`: S_i ∈ {−1, +1} i.i.d. uniform, canary i in the training data iff
   S_i = +1: the one-run audit's design (Steinke, Nasr, Jagielski 2023).
+* :func:`canary_block` and :func:`retrain_with_canaries`: PMixED's canaries go into ONE partition.
+  A canary is a fixed-format record (a public prompt and a secret slot) repeated to fill a block; a
+  canary user contributes ``copies`` such blocks; the member of that partition is retrained with
+  them, with exactly the recipe that trained it (:class:`MemberRecipe`), so retraining without
+  them reproduces the deployed member bit for bit.
 
 The seeds are derived from named paths of one root (``SeedSequence`` spawn keys from a stable hash of
 the path), so adding a consumer does not shift the others.
@@ -16,11 +21,15 @@ the path), so adding a consumer does not shift the others.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["child_rng", "model_canaries", "poisson_inclusion", "random_canaries"]
+from pmixed.train import LoraSpec, TrainSpec, train_member
+
+__all__ = ["MemberRecipe", "canary_block", "child_rng", "drop_adapter", "model_canaries",
+           "poisson_inclusion", "random_canaries", "retrain_with_canaries"]  # fmt: skip
 
 
 def child_rng(root: int, path: str) -> np.random.Generator:
@@ -70,3 +79,41 @@ def poisson_inclusion(m: int, rng: np.random.Generator) -> np.ndarray:
     if m < 1:
         raise ValueError(f"m must be >= 1. Found {m}.")
     return np.where(rng.random(m) < 0.5, 1, -1).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class MemberRecipe:
+    """How the deployment trained its members: LoRA settings, training spec and seed."""
+
+    lora: LoraSpec
+    spec: TrainSpec
+    seed: int
+
+
+def canary_block(pattern: list[int], length: int) -> torch.Tensor:
+    """``[length]`` ids: ``pattern`` (prompt ids then secret ids) repeated, cut at ``length``."""
+    if not pattern or length < 2:
+        raise ValueError(
+            f"pattern must be non-empty and length >= 2. Found {len(pattern)}, {length}."
+        )
+    return torch.tensor((pattern * (length // len(pattern) + 1))[:length])
+
+
+def retrain_with_canaries(model, name: str, index: int, partition: torch.Tensor,
+                          block: torch.Tensor, copies: int, recipe: MemberRecipe):  # fmt: skip
+    """Adapter ``name``: member ``index`` retrained on ``partition`` plus ``copies`` canary blocks."""
+    if copies < 0 or partition.ndim != 2 or block.shape != partition.shape[1:]:
+        raise ValueError(
+            f"copies must be >= 0 and block must have shape {tuple(partition.shape[1:])}. "
+            f"Found {copies}, {tuple(block.shape)}."
+        )
+    data = torch.cat([partition, block.repeat(copies, 1)])
+    return train_member(model, name, index, data, recipe.lora, recipe.spec, recipe.seed)
+
+
+def drop_adapter(model, name: str) -> None:
+    """Deletes audit adapter ``name``, first making another adapter active if it was (peft warns
+    otherwise and picks one itself)."""
+    if name == model.active_adapter:
+        model.set_adapter(next(n for n in model.peft_config if n != name))
+    model.delete_adapter(name)

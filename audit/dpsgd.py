@@ -7,29 +7,32 @@ m random canaries, each included in the training data with probability ½ (recor
 * **positive control**: a non-private LoRA fine-tune on the same canaries, which must leak: if the
   audit cannot see it, the attack or the bound is broken.
 
-Each canary is scored by the reference-calibrated attack (target vs the public model, mean over the
-canary's tokens); the one-run auditor guesses "in" for the ``k_pos`` highest scores and "out" for
-the ``k_neg`` lowest, both fixed in advance, and the one-run theorem turns the number of correct
-guesses into ε_lb at the claim's δ.
+Each canary is scored by two attacks declared in advance: reference-calibrated (target vs the public
+model, mean log-prob over the canary's tokens) and offline LiRA with ``shadows`` shadow models per
+target, trained by the target's own procedure on the same private blocks plus FRESH canaries (none of
+the audited ones; fixed variance, the paper's variant for few shadows). For each score the one-run
+auditor guesses "in" for the ``k_pos`` highest and "out" for the ``k_neg`` lowest, and the one-run
+theorem turns the correct guesses into ε_lb at the claim's δ, at confidence 1 − η/2 per score
+(Bonferroni over the two), so the larger of the two is a valid 1 − η bound.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from accounting import from_opacus
-from audit.attacks import reference_calibrated
+from audit.attacks import lira_offline, loss, reference_calibrated
 from audit.bounds import one_run_epsilon
-from audit.canaries import child_rng, model_canaries, poisson_inclusion
+from audit.canaries import child_rng, drop_adapter, model_canaries, poisson_inclusion
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs
 from pmixed.train import LoraSpec, TrainSpec, add_trained_adapter, train_dpsgd_adapter
 
 __all__ = ["CanaryPlan", "OneRunPlan", "canary_audit", "canary_result", "one_run_audit",
-           "one_run_guesses", "score_canaries"]  # fmt: skip
+           "one_run_guesses"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,22 +74,23 @@ def one_run_audit(scores: object, inclusion: object, plan: OneRunPlan, *, delta:
             "k_neg": plan.k_neg}  # fmt: skip
 
 
-@torch.no_grad()
-def score_canaries(model: torch.nn.Module, adapter: str, canaries: torch.Tensor) -> np.ndarray:
-    """Reference-calibrated score of each canary: mean log-prob under ``adapter`` minus public."""
-    target = block_logprobs(model, adapter, canaries)
-    reference = block_logprobs(model, None, canaries)
-    return reference_calibrated(target, reference)
+def canary_result(scores: dict[str, np.ndarray], inclusion: np.ndarray, plan: OneRunPlan, *,
+                  delta: float, seed: int, bootstrap: int) -> dict:  # fmt: skip
+    """The one-run bound plus AUC / TPR at low FPR of each score (in vs out canaries).
 
-
-def canary_result(scores: np.ndarray, inclusion: np.ndarray, plan: OneRunPlan, *, delta: float,
-                  seed: int, bootstrap: int) -> dict:  # fmt: skip
-    """The one-run bound plus AUC / TPR at low FPR of the canary scores (in vs out canaries)."""
+    Bonferroni over the scores: each one-run bound at η / len(scores); ``one_run`` is the largest.
+    """
     inc = np.asarray(inclusion) == 1
-    return {"one_run": one_run_audit(scores, inclusion, plan, delta=delta),
-            "risk": risk_metrics(scores[inc], scores[~inc], seed=seed, resamples=bootstrap),
+    per = replace(plan, eta=plan.eta / len(scores))
+    attacks = {name: {"one_run": one_run_audit(s, inclusion, per, delta=delta),
+                      "risk": risk_metrics(s[inc], s[~inc], seed=seed, resamples=bootstrap)}
+               for name, s in scores.items()}  # fmt: skip
+    best = max(attacks, key=lambda name: attacks[name]["one_run"]["epsilon_lb"])
+    return {"one_run": {**attacks[best]["one_run"], "attack": best,
+                        "selection": f"largest of {len(scores)} scores, each at eta/{len(scores)}"},
+            "risk": attacks[best]["risk"], "attacks": attacks,
             "canaries": {"m": int(inc.size), "included": int(inc.sum()),
-                         "kind": "uniformly random token blocks", "inclusion": "Poisson(1/2)"}}  # fmt: skip
+                         "kind": "public-model samples", "inclusion": "Poisson(1/2)"}}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,17 @@ class CanaryPlan:
     dpsgd_epochs: int = 4
     control_steps: int = 300
     control_lr: float = 1e-2
+    shadows: int = 2
     bootstrap: int = 1000
+
+
+def _audit_set(model, private_blocks: torch.Tensor, m: int, seed: int, path: str, vocab: int):
+    """(canaries [m, T], inclusion ±1, training data): included canaries + as many private blocks."""
+    canaries = model_canaries(model, m, private_blocks.shape[1], child_rng(seed, f"{path}/draw"),
+                              first_token_range=(1, vocab))  # fmt: skip
+    inclusion = poisson_inclusion(m, child_rng(seed, f"{path}/inclusion"))
+    inc = torch.from_numpy(inclusion == 1)
+    return canaries, inclusion, torch.cat([private_blocks[: int(inc.sum())], canaries[inc]])
 
 
 def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora: LoraSpec,
@@ -108,32 +122,47 @@ def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora:
     Both train on the same audit set: the included canaries plus as many private blocks (the first
     ones), so each canary is one record of a few hundred; the DP-SGD adapter at (ε, δ) for
     ``dpsgd_epochs`` epochs with the demo's batch, learning rate and clipping; the control without
-    noise or clipping for ``control_steps`` steps. The adapters are removed afterwards.
+    noise or clipping for ``control_steps`` steps. Each shadow repeats both on its own fresh audit
+    set. The adapters are removed afterwards.
     """
-    m, length = plan.one_run.m, private_blocks.shape[1]
-    canaries = model_canaries(model, m, length, child_rng(seed, "canary/draw"),
-                              first_token_range=(1, vocab))  # fmt: skip
-    inclusion = poisson_inclusion(m, child_rng(seed, "canary/inclusion"))
-    inc = inclusion == 1
-    data = torch.cat([private_blocks[: int(inc.sum())], canaries[torch.from_numpy(inc)]])
-    expected = plan.dpsgd_epochs * -(-len(data) // batch_size)
-    bar = progress("audit: DP-SGD with canaries", expected)
-    run = train_dpsgd_adapter(model, "audit-dpsgd", data, lora, epsilon=epsilon, delta=delta,
-                              epochs=plan.dpsgd_epochs, batch_size=batch_size, lr=lr,
-                              max_grad_norm=max_grad_norm, seed=seed + 11,
-                              progress=lambda step, _total: bar(min(step, expected)))  # fmt: skip
-    claim = from_opacus(list(run.history), delta)
-    bar = progress("audit: non-private control", plan.control_steps)
-    add_trained_adapter(model, "audit-finetuned", data, lora,
-                        TrainSpec(steps=plan.control_steps, batch_size=16, lr=plan.control_lr),
-                        seed + 12, progress=lambda step, _loss: bar(step + 1))  # fmt: skip
+    m = plan.one_run.m
+    if plan.shadows == 1 or plan.shadows < 0:
+        raise ValueError(f"shadows must be 0 or >= 2. Found {plan.shadows}.")
+    runs = []
+
+    def train(tag: str, data: torch.Tensor, offset: int) -> None:
+        expected = plan.dpsgd_epochs * -(-len(data) // batch_size)
+        bar = progress(f"audit: DP-SGD with canaries{tag}", expected)
+        runs.append(train_dpsgd_adapter(
+            model, f"audit-dpsgd{tag}", data, lora, epsilon=epsilon, delta=delta,
+            epochs=plan.dpsgd_epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
+            seed=seed + 11 + offset, progress=lambda step, _total: bar(min(step, expected))))  # fmt: skip
+        bar = progress(f"audit: non-private control{tag}", plan.control_steps)
+        add_trained_adapter(model, f"audit-finetuned{tag}", data, lora,
+                            TrainSpec(steps=plan.control_steps, batch_size=16, lr=plan.control_lr),
+                            seed + 12 + offset, progress=lambda step, _loss: bar(step + 1))  # fmt: skip
+
+    canaries, inclusion, data = _audit_set(model, private_blocks, m, seed, "canary", vocab)
+    train("", data, 0)
+    for k in range(plan.shadows):  # own data and own seeds: independent runs of the procedure
+        train(f"-shadow{k}", _audit_set(model, private_blocks, m, seed, f"canary/shadow/{k}",
+                                        vocab)[2], 100 * (k + 1))  # fmt: skip
+    reference = block_logprobs(model, None, canaries)
     public, restricted = {}, {"inclusion": inclusion.tolist()}
     for name in ("audit-dpsgd", "audit-finetuned"):
-        scores = score_canaries(model, name, canaries)
+        target = block_logprobs(model, name, canaries)
+        scores = {"reference": reference_calibrated(target, reference)}
+        if plan.shadows:
+            outs = np.stack([loss(block_logprobs(model, f"{name}-shadow{k}", canaries))
+                             for k in range(plan.shadows)], axis=1)  # fmt: skip
+            scores["lira"] = lira_offline(loss(target), outs, fixed_variance=True)
         public[name] = canary_result(scores, inclusion, plan.one_run, delta=delta, seed=seed,
                                      bootstrap=plan.bootstrap)  # fmt: skip
-        restricted[name] = scores.tolist()
-        model.delete_adapter(name)
+        restricted[name] = {k: v.tolist() for k, v in scores.items()}
+        for tag in ["", *(f"-shadow{k}" for k in range(plan.shadows))]:
+            drop_adapter(model, f"{name}{tag}")
+    run = runs[0]
+    claim = from_opacus(list(run.history), delta)
     public["audit-dpsgd"]["claim"] = {
         "epsilon_ub": claim.rdp,
         "delta": delta,
@@ -146,12 +175,18 @@ def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora:
     public["design"] = {
         "records": len(data),
         "canaries": m,
-        "included": int(inc.sum()),
+        "included": int((inclusion == 1).sum()),
         "canary_kind": "public-model samples, temperature 1, one block each",
-        "seed_paths": ["canary/draw", "canary/inclusion"],
+        "seed_paths": ["canary/draw", "canary/inclusion",
+                       *(f"canary/shadow/{k}/{p}" for k in range(plan.shadows)
+                         for p in ("draw", "inclusion"))],
         "seed": seed,
         "dpsgd_epochs": plan.dpsgd_epochs,
         "control_steps": plan.control_steps,
         "control_lr": plan.control_lr,
-    }
+        "scores": ["reference", *(["lira"] if plan.shadows else [])],
+        "lira": {"shadows_per_target": plan.shadows, "variant": "offline, fixed variance",
+                 "statistic": "mean per-token log-likelihood",
+                 "shadow_data": "same private blocks plus fresh canaries (no audited canary)"},
+    }  # fmt: skip
     return public, restricted

@@ -1,8 +1,11 @@
 """PMixED's black-box distinguishing game through the real ``PrivateGenerator`` (AUDIT.md §3, §5.2).
 
-Worlds: D has member j replaced by a **poisoned canary member**, a LoRA adapter trained only on a
-public canary context x followed by a rare target token y*; D' is the deployed ensemble. That is a
-``replace_one`` neighbour (the analysis bounds each mollified member against p0 whatever it is).
+The canary goes into ONE partition (:func:`plant_canary`): a canary user whose records are the
+public context x followed by a rare target token y*, as many blocks as partition j already holds;
+member j is retrained on its partition plus those blocks with the deployment's own recipe. Worlds:
+D has that **canary member** in slot j; D' is the deployed ensemble, whose member j is the same
+recipe on the partition without the canaries (bit-identical to a retrain without them). Changing
+one partition's data changes one member, which is what ``replace_one`` bounds.
 Each trial is a fresh deployment: its own ledger, budget and generator seed, T queries of the same
 prompt x, one released token each. The attacker sees the T tokens and scores them by the count of
 y* and by the exact log-likelihood ratio of the two worlds' released laws at x (Neyman–Pearson
@@ -10,8 +13,9 @@ optimal for this pair). Clopper–Pearson with a Bonferroni correction over ever
 n trials per world into ε_lb; the exact pair (Rényi check and optimistic PLD over the T queries)
 gives what the game could at best reveal.
 
-y* is chosen in advance from the public model alone: among tokens with p0(y*|x) in a band, the one
-whose poisoned member gives the largest exact per-query divergence at the planned order.
+y* is chosen before any training, from the deployed models at x only: among tokens with p0(y*|x) in
+a band, the one where a member near one-hot on y* would give the largest exact per-query divergence
+at the planned order (restricted: the choice reads the members).
 """
 
 from __future__ import annotations
@@ -26,16 +30,16 @@ import torch
 from accounting import PrivacyBudget, RenyiFilter
 from audit.attacks import pmixed_count, pmixed_llr
 from audit.bounds import BonferroniAll, empirical_epsilon
-from audit.canaries import child_rng
+from audit.canaries import MemberRecipe, canary_block, child_rng, retrain_with_canaries
 from audit.exact import exact_pair_audit, pair_epsilon
 from pmixed.generator import PrivateGenerator
 from pmixed.ledgering import create_ledger, query_event
 from pmixed.mechanism import exact_released_log_law
 from pmixed.models import EnsembleLM
 from pmixed.privacy import Calibration
-from pmixed.train import LoraSpec, TrainSpec, add_trained_adapter
 
-__all__ = ["CANARY_PROMPT", "GamePlan", "choose_target", "pmixed_game"]
+__all__ = ["CANARY_PROMPT", "GamePlan", "PlantedCanary", "choose_target", "logprobs_at",
+           "plant_canary", "play", "pmixed_game"]  # fmt: skip
 
 #: The public canary context (no private text is needed to audit PMixED).
 CANARY_PROMPT = "The secret word of the day is"
@@ -43,14 +47,14 @@ CANARY_PROMPT = "The secret word of the day is"
 
 @dataclass(frozen=True)
 class GamePlan:
-    """Pre-registered: trials per world, queries per trial, the p0 band of y*, training."""
+    """Pre-registered: trials per world, queries per trial, the p0 band of y*, canary copies (as a
+    multiple of partition j's block count)."""
 
     trials: int = 50
     queries: int = 32
     band: tuple[float, float] = (1e-6, 1e-2)
     candidates: int = 32
-    train_steps: int = 300
-    train_lr: float = 1e-2
+    copies_per_block: float = 1.0
     eta: float = 0.05
 
 
@@ -80,8 +84,45 @@ def choose_target(lp0: np.ndarray, lps: np.ndarray, cal: Calibration, member: in
     return best
 
 
-def _trial(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed: int,
-           folder: Path) -> np.ndarray:  # fmt: skip
+@torch.no_grad()
+def logprobs_at(model, prompt: list[int], adapters: list[str]) -> np.ndarray:
+    """``[len(adapters), V]`` next-token log-probs after ``prompt`` (``"__base__"``: public)."""
+    x = torch.tensor([prompt]).repeat(len(adapters), 1)
+    logits = model(input_ids=x, adapter_names=adapters).logits[:, -1]
+    return torch.log_softmax(logits.double(), -1).numpy()
+
+
+@dataclass(frozen=True)
+class PlantedCanary:
+    """Member ``member`` retrained with a canary user's blocks, as adapter ``adapter``."""
+
+    adapter: str
+    member: int
+    prompt: list[int]
+    target: int
+    copies: int
+    logp_public: np.ndarray  # [V] at the prompt
+    logp_members: np.ndarray  # [N, V] the deployed members at the prompt
+    logp_canary: np.ndarray  # [V] the canary member at the prompt
+
+
+def plant_canary(model, members: list[str], tok, cal: Calibration, plan: GamePlan, *,
+                 member: int, partition: torch.Tensor, recipe: MemberRecipe,
+                 adapter: str = "canary-member") -> PlantedCanary:  # fmt: skip
+    """Chooses y*, retrains member ``member`` on ``partition`` plus the canary blocks."""
+    prompt = tok(CANARY_PROMPT)["input_ids"]
+    logp = logprobs_at(model, prompt, ["__base__", *members])
+    y = choose_target(logp[0], logp[1:], cal, member, plan)
+    copies = max(1, round(plan.copies_per_block * len(partition)))
+    block = canary_block([*prompt, y], partition.shape[1])
+    retrain_with_canaries(model, adapter, member, partition, block, copies, recipe)
+    lc = logprobs_at(model, prompt, [adapter])[0]
+    return PlantedCanary(adapter, member, prompt, y, copies, logp[0], logp[1:], lc)
+
+
+def play(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed: int,
+         folder: Path) -> np.ndarray:  # fmt: skip
+    """One fresh deployment (own ledger, budget, seed): ``queries`` one-token answers to ``prompt``."""
     budget = PrivacyBudget(cal.config.epsilon, cal.config.delta, cal.orders)
     plan = RenyiFilter.for_plan(budget, query_event(cal), cal.config.query_budget)
     ledger = create_ledger(folder / f"trial-{seed}.jsonl", cal, budget=plan.header_record(),
@@ -94,41 +135,20 @@ def _trial(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, se
     return np.array([g.tokens[0] for g in out])
 
 
-def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan, *, seed: int,
-                member: int, lora: LoraSpec, progress) -> tuple[dict, dict]:  # fmt: skip
+def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan,
+                canary: PlantedCanary, *, seed: int, progress) -> tuple[dict, dict]:  # fmt: skip
     """(public, restricted) result of the game against ``cal``'s claim (a replace_one claim)."""
     if plan.queries > cal.config.query_budget:
         raise ValueError(f"plan.queries must be <= query_budget={cal.config.query_budget}.")
-    prompt = tok(CANARY_PROMPT)["input_ids"]
-    x = torch.tensor([prompt])
-    rows = ["__base__", *members]
-    with torch.no_grad():
-        logits = model(input_ids=x.repeat(len(rows), 1), adapter_names=rows).logits[:, -1]
-    logp = torch.log_softmax(logits.double(), -1).numpy()
-    lp0, lps = logp[0], logp[1:]
-    y = choose_target(lp0, lps, cal, member, plan)
-    block = torch.tensor((prompt + [y]) * (model.config.n_positions // (len(prompt) + 1)))
-    add_trained_adapter(
-        model,
-        "canary-member",
-        block.repeat(64, 1),
-        lora,
-        TrainSpec(steps=plan.train_steps, batch_size=16, lr=plan.train_lr),
-        seed + 21,
-    )
-    with torch.no_grad():
-        lc = torch.log_softmax(model(input_ids=x, adapter_names=["canary-member"]).logits[0, -1]
-                               .double(), -1).numpy()  # fmt: skip
-    world_d = [*members[:member], "canary-member", *members[member + 1 :]]
+    j, y, lp0, lps = canary.member, canary.target, canary.logp_public, canary.logp_members
+    world_d = [*members[:j], canary.adapter, *members[j + 1 :]]
     lps_d = lps.copy()
-    lps_d[member] = lc
+    lps_d[j] = canary.logp_canary
     law_d = exact_released_log_law(lps_d, lp0, cal)
     law_o = exact_released_log_law(lps, lp0, cal)
-    pair = exact_pair_audit(
-        lps_d[None], lp0[None], cal, member=member, replacement=lps[member][None]
-    )
-    eps_pair = pair_epsilon(np.repeat(law_d[None], plan.queries, 0),
-                            np.repeat(law_o[None], plan.queries, 0), cal.delta)  # fmt: skip
+    pair = exact_pair_audit(lps_d[None], lp0[None], cal, member=j, replacement=lps[j][None])
+    laws = (np.repeat(law_d[None], plan.queries, 0), np.repeat(law_o[None], plan.queries, 0))
+    eps_pair = pair_epsilon(*laws, cal.delta)
     tokens = {}
     bar = progress("audit: PMixED game", 2 * plan.trials)
     with tempfile.TemporaryDirectory() as d:
@@ -137,14 +157,11 @@ def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan
             rng = child_rng(seed, f"pmixed/game/{w}")
             runs = []
             for i in range(plan.trials):
-                runs.append(
-                    _trial(lm, cal, prompt, plan.queries, int(rng.integers(2**31)), Path(d))
-                )
+                runs.append(play(lm, cal, canary.prompt, plan.queries, int(rng.integers(2**31)),
+                                 Path(d)))  # fmt: skip
                 bar(len(tokens) * plan.trials + i + 1)
             tokens[w] = np.stack(runs)
-    model.delete_adapter("canary-member")
     targets = np.full(plan.queries, y)
-    laws = (np.repeat(law_d[None], plan.queries, 0), np.repeat(law_o[None], plan.queries, 0))
     scores = {
         "count": (pmixed_count(tokens["D"], targets), pmixed_count(tokens["D'"], targets)),
         "llr": (pmixed_llr(tokens["D"], *laws), pmixed_llr(tokens["D'"], *laws)),
@@ -152,18 +169,21 @@ def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan
     empirical = [{"score": name, **empirical_epsilon(a, b, delta=cal.delta, eta=plan.eta,
                                                      strategy=BonferroniAll()).to_json()}
                  for name, (a, b) in scores.items()]  # fmt: skip
-    public = {"relation": "replace_one (member replaced by a poisoned canary member)",
+    public = {"relation": "replace_one (member j retrained with a canary user's blocks)",
               "prompt": CANARY_PROMPT, "queries_per_trial": plan.queries,
-              "trials_per_world": plan.trials,
-              "canary_member_p_target": float(np.exp(lc[y])),
+              "trials_per_world": plan.trials, "canary_copies_per_partition_block":
+              plan.copies_per_block,
               "epsilon_pair": eps_pair, "per_query_worst_ratio": pair.worst_ratio,
               "per_query_alarm": pair.alarm, "empirical": empirical,
               "mean_count": {w: float(s.mean()) for w, s in zip(("D", "D'"), scores["count"])}}  # fmt: skip
-    # y* was chosen with the members' distributions: it, and p0(y*) which names it, stay restricted.
+    # y*, p0(y*) and the canary member's p(y*|x) read the members: restricted.
     restricted = {
-        "member": member,
+        "member": j,
         "target": y,
         "target_p0": float(np.exp(lp0[y])),
+        "canary_member_p_target": float(np.exp(canary.logp_canary[y])),
+        "deployed_member_p_target": float(np.exp(lps[j][y])),
+        "copies": canary.copies,
         "tokens": {w: t.tolist() for w, t in tokens.items()},
     }
     return public, restricted

@@ -1,47 +1,53 @@
-"""The audit of a trained run: signals once, then exact pairs, risk metrics and controls.
+"""The audit of a trained run: signals once, then exact pairs, games, risk metrics and controls.
 
 :func:`audit_models` receives loaded models (``reports/`` loads them and writes the files) and
 returns two dicts: the public result (aggregates, bounds, controls, alarms) and the restricted
-annex (which member was audited, per-order divergence sums, raw per-example scores), which derives
-from private data and is not covered by the guarantee.
+annex (which member was audited, the canary token, per-order divergence sums, raw per-example
+scores), which derives from private data and is not covered by the guarantee.
 
 What this version audits:
 
-* every PMixED mechanism (certified AR, certified RO, reference): the exact pair over C teacher-
-  forced held-out contexts (AR: the member farthest from the public model dropped; RO: that member
-  replaced by the public model, a legitimate neighbour since the analysis covers any replacement),
-  compared with the charged cost, ε_pair from optimistic PLDs, and a χ² conformance test of the
-  real sampler on the first context;
+* the canary: member j (the one farthest from the public model over the held-out contexts) is
+  retrained on its partition plus a canary user's blocks with the deployment's own recipe
+  (:func:`audit.game.plant_canary`);
+* every PMixED mechanism (certified AR, certified RO, reference): the exact pair over the canary
+  context and C teacher-forced held-out contexts (AR: the canary member dropped; RO: the canary
+  member against the member retrained without its canaries, i.e. the deployed one), compared with
+  the charged cost, ε_pair from optimistic PLDs, and a χ² conformance test of the real sampler;
+* the PMixED black-box game and the exposure of random secrets through the real
+  ``PrivateGenerator`` against the ``replace_one`` deployment (:mod:`audit.game`,
+  :mod:`audit.exposure`), with the non-private release of the same member as exposure control;
 * the public model, the non-private fine-tune and DP-SGD: loss and reference-calibrated attacks on
   training blocks against held-out blocks: risk metrics only. Train/held-out membership is not an
   independent draw of the mechanism per trial, so no ε bound is derived from it;
-* the PMixED black-box game through the real ``PrivateGenerator`` against the ``replace_one``
-  deployment, with a poisoned canary member (:mod:`audit.game`);
 * DP-SGD with Poisson(½)-included canaries and the non-private positive control on the same
-  canaries (:func:`audit.dpsgd.canary_audit`): the one-run bound, AUC and TPR at low FPR;
-* controls C1-C3 on synthetic arrays.
+  canaries, scored by the reference attack and offline LiRA with shadow models
+  (:func:`audit.dpsgd.canary_audit`): the one-run bound, AUC and TPR at low FPR;
+* controls C1-C3 on synthetic arrays, C3-lm and C3-exposure on the real models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from audit.attacks import loss, reference_calibrated
+from audit.canaries import MemberRecipe, drop_adapter
 from audit.controls import alarms, identical_worlds, non_private, randomized_response
 from audit.dpsgd import CanaryPlan, canary_audit
 from audit.exact import conformance, exact_pair_audit
-from audit.game import GamePlan, pmixed_game
+from audit.exposure import ExposurePlan, exposure_audit, synthetic_control
+from audit.game import GamePlan, plant_canary, pmixed_game
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs, pmixed_contexts
 from pmixed.privacy import Calibration
 
 __all__ = ["AUDIT_SCHEMA", "AuditPlan", "audit_models"]
 
-AUDIT_SCHEMA = 1
+AUDIT_SCHEMA = 2
 STATEMENT = "audits give lower bounds and cannot certify differential privacy"
 
 
@@ -51,12 +57,13 @@ class AuditPlan:
 
     n_contexts: int = 256
     mia_blocks: int = 256
-    conformance_samples: int = 2000
+    conformance_samples: int = 1000
     bootstrap: int = 1000
     eta: float = 0.05
     seed: int = 0
     canaries: CanaryPlan = field(default_factory=CanaryPlan)
     game: GamePlan = field(default_factory=GamePlan)
+    exposure: ExposurePlan = field(default_factory=ExposurePlan)
 
 
 def _farthest_member(lp0: np.ndarray, lps: np.ndarray) -> int:
@@ -67,10 +74,15 @@ def _farthest_member(lp0: np.ndarray, lps: np.ndarray) -> int:
     return int(np.argmax(kl.mean(0)))
 
 
-def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member: int):
-    replacement = None if cal.config.relation == "add_remove" else lp0
-    pair = exact_pair_audit(lps, lp0, cal, member=member, replacement=replacement)
-    conf = conformance(lps[0], lp0[0], cal, n_samples=plan.conformance_samples,
+def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member: int,
+            canary: np.ndarray):  # fmt: skip
+    """Exact pair: D has ``canary`` ``[C, V]`` as member ``member``; D' drops it (AR) or has the
+    deployed member (RO). The χ² conformance runs on the deployed ensemble at the first context."""
+    world = lps.copy()
+    world[:, member] = canary
+    replacement = None if cal.config.relation == "add_remove" else lps[:, member]
+    pair = exact_pair_audit(world, lp0, cal, member=member, replacement=replacement)
+    conf = conformance(lps[-1], lp0[-1], cal, n_samples=plan.conformance_samples,
                        rng=np.random.default_rng(plan.seed))  # fmt: skip
     eps_ub = claim["epsilon"]
     found = alarms({"exact_pair": pair.epsilon_pair}, eps_ub)
@@ -87,13 +99,17 @@ def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member:
         "claim": {"epsilon_ub": eps_ub, "accountant": claim["accountant"],
                   "certified": claim["certified"], "status": cal.status,
                   "queries": cal.config.query_budget},
-        "exact_pair": {"pair": "member dropped" if replacement is None
-                       else "member replaced by the public model",
+        "exact_pair": {"pair": "canary member dropped" if replacement is None
+                       else "canary member vs the member retrained without its canaries",
+                       "contexts_kind": "the canary prompt, then held-out teacher-forced contexts",
                        "contexts": pair.n_queries, "epsilon_pair": pair.epsilon_pair,
                        "delta": pair.delta, "worst_ratio_exact_over_charged": pair.worst_ratio,
                        "comparable": pair.comparable, "pld_rounding": "optimistic",
                        "alarm": pair.alarm},
         "ratios": {"epsilon_pair_over_ub": pair.epsilon_pair / eps_ub if eps_ub else None},
+        "empirical": [],
+        "empirical_note": "the black-box game and exposure run against the replace_one "
+                          "deployment; the exact pair bounds any attack on these contexts",
         "conformance": conf,
         "conformance_passed": conf["token_p_value"] > 1e-3 and conf["subset_size_p_value"] > 1e-3
         and (cal.config.reference_sampler != "poisson" or conf["duplicate_members"] == 0),
@@ -138,33 +154,58 @@ def audit_models(
     plan: AuditPlan,
     progress: Callable[[str, int], Callable[[int], None]],
     *,
+    partitions: Sequence[torch.Tensor],
+    recipe: MemberRecipe,
+    tokenizer,
     dpsgd: Mapping | None = None,
-    tokenizer=None,
 ) -> tuple[dict, dict]:
     """(public audit result, restricted annex) for one trained run.
 
-    ``dpsgd``: the demo's DP-SGD settings (``lora``, ``epsilon``, ``delta``, ``batch_size``, ``lr``,
-    ``max_grad_norm``, ``vocab``) to run the canary audit with; None skips it. ``tokenizer`` (with
-    ``dpsgd`` for its LoRA settings) runs the PMixED game against the ``replace_one`` deployment.
+    ``partitions``: each member's training blocks, and ``recipe`` how the members were trained (the
+    canary member is retrained with them). ``dpsgd``: the demo's DP-SGD settings (``lora``,
+    ``epsilon``, ``delta``, ``batch_size``, ``lr``, ``max_grad_norm``, ``vocab``) for the canary
+    audit; None skips it.
     """
+    if len(partitions) != len(members):
+        raise ValueError(f"partitions must hold one tensor per member ({len(members)}).")
     bar = progress("audit: signals", 1)
     lp0, lps = pmixed_contexts(model, members, held_blocks, plan.n_contexts)
     bar(1)
     member = _farthest_member(lp0, lps)
-    mechanisms, restricted = {}, {"schema": AUDIT_SCHEMA}
+    ro = "pmixed_certified_replace_one"
+    chooser = calibrations.get(ro) or next(c for c in calibrations.values() if c.certified)
+    canary = plant_canary(model, members, tokenizer, chooser, plan.game, member=member,
+                          partition=partitions[member], recipe=recipe)  # fmt: skip
+    lc = pmixed_contexts(model, [canary.adapter], held_blocks, plan.n_contexts)[1][:, 0]
+    lp0 = np.concatenate([canary.logp_public[None], lp0])
+    lps = np.concatenate([canary.logp_members[None], lps])
+    lc = np.concatenate([canary.logp_canary[None], lc])
+    mechanisms, restricted = {}, {"schema": AUDIT_SCHEMA, "member": member}
     bar = progress("audit: PMixED exact pairs", len(calibrations))
     for i, (name, cal) in enumerate(calibrations.items()):
-        mechanisms[name], restricted[name] = _pmixed(lp0, lps, cal, claims[name], plan, member)
+        mechanisms[name], restricted[name] = _pmixed(lp0, lps, cal, claims[name], plan, member, lc)
         bar(i + 1)
-    ro = "pmixed_certified_replace_one"
-    if tokenizer is not None and dpsgd is not None and ro in calibrations:
-        game, restricted["game"] = pmixed_game(model, members, tokenizer, calibrations[ro],
-                                               plan.game, seed=plan.seed, member=member,
-                                               lora=dpsgd["lora"], progress=progress)  # fmt: skip
-        mechanisms[ro]["game"] = game
+    if ro in calibrations:
+        cal = calibrations[ro]
+        game, restricted["game"] = pmixed_game(model, members, tokenizer, cal, plan.game, canary,
+                                               seed=plan.seed, progress=progress)  # fmt: skip
+        expo, restricted["exposure"] = exposure_audit(
+            model, members, tokenizer, cal, plan.exposure, seed=plan.seed, member=member,
+            partition=partitions[member], recipe=recipe, progress=progress,
+        )  # fmt: skip
+        mechanisms[ro]["game"], mechanisms[ro]["exposure"] = game, expo
+        mechanisms[ro]["empirical"] = [
+            *({"method": "clopper_pearson", "target": f"black-box game ({e['score']} score)",
+               **e} for e in game["empirical"]),
+            {"method": "exposure_rank", "target": "random secrets through PMixED",
+             **expo["pmixed"]},
+        ]  # fmt: skip
         bounds = {f"game_{e['score']}": e["epsilon_lb"] for e in game["empirical"]}
-        mechanisms[ro]["alarms"] += alarms({**bounds, "game_pair": game["epsilon_pair"]},
-                                           mechanisms[ro]["claim"]["epsilon_ub"])  # fmt: skip
+        mechanisms[ro]["alarms"] += alarms(
+            {**bounds, "game_pair": game["epsilon_pair"], "exposure": expo["pmixed"]["epsilon_lb"]},
+            mechanisms[ro]["claim"]["epsilon_ub"],
+        )
+    drop_adapter(model, canary.adapter)
     n = min(plan.mia_blocks, len(train_blocks), len(held_blocks))
     reference = (block_logprobs(model, None, train_blocks[:n]),
                  block_logprobs(model, None, held_blocks[:n]))  # fmt: skip
@@ -210,6 +251,7 @@ def audit_models(
                 "passed": lb >= 1.0,
             }
         )
+    controls.append(synthetic_control(plan.exposure, delta=1e-5, seed=plan.seed))
     all_alarms = [dict(a, mechanism=k) for k, m in mechanisms.items() for a in m.get("alarms", [])]
     public = {"schema": AUDIT_SCHEMA, "statement": STATEMENT,
               "plan": {**asdict(plan), "member_choice": "largest mean KL from the public model"},

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 
+from audit.canaries import MemberRecipe
 from audit.runner import AUDIT_SCHEMA, AuditPlan, audit_models
 from pmixed.privacy import Calibration
 from reports.files import write_json
@@ -49,11 +50,13 @@ def run_audit_stage(
     progress: Callable[[str, int], Callable[[int], None]],
     dpsgd: Mapping,
     tokenizer,
+    partitions: Sequence[torch.Tensor],
+    recipe: MemberRecipe,
 ) -> dict:
     """The public audit result, computed or read back from ``out / "audit.json"``."""
     settings = {k: asdict(v) if is_dataclass(v) else v for k, v in dpsgd.items()}
     key = hashlib.sha256(
-        json.dumps([eval_key, asdict(plan), settings, AUDIT_SCHEMA]).encode()
+        json.dumps([eval_key, asdict(plan), settings, asdict(recipe), AUDIT_SCHEMA]).encode()
     ).hexdigest()
     path = out / "audit.json"
     if path.exists() and (out / "audit.restricted.json").exists():
@@ -62,7 +65,8 @@ def run_audit_stage(
             return cached
     public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
                                       metrics["privacy"], plan, progress, dpsgd=dpsgd,
-                                      tokenizer=tokenizer)  # fmt: skip
+                                      tokenizer=tokenizer, partitions=partitions,
+                                      recipe=recipe)  # fmt: skip
     public = {"hash": key, **public}
     write_restricted_json(out / "audit.restricted.json", restricted)
     write_json(path, public)

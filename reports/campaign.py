@@ -33,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
+from audit.canaries import MemberRecipe
 from audit.dpsgd import CanaryPlan, OneRunPlan
+from audit.exposure import ExposurePlan
 from audit.game import GamePlan
 from audit.runner import AuditPlan
 from pmixed import PMixEDConfig
@@ -168,6 +170,11 @@ def _corpus_digest(public, private) -> str:
     return h.hexdigest()
 
 
+def _member_spec(cfg: DemoConfig) -> TrainSpec:
+    """How every ensemble member is trained (the audit retrains one with the same recipe)."""
+    return TrainSpec(steps=cfg.member_steps, batch_size=cfg.member_batch, lr=cfg.member_lr)
+
+
 def _texts(records) -> list[str]:
     return [r.text for r in records]
 
@@ -224,7 +231,7 @@ def run_demo(
                               cfg.dpsgd_lr, cfg.dpsgd_clip, cfg.epsilon, cfg.delta])  # fmt: skip
     if not _cached(out / "ensemble", keys["ensemble"]):
         member_data = [blocks(_texts(p), tok, t) for p in parts]
-        spec = TrainSpec(steps=cfg.member_steps, batch_size=cfg.member_batch, lr=cfg.member_lr)
+        spec = _member_spec(cfg)
         bar = progress("ensemble members", cfg.n_members)
         done = lambda i, step, _loss: bar(i + 1) if step == spec.steps - 1 else None  # noqa: E731
         model = add_lora_members(public, member_data, cfg.lora, spec, cfg.seed, progress=done)
@@ -284,13 +291,16 @@ def run_demo(
                 ),
             ),
             game=GamePlan(queries=min(GamePlan().queries, cfg.query_budget)),
+            exposure=ExposurePlan(queries=min(ExposurePlan().queries, cfg.query_budget)),
         )
+        recipe = MemberRecipe(cfg.lora, _member_spec(cfg), cfg.seed)
+        partitions = [blocks(_texts(p), tok, t) for p in parts]
         dpsgd = dict(lora=cfg.lora, epsilon=cfg.epsilon, delta=cfg.delta,
                      batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr, max_grad_norm=cfg.dpsgd_clip,
                      vocab=len(tok))  # fmt: skip
         run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
                         blocks(_texts(held_recs), tok, t), cals, metrics, plan, progress,
-                        dpsgd, tok)  # fmt: skip
+                        dpsgd, tok, partitions, recipe)  # fmt: skip
     return metrics
 
 

@@ -257,12 +257,21 @@ def _print_audit(result: dict) -> None:
             print(f"PMixED game vs {name}: {g['trials_per_world']} trials/world x "
                   f"{g['queries_per_trial']} queries; eps_pair {g['epsilon_pair']:.4f}; "
                   f"eps_lb {lbs}")  # fmt: skip
+        if "exposure" in m:
+            x = m["exposure"]
+            p, c = x["pmixed"], x["non_private_release"]
+            print(f"exposure vs {name}: {p['trials']} trials, K={x['references']}; first "
+                  f"{p['first_places']}/{p['trials']}, eps_lb {p['epsilon_lb']:.3f}, "
+                  f"{p['mean_exposure_bits']:.2f} bits; non-private release first "
+                  f"{c['first_places']}/{c['trials']}, eps_lb {c['epsilon_lb']:.3f}, "
+                  f"{c['mean_exposure_bits']:.2f} bits")  # fmt: skip
         for e in m.get("empirical", []):
             if "one_run" in e:
                 r = e["one_run"]
                 print(f"canary one-run vs {name} ({e['target']}): eps_lb {r['epsilon_lb']:.3f} "
-                      f"(precision {r['precision']:.2f} of {r['r']} guesses, m={r['m']}); "
-                      f"AUC {e['risk']['auc']['value']:.3f}")  # fmt: skip
+                      f"by {r['attack']} (precision {r['precision']:.2f} of {r['r']} guesses, "
+                      f"m={r['m']}); AUC " + ", ".join(f"{a} {v['risk']['auc']['value']:.3f}"
+                                                     for a, v in e["attacks"].items()))  # fmt: skip
     ok = "all passed" if result["controls_passed"] else "FAILED"
     print("controls: " + ", ".join(f"{c['id']} {'ok' if c['passed'] else 'FAILED'}"
                                    for c in result["controls"]) + f" ({ok})")  # fmt: skip

@@ -150,13 +150,25 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
     assert game["trials_per_world"] == 50 and not game["per_query_alarm"]
     assert all(0 <= e["epsilon_lb"] <= 8.0 for e in game["empirical"])
     assert 0 <= game["epsilon_pair"] <= 8.0
+    m = result["mechanisms"]["pmixed_certified_replace_one"]
+    assert m["exact_pair"]["pair"].startswith("canary member vs the member retrained")
+    assert result["mechanisms"]["pmixed_certified_add_remove"]["exact_pair"]["pair"] == (
+        "canary member dropped"
+    )
+    expo = m["exposure"]
+    assert expo["pmixed"]["trials"] == 30 and expo["references"] == 99
+    assert 0 <= expo["pmixed"]["epsilon_lb"] <= 8.0 and "non_private_release" in expo
+    methods = [e["method"] for e in m["empirical"]]
+    assert methods == ["clopper_pearson", "clopper_pearson", "exposure_rank"]
     controls = {c["id"]: c for c in result["controls"]}
-    assert all(controls[c]["passed"] for c in ("C1", "C2", "C3"))
+    assert all(controls[c]["passed"] for c in ("C1", "C2", "C3", "C3-exposure"))
     assert result["statement"].startswith("audits give lower")
     # The canary audit ran; on this untrained toy model the positive control is not expected to
     # reach its threshold (the quick and full demos check it), but it is recorded either way.
     assert "C3-lm" in controls and result["controls_passed"] == controls["C3-lm"]["passed"]
     target = result["mechanisms"]["dpsgd"]["empirical"][0]
+    assert set(target["attacks"]) == {"reference", "lira"}
+    assert target["one_run"]["attack"] in target["attacks"]
     assert target["one_run"]["m"] == TINY.audit_canaries and target["claim"]["epsilon_ub"] <= 8.0
     assert target["one_run"]["epsilon_lb"] <= target["claim"]["epsilon_ub"]
     for name in ("public", "finetuned", "dpsgd"):
@@ -164,10 +176,12 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
         assert 0.0 <= auc["ci"][0] <= auc["value"] <= auc["ci"][1] <= 1.0
     # Raw per-example scores and the audited member's identity stay in the restricted annex.
     raw = restricted["dpsgd"]["loss"]["in"][:5] + restricted["finetuned"]["reference"]["out"][:5]
-    raw += restricted["canaries"]["audit-finetuned"][:5]
+    raw += restricted["canaries"]["audit-finetuned"]["lira"][:5]
     assert all(repr(v) not in public_text for v in raw)
     assert "summed_forward" not in public_text and '"member":' not in public_text
     assert "target_p0" not in public_text and restricted["game"]["target_p0"] > 0
+    assert restricted["game"]["copies"] >= 1 and len(restricted["exposure"]["secrets"]) == 30
+    assert '"secrets"' not in public_text and "canary_member_p_target" not in public_text
     # `pmixed audit --run` reads the cached result back unchanged.
     assert main(["audit", "--run", str(out)]) == 0
     assert "controls: C1 ok, C2 ok, C3 ok, C3-lm" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from audit.attacks import (
     ATTACKS,
@@ -54,6 +55,16 @@ def test_lira_offline_scores_items_the_target_fits_better_than_its_shadows():
     assert s[0] > s[1] > s[2]
     with pytest.raises(ValueError, match="out_stats"):
         lira_offline([1.0], np.zeros((1, 1)))
+
+
+def test_lira_fixed_variance_uses_one_pooled_scale():
+    outs = np.array([[0.0, 2.0], [0.0, 0.2]])  # within-item variances 2 and 0.02
+    s = lira_offline([2.0, 2.0], outs, fixed_variance=True)
+    sigma = np.sqrt((2.0 + 0.02) / 2)
+    expected = [stats.norm.logcdf((2.0 - 1.0) / sigma), stats.norm.logcdf((2.0 - 0.1) / sigma)]
+    assert np.allclose(s, expected)
+    per_item = lira_offline([2.0, 2.0], outs)
+    assert per_item[1] > s[1]  # the tight item is far more surprising on its own scale
 
 
 def test_pmixed_game_scores():

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from audit.bounds import one_run_epsilon
-from audit.canaries import child_rng, model_canaries, poisson_inclusion, random_canaries
-from audit.dpsgd import OneRunPlan, one_run_audit, one_run_guesses
+from audit.canaries import (
+    canary_block,
+    child_rng,
+    model_canaries,
+    poisson_inclusion,
+    random_canaries,
+)
+from audit.dpsgd import OneRunPlan, canary_result, one_run_audit, one_run_guesses
+from audit.exposure import ExposurePlan, secret_space, synthetic_control
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
 
@@ -55,3 +62,45 @@ def test_perfect_scores_reach_the_one_run_cap():
     assert res["epsilon_lb"] == pytest.approx(one_run_epsilon(1000, 100, 100, delta=1e-5).epsilon)
     noise = one_run_audit(rng.random(1000), s, OneRunPlan(), delta=1e-5)
     assert noise["epsilon_lb"] < 0.5
+
+
+def test_canary_block_repeats_the_format_to_the_exact_length():
+    b = canary_block([5, 6, 7], 8)
+    assert b.tolist() == [5, 6, 7, 5, 6, 7, 5, 6]
+    with pytest.raises(ValueError, match="pattern must be non-empty"):
+        canary_block([], 8)
+
+
+def test_two_scores_are_each_bounded_at_half_eta_and_the_larger_is_reported():
+    rng = np.random.default_rng(0)
+    inclusion = poisson_inclusion(400, child_rng(3, "canary/inclusion"))
+    strong = inclusion + 0.3 * rng.normal(size=400)
+    weak = rng.normal(size=400)
+    plan = OneRunPlan(m=400, k_pos=20, k_neg=20)
+    r = canary_result({"reference": weak, "lira": strong}, inclusion, plan, delta=1e-5, seed=0,
+                      bootstrap=50)  # fmt: skip
+    half = one_run_audit(strong, inclusion, OneRunPlan(400, 20, 20, eta=0.025), delta=1e-5)
+    full = one_run_audit(strong, inclusion, plan, delta=1e-5)
+    assert r["one_run"]["attack"] == "lira" and r["one_run"]["epsilon_lb"] == half["epsilon_lb"]
+    assert 0 < half["epsilon_lb"] < full["epsilon_lb"]  # Bonferroni costs something
+    assert r["attacks"]["reference"]["one_run"]["epsilon_lb"] <= r["one_run"]["epsilon_lb"]
+
+
+def test_exposure_secret_space_is_the_public_band():
+    lp0 = np.log(np.array([0.5, 0.3, 0.19, 0.005, 0.004, 0.001]))
+    assert secret_space(lp0, (1e-3, 1e-2)).tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        secret_space(lp0, (0.25, 0.4))
+
+
+def test_exposure_positive_control_sees_a_known_leak_and_a_null_release_gives_zero():
+    plan = ExposurePlan()
+    assert synthetic_control(plan, delta=1e-5, seed=0)["passed"]
+    # Null (the secret is never released): the secret is exchangeable with its references, so it
+    # ranks first with probability exactly 1/(K+1), and the bound (one-sided, eta = 0.05) is > 0
+    # with probability at most 0.05 per repetition (about 3.6% here, from the binomial's steps).
+    runs = [synthetic_control(plan, delta=1e-5, seed=s, leak=0.0) for s in range(100)]
+    first = sum(r["first_places"] for r in runs)
+    expected = 100 * plan.trials / (plan.references + 1)
+    assert abs(first - expected) < 3 * np.sqrt(expected)
+    assert sum(r["epsilon_lb"] == 0.0 for r in runs) >= 90
