@@ -6,6 +6,7 @@ ledger; ``audit`` and ``reports`` read what is here.
 
 from accounting.accountant import PMixEDAccountant, Spent, compose, sum_curves
 from accounting.budget import BudgetExhausted, PrivacyBudget, RenyiFilter
+from accounting.curves import burn_down, cost_trace, epsilon_by_order, privacy_profile
 from accounting.dpsgd import DpsgdAccounting, dpsgd_epsilon, dpsgd_event, from_opacus
 from accounting.events import (
     PMixEDQueryEvent,
@@ -41,13 +42,17 @@ __all__ = [
     "RenyiFilter",
     "Spent",
     "Verification",
+    "burn_down",
     "compose",
+    "cost_trace",
     "curve_at",
     "dpsgd_epsilon",
     "dpsgd_event",
+    "epsilon_by_order",
     "event_from_json",
     "event_to_json",
     "from_opacus",
+    "privacy_profile",
     "read_ledger",
     "restricted_path",
     "sum_curves",
