@@ -18,7 +18,7 @@ from scipy import optimize, stats
 
 from audit.bounds import _as_scores, _candidates, _counts, _rate_bounds
 
-__all__ = ["auc", "gdp_epsilon", "gdp_estimate", "risk_metrics", "roc", "tpr_at_fpr"]
+__all__ = ["auc", "gdp_epsilon", "gdp_estimate", "risk_metrics", "roc", "roc_summary", "tpr_at_fpr"]
 
 FPR_TARGETS = (0.001, 0.01)
 
@@ -89,7 +89,17 @@ def risk_metrics(in_scores: object, out_scores: object, *, seed: int,
         out[k] = {"value": v, "ci": [float(lo), float(hi)]}
     out["warnings"] = [f"n0*FPR = {s_out.size * f:g} < 10: TPR at FPR {f:g} is not meaningful"
                        for f in FPR_TARGETS if s_out.size * f < 10]  # fmt: skip
+    out["roc"] = roc_summary(s_in, s_out)
     return out
+
+
+def roc_summary(in_scores: object, out_scores: object, points: int = 33) -> dict:
+    """The ROC hull at ``points`` log-spaced FPRs from 1/n0 to 1: an aggregate fit to publish and
+    plot (never the per-example scores)."""
+    s_in, s_out = _as_scores(in_scores, "in_scores"), _as_scores(out_scores, "out_scores")
+    hx, hy = _hull(*roc(s_in, s_out))
+    fpr = np.geomspace(1.0 / s_out.size, 1.0, points)
+    return {"fpr": fpr.tolist(), "tpr": np.interp(fpr, hx, hy).tolist(), "kind": "convex hull"}
 
 
 def gdp_delta(epsilon: float, mu: float) -> float:

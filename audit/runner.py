@@ -47,7 +47,7 @@ from pmixed.privacy import Calibration
 
 __all__ = ["AUDIT_SCHEMA", "AuditPlan", "audit_models"]
 
-AUDIT_SCHEMA = 2
+AUDIT_SCHEMA = 3
 STATEMENT = "audits give lower bounds and cannot certify differential privacy"
 
 
