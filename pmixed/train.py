@@ -268,17 +268,26 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
     """
     from accounting import dpsgd_epsilon
 
-    lo, hi = 0.05, 1.0
-    while dpsgd_epsilon(hi, sample_rate, steps, delta) > epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"no noise multiplier reaches epsilon={epsilon} in {steps} steps.")
-    while hi - lo > 1e-4 * hi:
-        mid = (lo + hi) / 2
-        if dpsgd_epsilon(mid, sample_rate, steps, delta) > epsilon:
-            lo = mid
-        else:
-            hi = mid
+    # Trial noise levels far below the answer make dp-accounting log that some fractional orders
+    # did not converge (it then drops them: conservative). Those trials are discarded, so their
+    # log lines are too; the final epsilon is computed elsewhere, with its warnings.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        lo, hi = 0.05, 1.0
+        while dpsgd_epsilon(hi, sample_rate, steps, delta) > epsilon:
+            lo, hi = hi, hi * 2
+            if hi > 1e4:
+                raise ValueError(f"no noise multiplier reaches epsilon={epsilon} in {steps} steps.")
+        while hi - lo > 1e-4 * hi:
+            mid = (lo + hi) / 2
+            if dpsgd_epsilon(mid, sample_rate, steps, delta) > epsilon:
+                lo = mid
+            else:
+                hi = mid
+    finally:
+        absl.setLevel(level)
     return hi
 
 
