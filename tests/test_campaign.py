@@ -9,27 +9,17 @@ from dataclasses import replace
 import pytest
 
 import accounting
-from pmixed.train import ModelSpec
-from reports.campaign import QUICK, run_demo
+from reports.campaign import run_demo
 from reports.cli import main
+from tests.tiny_demo import TINY
+from tests.tiny_demo import quiet as _quiet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
-TINY = replace(
-    QUICK, model=ModelSpec(vocab_size=300, block_size=32, n_embd=32, n_layer=1, n_head=2),
-    public_steps=4, n_members=4, member_steps=2, finetune_steps=2, dpsgd_batch=64,
-    sampling_rate=0.2, query_budget=16, realized_runs=2, max_private_records=600,
-)  # fmt: skip
-
-
-def _quiet(name, total):
-    return lambda done: None
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    return out, run_demo(TINY, out, _quiet)
+def run(tiny_run):
+    return tiny_run
 
 
 def test_run_directory_holds_the_promised_files(run):

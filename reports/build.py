@@ -1,0 +1,299 @@
+"""The canonical report object of one run directory (REPORT.md §4), built from its result files.
+
+``reports/`` never computes privacy: ε values, curves and checks come from ``accounting/`` (ledger
+composition, burn-down, profiles, DP-SGD accounting), ``audit/`` (``audit.json``) and the run's
+``metrics.json``; this module lays them out in the ten groups of the schema. :func:`build_report`
+returns (public document, restricted annex); the annex holds the λ statistics and the audit's
+restricted values and is written only to a 0600 file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import accounting
+from reports.schema import SCHEMA_VERSION
+from reports.texts import GOVERNANCE, IMPLEMENTATION, statement
+
+__all__ = ["build_report", "ledgers_of"]
+
+DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read(run: Path, name: str) -> dict:
+    path = run / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `pmixed demo --out {run}` first.")
+    return json.loads(path.read_text())
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _pmixed(run: Path, name: str, ledger: str, cfg: dict, privacy: dict) -> dict:
+    """Groups 4-7 of one PMixED deployment, from its ledger and the evaluation's claim."""
+    path = run / ledger
+    check = accounting.verify(path, restricted=True)
+    spent = accounting.compose(path, cfg["delta"])
+    header = accounting.read_ledger(path).header
+    cal = header["calibration"]
+    budget = header["budget"]
+    order = spent.optimal_order
+    trace = accounting.cost_trace(path, order)
+    private = np.array([c for c, p in zip(trace["rdp"], trace["public"]) if not p])
+    limits = accounting.PrivacyBudget(budget["epsilon"], budget["delta"],
+                                      tuple(budget["monitored_orders"])).limits()  # fmt: skip
+    used = [spent.rdp[spent.orders.index(k)] for k in budget["monitored_orders"]]
+    logged = privacy[name]["epsilon"]
+    return {
+        "mechanism": {
+            "kind": "pmixed", "mode": cal["mode"], "relation": cal["relation"],
+            "certified": privacy[name]["certified"], "n_members": cal["n_members"],
+            "sampling_rate": cal["sampling_rate"], "beta": cal["beta"],
+            "beta_by_size": cal["beta_by_size"], "amplification": cal["amplification"],
+            "orders": [spent.orders[0], spent.orders[-1]], "query_budget": cal["query_budget"],
+            "temperature_top_k": "chosen from the public distribution only, before mixing",
+            "fallback": "empty subsample or exhausted budget: the public model answers (zero "
+                        "cost, recorded)",
+        },
+        "accounting": {
+            "epsilon": spent.epsilon, "delta": spent.delta, "optimal_order": order,
+            "order_edge": order in (spent.orders[0], spent.orders[-1]),
+            "accountant": spent.to_json()["accountant"] + " (PMixEDAccountant over the ledger)",
+            "conversion": "dp-accounting compute_epsilon (Canonne-Kamath-Steinke / Balle et al.)",
+            "status": spent.status,
+            "cross_checks": [
+                {"name": "ledger recomputed (fsum of curves)", "epsilon": spent.epsilon_cross_check},
+                {"name": "logged in metrics.json", "epsilon": logged},
+            ],
+            "rdp": {"orders": list(spent.orders), "rdp": [_finite(r) for r in spent.rdp]},
+            "by_order": [_finite(e) for e in accounting.epsilon_by_order(spent.orders, spent.rdp,
+                                                                         spent.delta)],
+            "profile": accounting.privacy_profile(spent.orders, spent.rdp, DELTAS),
+        },
+        "budget": {
+            "epsilon": budget["epsilon"], "delta": budget["delta"],
+            "monitored_orders": budget["monitored_orders"],
+            "limit_rdp": [float(x) for x in limits], "spent_rdp": used,
+            "spent_fraction": max(u / lim for u, lim in zip(used, limits)),
+            "queries_served": spent.steps, "public_steps": spent.public_steps,
+            "query_budget": cal["query_budget"],
+            "at_exhaustion": "the filter refuses the charge; the generator then answers from the "
+                             "public model only (or refuses, if so configured)",
+            "burn_down": accounting.burn_down(path, cfg["delta"]),
+        },
+        "ledger": {
+            "file": ledger, "verified": check.ok, "records": check.records,
+            "queries": check.queries, "head": check.head, "file_sha256": _sha256(path),
+            "cost_at_optimal_order": {"order": order, "min": float(private.min()),
+                                      "median": float(np.median(private)),
+                                      "max": float(private.max())} if private.size else None,
+            "recomputed_epsilon": spent.epsilon, "logged_epsilon": logged,
+            "recompute_command": f"pmixed verify-ledger {ledger} --expect-head {check.head} "
+                                 f"&& pmixed account {ledger} --delta {cfg['delta']:g}",
+            "cost_trace": {"order": order, "rdp": trace["rdp"], "public": trace["public"]},
+        },
+    }  # fmt: skip
+
+
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else "inf"
+
+
+def _dpsgd(run: Path, cfg: dict, privacy: dict) -> dict:
+    dp = _read(run, "dpsgd.json")
+    delta = cfg["delta"]
+    q, sigma, steps = dp["sample_rate"], dp["noise_multiplier"], dp["steps"]
+    grid = sorted({max(1, round(steps * f)) for f in np.linspace(0, 1, 24)})
+    with warnings.catch_warnings(record=True) as caught:  # an accountant's own warnings: W4
+        warnings.simplefilter("always")
+        rdp = accounting.from_opacus([tuple(h) for h in dp["history"]], delta)
+    emitted = sorted({str(w.message).splitlines()[0] for w in caught})
+    return {
+        "mechanism": {
+            "kind": "dpsgd", "noise_multiplier": sigma, "max_grad_norm": dp["max_grad_norm"],
+            "batch_size": cfg["dpsgd_batch"], "sample_rate": q, "steps": steps,
+            "epochs": cfg["dpsgd_epochs"], "sampling": "Poisson (Opacus DPDataLoader)",
+            "empty_batches": dp["empty_batches"], "microbatching": "none (per-sample gradients)",
+            "adaptive_clipping": False, "relation": "add_remove", "certified": True,
+        },
+        "accounting": {
+            "epsilon": privacy["dpsgd"]["epsilon"], "delta": delta,
+            "accountant": privacy["dpsgd"]["accountant"],
+            "conversion": "dp-accounting compute_epsilon",
+            "status": "certified",
+            "cross_checks": [
+                {"name": "dp-accounting PLD", "epsilon": rdp.pld},
+                {"name": "Opacus RDP accountant", "epsilon": dp["epsilon_opacus"]},
+            ],
+            "accountant_warnings": emitted,
+            "profile": [{"delta": d, "epsilon": accounting.dpsgd_epsilon(sigma, q, steps, d, "rdp")}
+                        for d in DELTAS],
+        },
+        "budget": {
+            "epsilon": cfg["epsilon"], "delta": delta, "steps": steps,
+            "at_exhaustion": "training stops after the planned steps; the noise was calibrated "
+                             "so that the final epsilon does not exceed the target",
+            "burn_down": [{"steps": k, "epsilon": accounting.dpsgd_epsilon(sigma, q, k, delta,
+                                                                           "rdp")}
+                          for k in grid],
+        },
+    }  # fmt: skip
+
+
+def _audit(run: Path) -> tuple[dict, str]:
+    path = run / "audit.json"
+    if not path.exists():
+        return {"attached": False}, ""
+    a = json.loads(path.read_text())
+    rows = {}
+    for name, m in a["mechanisms"].items():
+        pair = m.get("exact_pair")
+        lbs = [dict(e) for e in m.get("empirical", [])]
+        best = max(lbs, key=lambda e: _lb(e), default=None)
+        risk = m.get("risk", {}).get("reference") or m.get("risk", {}).get("loss")
+        if best is not None and "attacks" in best:
+            risk = best["risk"]
+        rows[name] = {
+            "relation": m["relation"], "unit": m["unit"], "delta": m["delta"],
+            "epsilon_ub": m["claim"]["epsilon_ub"], "certified": m["claim"]["certified"],
+            "epsilon_pair": pair["epsilon_pair"] if pair else None,
+            "exact_over_charged": pair["worst_ratio_exact_over_charged"] if pair else None,
+            "epsilon_lb": _lb(best) if best else None,
+            "epsilon_lb_method": _method(best) if best else None,
+            "auc": risk["auc"] if risk else None,
+            "tpr_at_fpr_0.001": risk["tpr_at_fpr_0.001"] if risk else None,
+            "tpr_at_fpr_0.01": risk["tpr_at_fpr_0.01"] if risk else None,
+            "roc": risk.get("roc") if risk else None,
+            "n": [risk["n0"], risk["n1"]] if risk else None,
+            "conformance_passed": m.get("conformance_passed"),
+            "alarms": m.get("alarms", []),
+        }  # fmt: skip
+    out = {
+        "attached": True, "file": "audit.json", "sha256": _sha256(path),
+        "statement": a["statement"], "rows": rows, "controls": a["controls"],
+        "controls_passed": a["controls_passed"], "alarms": a["alarms"],
+        "plan": {k: a["plan"][k] for k in ("n_contexts", "conformance_samples", "eta", "seed")},
+        "game": a["mechanisms"].get("pmixed_certified_replace_one", {}).get("game"),
+        "exposure": a["mechanisms"].get("pmixed_certified_replace_one", {}).get("exposure"),
+    }  # fmt: skip
+    return out, str(run / "audit.restricted.json")
+
+
+def _lb(e: dict) -> float:
+    return e["one_run"]["epsilon_lb"] if "one_run" in e else e["epsilon_lb"]
+
+
+def _method(e: dict) -> str:
+    if "one_run" in e:
+        r = e["one_run"]
+        return (f"one-run (Steinke et al. 2023), {r['attack']}, m={r['m']}, r={r['r']}, "
+                f"confidence {r['confidence']:g}")  # fmt: skip
+    n = e.get("n0", e.get("n", ""))
+    return f"{e['method']}, {e.get('strategy', '')} {e.get('target', '')}, n={n}, " \
+           f"confidence {e['confidence']:g}"  # fmt: skip
+
+
+def ledgers_of(privacy: dict) -> dict[str, str]:
+    """The PMixED deployments of a run (name -> ledger file), as ``metrics.json`` lists them."""
+    return {name: p["ledger"] for name, p in privacy.items() if "ledger" in p}
+
+
+def _lambda_stats(run: Path, ledgers: dict[str, str]) -> dict:
+    """Restricted: λ statistics per deployment from the 0600 ledger siblings."""
+    out = {}
+    for name, ledger in ledgers.items():
+        path = accounting.restricted_path(run / ledger)
+        lams, sizes = [], []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "data":
+                lams += rec["data"].get("lambdas", [])
+                sizes.append(len(rec["data"].get("subset", [])))
+        if lams:
+            q = np.percentile(lams, [0, 5, 50, 95, 100]).tolist()
+            out[name] = {"lambda_min_p5_median_p95_max": q, "lambda_mean": float(np.mean(lams)),
+                         "subset_size_mean": float(np.mean(sizes)), "queries": len(sizes)}  # fmt: skip
+    return out
+
+
+def build_report(run: str | Path) -> tuple[dict, dict]:
+    """(public report document, restricted annex) of the run directory ``run``."""
+    run = Path(run)
+    config = _read(run, "config.json")
+    metrics = _read(run, "metrics.json")
+    cfg, privacy = config["demo"], metrics["privacy"]
+    ledgers = ledgers_of(privacy)
+    mechanisms = {
+        name: _pmixed(run, name, ledger, cfg, privacy) for name, ledger in ledgers.items()
+    }
+    mechanisms["dpsgd"] = _dpsgd(run, cfg, privacy)
+    audit, _ = _audit(run)
+    users = config["users"]
+    n_records = round(cfg["dpsgd_batch"] / mechanisms["dpsgd"]["mechanism"]["sample_rate"])
+    units = {name: (users["train"], "users") if privacy[name]["relation"] == "replace_one"
+             else (cfg["n_members"], "partitions") for name in ledgers}  # fmt: skip
+    units["dpsgd"] = (n_records, "training blocks")
+    data = {
+        "corpus": config["corpus"], "users": users, "n_members": cfg["n_members"],
+        "heldout_fraction": cfg["heldout_fraction"],
+        "partition_key": "SHA-256 of (salt, domain, user id) mod N, before any chunking: all "
+                         "records of one user sit in one partition",
+        "units": {name: {"unit": privacy[name]["unit"], "relation": privacy[name]["relation"],
+                         "n": n, "n_kind": kind, "delta": privacy[name]["delta"],
+                         "delta_below_1_over_n": privacy[name]["delta"] < 1.0 / n}
+                  for name, (n, kind) in units.items()},
+    }  # fmt: skip
+    inputs = {p.name: _sha256(p) for p in sorted(run.glob("*.json")) if "restricted" not in p.name
+              and p.name not in ("report.json",)}  # fmt: skip
+    inputs.update({ledger: _sha256(run / ledger) for ledger in ledgers.values()})
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "report_id": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16],
+        "identity": {
+            "corpus": config["corpus"], "stage_hashes": config["stage_hashes"],
+            "versions": config["versions"], "code_git_sha": _git_sha(), "inputs": inputs,
+            "public_model": "GPT-2 (from a config) trained on the public plays only",
+            "owner": None, "dpia_reference": None,
+        },
+        "data": data,
+        "statements": {name: statement(name, mechanisms[name], data["units"][name], audit)
+                       for name in mechanisms},
+        "mechanisms": {name: m["mechanism"] for name, m in mechanisms.items()},
+        "accounting": {name: m["accounting"] for name, m in mechanisms.items()},
+        "budget": {name: m["budget"] for name, m in mechanisms.items()},
+        "ledgers": {name: m["ledger"] for name, m in mechanisms.items() if "ledger" in m},
+        "composition": "the DP-SGD model and the PMixED ensembles are trained on the same "
+                       "records: releasing both composes their guarantees (epsilons add)",
+        "audit": audit,
+        "utility": {"perplexity": metrics["perplexity"], "note": metrics["note"],
+                    "epsilon": {n: p["epsilon"] for n, p in privacy.items()}},
+        "implementation": IMPLEMENTATION,
+        "governance": GOVERNANCE,
+    }  # fmt: skip
+    annex = {"lambda_statistics": _lambda_stats(run, ledgers)}
+    restricted_audit = run / "audit.restricted.json"
+    if restricted_audit.exists():
+        r = json.loads(restricted_audit.read_text())
+        annex["audit"] = {"member": r.get("member"),
+                          "game": {k: r["game"][k] for k in ("target", "target_p0",
+                                                              "canary_member_p_target", "copies")
+                                   if k in r.get("game", {})}}  # fmt: skip
+    return doc, annex
