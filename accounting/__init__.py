@@ -7,7 +7,13 @@ ledger; ``audit`` and ``reports`` read what is here.
 from accounting.accountant import PMixEDAccountant, Spent, compose, sum_curves
 from accounting.budget import BudgetExhausted, PrivacyBudget, RenyiFilter
 from accounting.curves import burn_down, cost_trace, epsilon_by_order, privacy_profile
-from accounting.dpsgd import DpsgdAccounting, dpsgd_epsilon, dpsgd_event, from_opacus
+from accounting.dpsgd import (
+    DpsgdAccounting,
+    dpsgd_epsilon,
+    dpsgd_event,
+    dpsgd_profile,
+    from_opacus,
+)
 from accounting.events import (
     PMixEDQueryEvent,
     PublicStepEvent,
@@ -48,6 +54,7 @@ __all__ = [
     "curve_at",
     "dpsgd_epsilon",
     "dpsgd_event",
+    "dpsgd_profile",
     "epsilon_by_order",
     "event_from_json",
     "event_to_json",

@@ -76,6 +76,22 @@ def dpsgd_epsilon(
     return _epsilon(dpsgd_event(noise_multiplier, sample_rate, steps), delta, accountant)
 
 
+def dpsgd_profile(noise_multiplier: float, sample_rate: float, steps: int,
+                  deltas: Sequence[float]) -> dict[str, list[float]]:  # fmt: skip
+    """ε(δ) for each δ in ``deltas`` by both accountants, each composed once:
+    ``{"rdp": [...], "pld": [...]}``."""
+    event = dpsgd_event(noise_multiplier, sample_rate, steps)
+    rdp = rdp_privacy_accountant.RdpAccountant().compose(event)
+    pld = pld_privacy_accountant.PLDAccountant(
+        value_discretization_interval=PLD_DISCRETIZATION
+    ).compose(event)
+    for d in deltas:
+        if not _is_real(d) or not 0 < d < 1:
+            raise ValueError(f"deltas must be in (0, 1). Found {d!r}.")
+    return {"rdp": [float(rdp.get_epsilon(d)) for d in deltas],
+            "pld": [float(pld.get_epsilon(d)) for d in deltas]}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class DpsgdAccounting:
     """One DP-SGD run's ε by three accountants, side by side (all at ``delta``).

@@ -91,3 +91,16 @@ def test_from_opacus_reads_a_real_privacy_engine():
     assert rep.opacus == pytest.approx(engine.accountant.get_epsilon(delta=1e-5), rel=1e-12)
     assert rep.rdp_integer_orders == pytest.approx(rep.opacus_integer_orders, abs=1e-6)
     assert rep.opacus_accountant == "rdp"
+
+
+def test_profile_composes_once_and_matches_the_single_delta_calls():
+    from accounting import dpsgd_profile
+
+    prof = dpsgd_profile(1.0, 0.01, 1000, [1e-3, 1e-5])
+    for i, d in enumerate((1e-3, 1e-5)):
+        assert prof["rdp"][i] == pytest.approx(dpsgd_epsilon(1.0, 0.01, 1000, d, "rdp"), rel=1e-12)
+        assert prof["pld"][i] == pytest.approx(dpsgd_epsilon(1.0, 0.01, 1000, d, "pld"), rel=1e-9)
+        assert prof["pld"][i] < prof["rdp"][i]
+    assert prof["rdp"][0] < prof["rdp"][1]
+    with pytest.raises(ValueError, match="deltas must be in"):
+        dpsgd_profile(1.0, 0.01, 10, [0.0])
