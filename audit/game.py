@@ -32,6 +32,7 @@ from audit.attacks import pmixed_count, pmixed_llr
 from audit.bounds import BonferroniAll, empirical_epsilon
 from audit.canaries import MemberRecipe, canary_block, child_rng, retrain_with_canaries
 from audit.exact import exact_pair_audit, pair_epsilon
+from audit.risk import risk_metrics
 from pmixed.generator import PrivateGenerator
 from pmixed.ledgering import create_ledger, query_event
 from pmixed.mechanism import exact_released_log_law
@@ -169,12 +170,13 @@ def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan
     empirical = [{"score": name, **empirical_epsilon(a, b, delta=cal.delta, eta=plan.eta,
                                                      strategy=BonferroniAll()).to_json()}
                  for name, (a, b) in scores.items()]  # fmt: skip
+    risk = {name: risk_metrics(a, b, seed=seed, resamples=1000) for name, (a, b) in scores.items()}
     public = {"relation": "replace_one (member j retrained with a canary user's blocks)",
               "prompt": CANARY_PROMPT, "queries_per_trial": plan.queries,
               "trials_per_world": plan.trials, "canary_copies_per_partition_block":
               plan.copies_per_block,
               "epsilon_pair": eps_pair, "per_query_worst_ratio": pair.worst_ratio,
-              "per_query_alarm": pair.alarm, "empirical": empirical,
+              "per_query_alarm": pair.alarm, "empirical": empirical, "risk": risk,
               "mean_count": {w: float(s.mean()) for w, s in zip(("D", "D'"), scores["count"])}}  # fmt: skip
     # y*, p0(y*) and the canary member's p(y*|x) read the members: restricted.
     restricted = {

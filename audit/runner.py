@@ -47,7 +47,7 @@ from pmixed.privacy import Calibration
 
 __all__ = ["AUDIT_SCHEMA", "AuditPlan", "audit_models"]
 
-AUDIT_SCHEMA = 3
+AUDIT_SCHEMA = 4
 STATEMENT = "audits give lower bounds and cannot certify differential privacy"
 
 
@@ -168,6 +168,10 @@ def audit_models(
     """
     if len(partitions) != len(members):
         raise ValueError(f"partitions must hold one tensor per member ({len(members)}).")
+    budget = min(c.config.query_budget for c in calibrations.values())
+    if plan.n_contexts + 1 > budget:  # the pairs compose the canary context and n_contexts
+        raise ValueError(f"n_contexts must be <= query_budget - 1 = {budget - 1}. "
+                         f"Found {plan.n_contexts}.")  # fmt: skip
     bar = progress("audit: signals", 1)
     lp0, lps = pmixed_contexts(model, members, held_blocks, plan.n_contexts)
     bar(1)

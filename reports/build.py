@@ -122,6 +122,8 @@ def _dpsgd(run: Path, cfg: dict, privacy: dict) -> dict:
     delta = cfg["delta"]
     q, sigma, steps = dp["sample_rate"], dp["noise_multiplier"], dp["steps"]
     grid = sorted({max(1, round(steps * f)) for f in np.linspace(0, 1, 24)})
+    pld_grid = set(grid[:: max(1, len(grid) // 6)] + [grid[-1]])  # PLD is ~1 s a point
+    profile = accounting.dpsgd_profile(sigma, q, steps, DELTAS)
     with warnings.catch_warnings(record=True) as caught:  # an accountant's own warnings: W4
         warnings.simplefilter("always")
         rdp = accounting.from_opacus([tuple(h) for h in dp["history"]], delta)
@@ -144,15 +146,17 @@ def _dpsgd(run: Path, cfg: dict, privacy: dict) -> dict:
                 {"name": "Opacus RDP accountant", "epsilon": dp["epsilon_opacus"]},
             ],
             "accountant_warnings": emitted,
-            "profile": [{"delta": d, "epsilon": accounting.dpsgd_epsilon(sigma, q, steps, d, "rdp")}
-                        for d in DELTAS],
+            "profile": [{"delta": d, "epsilon": e, "epsilon_pld": p}
+                        for d, e, p in zip(DELTAS, profile["rdp"], profile["pld"])],
         },
         "budget": {
             "epsilon": cfg["epsilon"], "delta": delta, "steps": steps,
             "at_exhaustion": "training stops after the planned steps; the noise was calibrated "
                              "so that the final epsilon does not exceed the target",
-            "burn_down": [{"steps": k, "epsilon": accounting.dpsgd_epsilon(sigma, q, k, delta,
-                                                                           "rdp")}
+            "burn_down": [{"steps": k,
+                           "epsilon": accounting.dpsgd_epsilon(sigma, q, k, delta, "rdp"),
+                           "epsilon_pld": accounting.dpsgd_epsilon(sigma, q, k, delta, "pld")
+                           if k in pld_grid else None}
                           for k in grid],
         },
     }  # fmt: skip
@@ -169,6 +173,8 @@ def _audit(run: Path) -> tuple[dict, str]:
         lbs = [dict(e) for e in m.get("empirical", [])]
         best = max(lbs, key=lambda e: _lb(e), default=None)
         risk = m.get("risk", {}).get("reference") or m.get("risk", {}).get("loss")
+        if "game" in m:  # PMixED: the game's exact log-likelihood-ratio score, D vs D' trials
+            risk = m["game"].get("risk", {}).get("llr")
         if best is not None and "attacks" in best:
             risk = best["risk"]
         rows[name] = {

@@ -282,7 +282,7 @@ def run_demo(
     if audit:
         cals = {name: pcfg.calibrate() for name, (_, pcfg) in pmixed_runs(cfg).items()}
         plan = AuditPlan(
-            n_contexts=min(cfg.audit_contexts, cfg.query_budget),
+            n_contexts=min(cfg.audit_contexts, cfg.query_budget - 1),  # + the canary context
             seed=cfg.seed,
             canaries=CanaryPlan(
                 control_steps=cfg.audit_control_steps,

@@ -53,7 +53,10 @@ def _burn_down(doc: dict):
             )
             eps_budget = budget["epsilon"]
         else:
-            b.plot([r["steps"] for r in rows], [r["epsilon"] for r in rows], label=_NAMES[name])
+            b.plot([r["steps"] for r in rows], [r["epsilon"] for r in rows], label="RDP")
+            pld = [r for r in rows if r.get("epsilon_pld") is not None]
+            b.plot([r["steps"] for r in pld], [r["epsilon_pld"] for r in pld], "s--", ms=3,
+                   label="PLD")  # fmt: skip
             b.axhline(budget["epsilon"], color="k", lw=0.8, ls=":", label="target")
     a.axhline(eps_budget, color="k", lw=0.8, ls=":", label="budget")
     a.set(xlabel="tokens released", ylabel="epsilon", title="PMixED: epsilon burn-down")
@@ -99,7 +102,11 @@ def _profile(doc: dict):
     fig, ax = plt.subplots(figsize=(5, 3))
     for name, acc in doc["accounting"].items():
         ax.plot([p["delta"] for p in acc["profile"]], [p["epsilon"] for p in acc["profile"]],
-                "o-", ms=3, label=_NAMES[name])  # fmt: skip
+                "o-", ms=3, label=f"{_NAMES[name]}, RDP")  # fmt: skip
+        if "epsilon_pld" in acc["profile"][0]:
+            ax.plot([p["delta"] for p in acc["profile"]],
+                    [p["epsilon_pld"] for p in acc["profile"]], "s--", ms=3,
+                    label=f"{_NAMES[name]}, PLD")  # fmt: skip
     ax.set(xscale="log", xlabel="delta", ylabel="epsilon", title="Privacy profile epsilon(delta)")
     ax.legend(fontsize=7)
     return fig
@@ -150,16 +157,19 @@ def _utility(doc: dict):
 
 _FIGURES = {
     "burn_down": (_burn_down, "Epsilon at the report's delta against tokens released (PMixED, "
-                  "from each ledger's prefix) and training steps (DP-SGD); dotted: budget/target."),
+                  "each ledger's prefix composed by dp-accounting RDP) and training steps (DP-SGD, "
+                  "dp-accounting RDP and PLD); dotted: budget/target."),
     "cost_trace": (_cost_trace, "RDP charged by each query at its ledger's optimal order; every "
                    "charge is data-independent (fixed before the query)."),
     "rdp_curve": (_rdp, "Total RDP over the order grid and the epsilon each order alone gives "
                   "(dp-accounting conversion); the dot marks the optimal order."),
     "privacy_profile": (_profile, "Epsilon as a function of delta for each mechanism "
-                        "(RDP conversion)."),
-    "roc": (_roc, "ROC of the strongest attack per model on log-log axes: PMixED rows have "
-            "none (their evidence is the exact pair); DP-SGD and the fine-tune: the canary audit "
-            "(members vs non-members: Poisson-included canaries); red: the DP trade-off bound."),
+                        "(RDP conversion; DP-SGD also by PLD)."),
+    "roc": (_roc, "ROC hull of the strongest attack per model on log-log axes. PMixED "
+            "replace_one: the black-box game's exact log-likelihood-ratio score over fresh "
+            "deployments with and without the canary member (the other PMixED rows rest on the "
+            "exact pair); DP-SGD and the fine-tune: the canary audit (Poisson-included canaries); "
+            "public: training vs held-out blocks; red: the DP trade-off bound at DP-SGD's claim."),
     "utility": (_utility, "Held-out perplexity (exact mixture for PMixED) against epsilon; "
                 "utility is measured outside the guarantee."),
 }  # fmt: skip

@@ -138,6 +138,7 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
     game = result["mechanisms"]["pmixed_certified_replace_one"]["game"]
     assert [e["score"] for e in game["empirical"]] == ["count", "llr"]
     assert game["trials_per_world"] == 50 and not game["per_query_alarm"]
+    assert 0.0 <= game["risk"]["llr"]["auc"]["value"] <= 1.0 and game["risk"]["llr"]["n0"] == 50
     assert all(0 <= e["epsilon_lb"] <= 8.0 for e in game["empirical"])
     assert 0 <= game["epsilon_pair"] <= 8.0
     m = result["mechanisms"]["pmixed_certified_replace_one"]
