@@ -286,7 +286,7 @@ def build_report(run: str | Path) -> tuple[dict, dict]:
         "accounting": {name: m["accounting"] for name, m in mechanisms.items()},
         "budget": {name: m["budget"] for name, m in mechanisms.items()},
         "ledgers": {name: m["ledger"] for name, m in mechanisms.items() if "ledger" in m},
-        "composition": "the DP-SGD model and the PMixED ensembles are trained on the same "
+        "composition": "The DP-SGD model and the PMixED ensembles are trained on the same "
                        "records: releasing both composes their guarantees (epsilons add)",
         "audit": audit,
         "utility": {"perplexity": metrics["perplexity"], "note": metrics["note"],

@@ -76,7 +76,9 @@ def _cost_trace(doc: dict):
         if pub:
             ax.plot(pub, [0.0] * len(pub), "k|", label="public fallback (zero cost)")
     ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set_ylim(bottom=0)
+    top = max((max(ledger["cost_trace"]["rdp"], default=0.0) for ledger in doc["ledgers"].values()),
+              default=0.0)  # fmt: skip
+    ax.set_ylim(0, 1.2 * top if top > 0 else 1.0)  # equal costs would sit on the frame
     ax.set(xlabel="query", ylabel="RDP charged", title="Per-query cost at the optimal order")
     ax.legend(fontsize=7)
     return fig

@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator
 
 import accounting
 from reports.render import fmt
-from reports.report import write_report
+from reports.report import leaks, restricted_numbers, write_report
 from reports.schema import SCHEMA_PATH, json_schema, validate
 from reports.verdict import compute_verdict
 
@@ -83,6 +83,13 @@ def test_public_files_hold_no_restricted_value(report):
     annex = (out / "report.restricted.md").read_text()
     assert "RESTRICTED" in annex and f"{stats[1]:.6g}" in annex
     assert b"target_p0" not in public and b'"member":' not in public
+
+
+def test_the_write_check_finds_annex_numbers_outside_figures():
+    secrets = {s for s in restricted_numbers({"a": [0.2608601234, {"b": 0.5}]}) if len(s) >= 6}
+    assert secrets == {"0.2608601234", "0.26086"}
+    assert leaks("<p>lambda 0.26086</p>", secrets) == ["0.26086"]
+    assert leaks('<svg><path d="M 0.26086 1"/></svg><p>ok</p>', secrets) == []
 
 
 def test_regeneration_is_byte_identical(report, monkeypatch):
