@@ -51,8 +51,9 @@ def _pmixed(run: Path, name: str, ledger: str, cfg: dict, privacy: dict) -> dict
     """Groups 4-7 of one PMixED deployment, from its ledger and the evaluation's claim."""
     path = run / ledger
     check = accounting.verify(path, restricted=True)
-    spent = accounting.compose(path, cfg["delta"])
-    header = accounting.read_ledger(path).header
+    contents = accounting.read_ledger(path)  # read once: composed and its header used below
+    spent = accounting.compose(contents, cfg["delta"])
+    header = contents.header
     cal = header["calibration"]
     budget = header["budget"]
     order = spent.optimal_order
@@ -108,7 +109,7 @@ def _pmixed(run: Path, name: str, ledger: str, cfg: dict, privacy: dict) -> dict
             "recomputed_epsilon": spent.epsilon, "logged_epsilon": logged,
             "recompute_command": f"pmixed verify-ledger {ledger} --expect-head {check.head} "
                                  f"&& pmixed account {ledger} --delta {cfg['delta']:g}",
-            "cost_trace": {"order": order, "rdp": trace["rdp"], "public": trace["public"]},
+            "cost_trace": trace,
         },
     }  # fmt: skip
 
