@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from accounting.events import EVENT_TYPES, PMixEDQueryEvent, RdpCurveEvent, event_from_json
+from accounting.signing import signature_ok
 
 SCHEMA = "pmixed-ledger/1"
 GENESIS = "sha256:" + "0" * 64
@@ -35,9 +36,11 @@ CALIBRATION_KEYS = frozenset({
     "n_members", "sampling_rate", "epsilon", "delta", "query_budget", "mode", "relation",
     "orders", "lambda_max", "amplification", "accept_unproven_amplification", "constraint_grid",
     "reference_alpha", "reference_sampler", "beta", "beta_by_size", "per_query_rdp",
-    "planned_epsilon", "planned_order", "status",
+    "planned_epsilon", "planned_order", "status", "sampler", "sampler_tv_per_query",
 })  # fmt: skip
 BUDGET_KEYS = frozenset({"epsilon", "delta", "monitored_orders"})
+#: A signed ledger's header names its Ed25519 public key (``accounting.signing``).
+SIGNING_KEYS = frozenset({"algorithm", "public_key"})
 HEADER_KEYS = frozenset({
     "kind", "seq", "schema", "run_id", "created", "mode", "relation", "status", "orders",
     "calibration", "budget", "versions", "seeded", "prev",
@@ -47,7 +50,8 @@ QUERY_KEYS = frozenset({"kind", "seq", "event_seq", "status", "prev"})
 
 #: Every key that may appear anywhere in the public ledger file. Restricted data has no key here.
 PUBLIC_KEYS = frozenset(
-    HEADER_KEYS | EVENT_KEYS | QUERY_KEYS | CALIBRATION_KEYS | BUDGET_KEYS | {"hash", "type"}
+    HEADER_KEYS | EVENT_KEYS | QUERY_KEYS | CALIBRATION_KEYS | BUDGET_KEYS | SIGNING_KEYS
+    | {"hash", "type", "signing", "sig"}
     | {a.name for cls, _ in EVENT_TYPES.values() for a in cls.__attrs_attrs__}
 )  # fmt: skip
 
@@ -81,10 +85,20 @@ def jsonable(x: object) -> object:
     raise TypeError(f"records hold JSON values only. Found {type(x).__name__}.")
 
 
-def seal(record: Mapping) -> tuple[bytes, str]:
-    """(line without newline, its hash): canonical JSON plus the ``hash`` field."""
-    body = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+def canonical(record: Mapping) -> bytes:
+    """The canonical bytes of a record: sorted keys, no spaces, ASCII, no NaN."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")  # fmt: skip
+
+
+def seal(record: Mapping, signer=None) -> tuple[bytes, str]:
+    """(line without newline, its hash): canonical JSON plus the ``hash`` field.
+
+    With an Ed25519 ``signer`` (a signed ledger), ``sig`` = the signature over the canonical bytes
+    of ``record`` is added first, so the hash covers it too."""
+    if signer is not None:
+        record = {**record, "sig": signer.sign(canonical(record)).hex()}
+    body = canonical(record)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}', digest
 
@@ -116,7 +130,7 @@ def _need(cond: bool, why: str) -> None:
         raise Fault(f"schema violation: {why}")
 
 
-def check_keys(record: Mapping, allowed: frozenset, what: str) -> None:
+def check_keys(record: Mapping, allowed: frozenset | set, what: str) -> None:
     keys = set(record)
     _need(keys == allowed, f"{what} keys {sorted(keys ^ allowed)} are unexpected or missing")
 
@@ -127,7 +141,13 @@ def _is_number(x: object) -> bool:
 
 def check_header(rec: Mapping) -> None:
     """Schema of the header record (line 1)."""
-    check_keys(rec, HEADER_KEYS, "header")
+    signing = rec.get("signing")
+    check_keys(rec, HEADER_KEYS | ({"signing"} if "signing" in rec else set()), "header")
+    if "signing" in rec:
+        _need(isinstance(signing, dict) and set(signing) == SIGNING_KEYS
+              and signing["algorithm"] == "ed25519" and isinstance(signing["public_key"], str)
+              and re.fullmatch("[0-9a-f]{64}", signing["public_key"]) is not None,
+              "signing must be {algorithm: ed25519, public_key: 64 hex digits}")  # fmt: skip
     _need(rec["kind"] == "header" and rec["seq"] == 0, "line 1 must be the header with seq 0")
     _need(rec["schema"] == SCHEMA, f"schema must be {SCHEMA!r}, found {rec['schema']!r}")
     _need(isinstance(rec["run_id"], str) and 0 < len(rec["run_id"]) <= 100, "run_id")
@@ -176,3 +196,18 @@ def check_event(rec: Mapping, header: Mapping):
     if isinstance(event, (PMixEDQueryEvent, RdpCurveEvent)):
         _need(event.relation == header["relation"], "event relation differs from the header's")
     return event
+
+
+def check_signature(rec: dict, header: Mapping | None) -> dict:
+    """``rec`` without ``sig``, after checking it: every record of a signed ledger (the header
+    included, under its own key) carries a valid signature; an unsigned ledger has none."""
+    signing = (rec if header is None else header).get("signing")
+    if not isinstance(signing, dict) or not isinstance(signing.get("public_key"), str):
+        if "sig" in rec:
+            raise Fault("schema violation: a signature on a record of an unsigned ledger")
+        return rec
+    body = {k: v for k, v in rec.items() if k != "sig"}
+    if not signature_ok(signing["public_key"], canonical(body), rec.get("sig")):
+        raise Fault("bad signature: the record was not written by the holder of the ledger's "
+                    "signing key (a forged or altered append)")  # fmt: skip
+    return body

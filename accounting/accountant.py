@@ -24,7 +24,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from accounting.events import PMixEDQueryEvent, RdpCurveEvent, curve_at
 
-__all__ = ["PMixEDAccountant", "Spent", "compose", "sum_curves"]
+__all__ = ["PMixEDAccountant", "Spent", "compose", "overruns", "rdp_limits", "sum_curves"]
 
 _RELATIONS = {
     "add_remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -97,6 +97,11 @@ class Spent:
         epsilon_cross_check: ε from ``compute_epsilon`` on the curves summed with ``math.fsum``.
         budget: the budget fixed in the ledger header (``epsilon``, ``delta``,
             ``monitored_orders``), or None.
+        overrun: one line per violated budget invariant (:func:`overruns`); empty when the
+            ledger stays within its header's budget (or has none).
+        delta_sampler: the δ the token sampler adds: n·(1 + e^ε)·τ for n charged queries whose
+            released law is within total variation τ of the analysed one (the header's
+            ``sampler_tv_per_query``; 0 when it records none). The claim is (ε, δ + this).
     """
 
     epsilon: float
@@ -110,6 +115,8 @@ class Spent:
     relation: str
     epsilon_cross_check: float
     budget: dict | None = None
+    overrun: tuple[str, ...] = ()
+    delta_sampler: float = 0.0
 
     @property
     def certified(self) -> bool:
@@ -129,6 +136,8 @@ class Spent:
             "relation": self.relation,
             "epsilon_cross_check": self.epsilon_cross_check,
             "budget": self.budget,
+            "overrun": list(self.overrun),
+            "delta_sampler": self.delta_sampler,
             "accountant": f"dp-accounting {_dp_accounting_version()} RdpAccountant",
         }
 
@@ -143,6 +152,44 @@ def sum_curves(
         return np.zeros(orders.shape)
     stack = np.stack(terms)
     return np.array([math.fsum(col) if np.isfinite(col).all() else math.inf for col in stack.T])
+
+
+def rdp_limits(epsilon: float, delta: float, orders: Iterable[float]) -> np.ndarray:
+    """B(k) = ε − log((k−1)/k) + log(δ·k)/(k−1): the RDP at order k that converts to (ε, δ)
+    (the inverse of dp-accounting's conversion, Canonne–Kamath–Steinke 2020, Prop. 12)."""
+    k = np.asarray(list(orders), np.float64)
+    return epsilon - np.log1p(-1.0 / k) + np.log(delta * k) / (k - 1.0)
+
+
+#: Relative slack on the composed-epsilon check of :func:`overruns` (float rounding of the
+#: conversion only: the filter's own test at the monitored orders is exact).
+OVERRUN_RTOL = 1e-12
+
+
+def overruns(contents: object) -> list[str]:
+    """Every way a verified ledger exceeds the budget fixed in its header (empty: none).
+
+    Two invariants, each enough for a failure: (1) at every monitored order k the RDP spent
+    (``math.fsum`` over the charged curves, the filter's own arithmetic) is ≤ B(k); (2) the
+    composed ε at the budget's δ, minimised over the header's orders, is ≤ the budget's ε. A
+    ledger written through the Rényi filter satisfies both; a correctly re-hashed forged append
+    (or a filter bug) does not.
+    """
+    budget = contents.header["budget"]
+    if budget is None:
+        return []
+    counted = contents.counted_events()
+    mon = [float(k) for k in budget["monitored_orders"]]
+    spent = sum_curves(counted, mon)
+    limits = rdp_limits(budget["epsilon"], budget["delta"], mon)
+    out = [f"RDP at monitored order {k:g} spent {s:.6g} > budget {b:.6g}"
+           for k, s, b in zip(mon, spent, limits) if s > b]  # fmt: skip
+    grid = [float(k) for k in contents.header["orders"]]
+    eps, _ = rdp_lib.compute_epsilon(grid, sum_curves(counted, grid), budget["delta"])
+    if eps > budget["epsilon"] * (1 + OVERRUN_RTOL):
+        out.append(f"composed epsilon {eps:.6g} > budget epsilon {budget['epsilon']:g} "
+                   f"at delta {budget['delta']:g}")  # fmt: skip
+    return out
 
 
 def compose(
@@ -203,7 +250,20 @@ def compose(
         relation=relation,
         epsilon_cross_check=float(eps_check),
         budget=contents.header["budget"],
+        overrun=tuple(overruns(contents)),
+        delta_sampler=_delta_sampler(contents, float(eps)),
     )
+
+
+def _delta_sampler(contents: object, eps: float) -> float:
+    """n·(1 + e^ε)·τ in log space (TV τ per query, composed additively over n queries)."""
+    tv = contents.header["calibration"].get("sampler_tv_per_query", 0.0)
+    n = contents.n_queries - contents.n_public_steps
+    if not tv or not n:
+        return 0.0
+    if not math.isfinite(eps):
+        return 1.0
+    return min(1.0, math.exp(math.log(tv) + math.log(n) + float(np.logaddexp(0.0, eps))))
 
 
 def _close(a: float, b: float) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from accounting.accountant import sum_curves
+from accounting.accountant import rdp_limits, sum_curves
 from accounting.events import _is_real, curve_at
 from accounting.ledger import Ledger, Receipt
 
@@ -69,8 +69,7 @@ class PrivacyBudget:
 
     def limits(self, orders: Sequence[float] | None = None) -> np.ndarray:
         """B(k) at ``orders`` (default: all of the budget's orders)."""
-        k = np.asarray(self.orders if orders is None else orders, np.float64)
-        return self.epsilon - np.log1p(-1.0 / k) + np.log(self.delta * k) / (k - 1.0)
+        return rdp_limits(self.epsilon, self.delta, self.orders if orders is None else orders)
 
     def best_order(self, per_query: dp_event.DpEvent, n_queries: int) -> float:
         """The order minimising ε after ``n_queries`` charges of ``per_query``: the one to monitor."""
@@ -169,8 +168,14 @@ class RenyiFilter:
 
 
 def _total(tally: Mapping, orders: Sequence[float], extra: dp_event.DpEvent | None = None):
-    """Σ count·curve (+ one more ``extra``) at ``orders``: the accountant's fsum cross-check."""
-    return sum_curves([*tally.items(), *([(extra, 1)] if extra is not None else [])], orders)
+    """Σ count·curve at ``orders`` after one more ``extra``: the accountant's fsum cross-check.
+
+    ``extra`` is merged into its count (not added as a separate term) so the admitted total is,
+    bit for bit, what the ledger will hold afterwards (``accounting.overruns`` rechecks it)."""
+    merged = dict(tally)
+    if extra is not None:
+        merged[extra] = merged.get(extra, 0) + 1
+    return sum_curves(merged.items(), orders)
 
 
 def _same_budget(a: Mapping, b: Mapping) -> bool:

@@ -50,6 +50,7 @@ from accounting._records import (
     check_event,
     check_header,
     check_keys,
+    check_signature,
     jsonable,
     seal,
     unseal,
@@ -97,12 +98,17 @@ class Verification:
     records: int
     queries: int
     head: str | None
+    signed_by: str | None = None
+    overrun: tuple[str, ...] = ()
+
+    @property
+    def signature(self) -> str:
+        return "unsigned" if self.signed_by is None else f"signed (ed25519 key {self.signed_by})"
 
     def __str__(self) -> str:
         if self.ok:
-            return (
-                f"{self.path}: OK, {self.records} records, {self.queries} queries, head {self.head}"
-            )
+            return (f"{self.path}: OK, {self.records} records, {self.queries} queries, head "
+                    f"{self.head}, {self.signature}")  # fmt: skip
         return f"{self.path}:{self.line}: {self.reason}"
 
 
@@ -139,6 +145,7 @@ class LedgerContents:
     def feed(self, line: bytes) -> str:
         """Checks one line against the chain so far and absorbs it; returns its hash."""
         rec, digest = unseal(line)
+        rec = check_signature(rec, self.header)
         if rec.get("prev") != self.head:
             raise Fault(
                 "broken chain: prev is not the hash of the previous line "
@@ -207,16 +214,29 @@ def read_ledger(path: str | os.PathLike) -> LedgerContents:
 
 
 def verify(
-    path: str | os.PathLike, *, expect_head: str | None = None, restricted: bool = False
+    path: str | os.PathLike,
+    *,
+    expect_head: str | None = None,
+    restricted: bool = False,
+    public_key: str | None = None,
 ) -> Verification:
     """Checks every line of a ledger; reports the first fault with its 1-based line number.
+
+    Beyond the chain and the schema: every signature of a signed ledger, and the budget invariant
+    (:func:`accounting.overruns`: spent within the header's budget at every monitored order and
+    in composed ε). An overrun fails verification, with a reason that starts with ``OVERRUN``.
 
     Args:
         path: the public ledger file.
         expect_head: ``sha256:<hex>`` published elsewhere (a report, a receipt): the chain must end
             there. This is what detects a deleted last line, which a chain alone cannot.
         restricted: also check the restricted sibling's chain, mode 0600 and links to public records.
+        public_key: the hex Ed25519 public key the ledger must be signed with (an unsigned ledger,
+            or one signed by another key, then fails).
     """
+    from accounting.accountant import overruns
+    from accounting.signing import fingerprint
+
     path = Path(path)
     digests: list[str] = []
     try:
@@ -226,6 +246,12 @@ def verify(
     except OSError as err:
         return Verification(False, str(path), 1, f"cannot read: {err.strerror}", 0, 0, None)
     n = len(digests)
+    signing = c.header.get("signing")
+    signed_by = fingerprint(signing["public_key"]) if signing else None
+    if public_key is not None and (signing is None or signing["public_key"] != public_key):
+        found = "unsigned" if signing is None else f"signed by key {signed_by}"
+        reason = f"the ledger is {found}, not by the expected key {fingerprint(public_key)}"
+        return Verification(False, str(path), 1, reason, n, c.n_queries, c.head, signed_by)
     if expect_head is not None and c.head != expect_head:
         if expect_head in digests:
             at = digests.index(expect_head) + 1
@@ -234,14 +260,18 @@ def verify(
             where = ("the expected head is not in the chain (records at the end were deleted, "
                      "or this is another ledger)")  # fmt: skip
         reason = f"head {c.head} != expected {expect_head}: {where}"
-        return Verification(False, str(path), n + 1, reason, n, c.n_queries, c.head)
+        return Verification(False, str(path), n + 1, reason, n, c.n_queries, c.head, signed_by)
     if restricted:
         fault = _verify_restricted(restricted_path(path), digests)
         if fault is not None:
             line, reason = fault
             return Verification(False, str(restricted_path(path)), line, reason, n, c.n_queries,
-                                c.head)  # fmt: skip
-    return Verification(True, str(path), None, "", n, c.n_queries, c.head)
+                                c.head, signed_by)  # fmt: skip
+    over = tuple(overruns(c))
+    if over:
+        reason = "OVERRUN: " + "; ".join(over)
+        return Verification(False, str(path), n, reason, n, c.n_queries, c.head, signed_by, over)
+    return Verification(True, str(path), None, "", n, c.n_queries, c.head, signed_by)
 
 
 def _verify_restricted(rpath: Path, public: list[str]) -> tuple[int, str] | None:
@@ -299,7 +329,7 @@ class Ledger:
         LedgerCorrupt: the file does not verify (a torn last line from a killed writer is removed).
     """
 
-    def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, signing_key=None) -> None:
         self.path = Path(path)
         self.restricted_path = restricted_path(self.path)
         self.fsync = bool(fsync)
@@ -311,6 +341,7 @@ class Ledger:
         try:
             with self._locked():
                 pass
+            self._signer = _signer_for(self._state.header, signing_key, self.path)
         except BaseException:
             os.close(self._fd)
             raise
@@ -331,12 +362,15 @@ class Ledger:
         run_id: str | None = None,
         versions: Sequence[str] = (),
         fsync: bool = True,
+        signing_key=None,
     ) -> Ledger:
         """Creates the public ledger and its 0600 restricted sibling; refuses to overwrite either.
 
         ``calibration`` is the public summary (keys from ``_records.CALIBRATION_KEYS``); ``budget``
         is ``{"epsilon", "delta", "monitored_orders"}`` when a Rényi filter guards the ledger;
-        ``seed`` goes to the restricted header only, ``seeded`` to the public one.
+        ``seed`` goes to the restricted header only, ``seeded`` to the public one. With an Ed25519
+        ``signing_key`` (``accounting.signing.load_private_key``) the header names its public key
+        and every record is signed (:mod:`accounting.signing`).
         """
         path = Path(path)
         rpath = restricted_path(path)
@@ -354,16 +388,20 @@ class Ledger:
             "calibration": dict(calibration), "budget": None if budget is None else dict(budget),
             "versions": _versions(versions), "seeded": seeded, "prev": GENESIS,
         })  # fmt: skip
+        if signing_key is not None:
+            from accounting.signing import ALGORITHM, public_hex
+
+            header["signing"] = {"algorithm": ALGORITHM, "public_key": public_hex(signing_key)}
         try:
             check_header(header)
         except Fault as fault:
             raise ValueError(f"header: {fault}") from None
-        line, digest = seal(header)
+        line, digest = seal(header, signing_key)
         rline, _ = seal({"kind": "header", "seq": 0, "public": digest, "seed": seed,
                          "prev": GENESIS})  # fmt: skip
         publish(rpath, rline, 0o600)
         publish(path, line, 0o644)
-        return cls(path, fsync=fsync)
+        return cls(path, fsync=fsync, signing_key=signing_key)
 
     # -------------------------------------------------------------------------------- state
 
@@ -426,7 +464,7 @@ class Ledger:
         the block has exited.
         """
         with self._locked():
-            tx = _Transaction(self._state)
+            tx = _Transaction(self._state, self._signer)
             yield tx
             if tx.lines:
                 data = b"\n".join(tx.lines) + b"\n"
@@ -486,11 +524,29 @@ class Ledger:
         self.close()
 
 
+def _signer_for(header: dict, key, path: Path):
+    """The key appends are signed with: None (unsigned ledger), the key, or False (a signed
+    ledger opened without its key: readable, and every append refused)."""
+    signing = header.get("signing")
+    if signing is None:
+        if key is not None:
+            raise ValueError(f"{path} is an unsigned ledger; it cannot take a signing key.")
+        return None
+    if key is None:
+        return False
+    from accounting.signing import public_hex
+
+    if public_hex(key) != signing["public_key"]:
+        raise ValueError(f"{path} is signed by another key than the one given.")
+    return key
+
+
 class _Transaction:
     """Records staged under the ledger lock; see :meth:`Ledger.transaction`."""
 
-    def __init__(self, state: LedgerContents) -> None:
+    def __init__(self, state: LedgerContents, signer=None) -> None:
         self._state = state
+        self._signer = signer
         self._seq = state.next_seq
         self._head = state.head
         self._new: dict[dp_event.DpEvent, int] = {}
@@ -498,7 +554,9 @@ class _Transaction:
         self.lines: list[bytes] = []
 
     def _add(self, record: dict) -> str:
-        line, digest = seal(record)
+        if self._signer is False:
+            raise PermissionError("this ledger is signed: open it with its signing key to append.")
+        line, digest = seal(record, self._signer or None)
         self.lines.append(line)
         self._seq, self._head = self._seq + 1, digest
         return digest

@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accounting import PrivacyBudget, RenyiFilter
 from audit.attacks import pmixed_count, pmixed_llr
 from audit.bounds import BonferroniAll, empirical_epsilon
 from audit.canaries import MemberRecipe, canary_block, child_rng, retrain_with_canaries
 from audit.exact import exact_pair_audit, pair_epsilon
 from audit.risk import risk_metrics
+from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
-from pmixed.ledgering import create_ledger, query_event
 from pmixed.mechanism import exact_released_log_law
 from pmixed.models import EnsembleLM
 from pmixed.privacy import Calibration
@@ -124,13 +123,8 @@ def plant_canary(model, members: list[str], tok, cal: Calibration, plan: GamePla
 def play(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed: int,
          folder: Path) -> np.ndarray:  # fmt: skip
     """One fresh deployment (own ledger, budget, seed): ``queries`` one-token answers to ``prompt``."""
-    budget = PrivacyBudget(cal.config.epsilon, cal.config.delta, cal.orders)
-    plan = RenyiFilter.for_plan(budget, query_event(cal), cal.config.query_budget)
-    ledger = create_ledger(folder / f"trial-{seed}.jsonl", cal, budget=plan.header_record(),
-                           seed=seed)  # fmt: skip
-    gen = PrivateGenerator(lm, cal, RenyiFilter(budget, plan.monitored, ledger=ledger), seed=seed)
-    out = gen.generate([prompt] * queries, 1)
-    ledger.close()
+    with Deployment.create(folder / f"trial-{seed}.jsonl", cal, seed=seed) as deployment:
+        out = PrivateGenerator(lm, deployment).generate([prompt] * queries, 1)
     if any(g.private_steps != 1 for g in out):
         raise RuntimeError("a game query was not answered privately (budget too small).")
     return np.array([g.tokens[0] for g in out])

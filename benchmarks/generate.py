@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from mechanism import reference_scalar  # benchmarks/mechanism.py (this folder is on sys.path)
 
-from accounting import PrivacyBudget, RenyiFilter
 from pmixed import PMixEDConfig
+from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
-from pmixed.ledgering import create_ledger, query_event
 from pmixed.mechanism import sample_subset, sample_token
 from pmixed.models import EnsembleLM
 from pmixed.train import LoraSpec, ModelSpec, build_public_model, train_tokenizer
@@ -121,14 +120,11 @@ def token_rows_floor(lm: EnsembleLM, repeats: int = 30) -> tuple[float, float]:
 
 def ours(lm: EnsembleLM, prompt: list[int], folder: Path) -> float:
     cfg = PMixEDConfig(n_members=N, sampling_rate=Q, epsilon=8.0, delta=1e-5, query_budget=256)
-    cal = cfg.calibrate()
-    budget = PrivacyBudget(cfg.epsilon, cfg.delta, cal.orders)
-    plan = RenyiFilter.for_plan(budget, query_event(cal), cfg.query_budget)
-    ledger = create_ledger(folder / "bench.jsonl", cal, budget=plan.header_record(), seed=0)
-    gen = PrivateGenerator(lm, cal, RenyiFilter(budget, plan.monitored, ledger=ledger), seed=0)
-    start = time.perf_counter()
-    (out,) = gen.generate([prompt], TOKENS)
-    elapsed = time.perf_counter() - start
+    with Deployment.create(folder / "bench.jsonl", cfg.calibrate(), seed=0) as deployment:
+        gen = PrivateGenerator(lm, deployment)
+        start = time.perf_counter()
+        (out,) = gen.generate([prompt], TOKENS)
+        elapsed = time.perf_counter() - start
     assert out.private_steps == TOKENS
     return elapsed / TOKENS
 

@@ -181,12 +181,15 @@ def partition_users(
     users = {r.user for r in records}
     if len(users) < n_members:
         raise ValueError(
-            f"{len(users)} private users cannot fill n_members={n_members} partitions."
+            f"{len(users)} private users cannot fill n_members={n_members} partitions; use "
+            "fewer members (--members) or more users."
         )
     parts: dict[int, list[PrivateRecord]] = defaultdict(list)
     for r in records:
         parts[partition_of(r.user, n_members, salt)].append(r)
     empty = [i for i in range(n_members) if not parts[i]]
     if empty:
-        raise ValueError(f"partitions {empty} are empty; use fewer members or another salt.")
+        raise ValueError(
+            f"partitions {empty} are empty; use fewer members (--members) or another salt (--salt)."
+        )
     return tuple(tuple(parts[i]) for i in range(n_members))

@@ -1,7 +1,8 @@
 """Test perplexity of every model, and of PMixED through the real ledger and budget.
 
 PMixED is scored teacher-forced, as in the paper: each next-token prediction on held-out users' text is
-one query, charged to the ledger before it is scored. Two numbers (PMIXED_MATH.md §10):
+one query, served through :meth:`pmixed.deployment.Deployment.serve` (charged to the ledger before it
+is scored). Two numbers (PMIXED_MATH.md §10):
 
 * **exact released law**: PPL = exp(−mean_t log P_E(y_t | x_t)), the law users actually sample from;
 * **realised subsample mixture** (the paper's kind): p̄_{S_t} for drawn subsets S_t (p0 if empty),
@@ -20,12 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from accounting import BudgetExhausted, PublicStepEvent, RenyiFilter
 from pmixed._checks import logsumexp
-from pmixed.ledgering import query_event
+from pmixed.deployment import Deployment
 from pmixed.mechanism import exact_released_log_law, sample_subset
 from pmixed.mollifier import mix_log, mollify_log
-from pmixed.privacy import Calibration
 
 __all__ = ["PMixEDScore", "lm_perplexity", "member_logprobs", "pmixed_perplexity"]
 
@@ -82,9 +81,7 @@ def pmixed_perplexity(
     model: torch.nn.Module,
     members: list[str],
     data: torch.Tensor,
-    calibration: Calibration,
-    budget: RenyiFilter,
-    rng: np.random.Generator,
+    deployment: Deployment,
     *,
     n_queries: int,
     runs: int = 4,
@@ -92,18 +89,38 @@ def pmixed_perplexity(
 ) -> PMixEDScore:
     """Scores ``n_queries`` next-token predictions from held-out blocks ``data [n, T]``.
 
-    Each prediction is charged through ``budget`` (its ledger) before it is scored; an exhausted
-    budget scores the public model (a zero-cost public step). The subset and λ of the first run go to
-    the restricted ledger file.
+    Each prediction is one query of ``deployment`` (charged before it is scored); an exhausted
+    budget scores the public model (a zero-cost public step). The realized runs draw their subsets
+    from the deployment's generator; the subset and λ of the first run go to the restricted file.
+    The members' forward over a whole block runs before its queries (one batched pass); nothing
+    derived from it is scored or kept before the query is charged.
     """
+    calibration = deployment.calibration
     if len(members) != calibration.config.n_members:
         raise ValueError(
             f"calibration has n_members={calibration.config.n_members}; got {len(members)}."
         )
-    if budget.ledger is None:
-        raise ValueError("budget must be a RenyiFilter attached to a ledger.")
-    event, cfg = query_event(calibration), calibration.config
+    cfg = calibration.config
     exact, realized, done, public = [], [[] for _ in range(runs)], 0, 0
+
+    def private(lps, lp0, y, rng):
+        ex = exact_released_log_law(lps, lp0, calibration)[y]
+        fixed = calibration.beta is not None
+        lam_fixed = mollify_log(lps, lp0, calibration) if fixed else None
+        scores, restricted = [], {}
+        for k in range(runs):
+            s = sample_subset(cfg.n_members, cfg.sampling_rate, rng, sampler=cfg.reference_sampler)
+            if len(s) == 0:
+                scores.append(lp0[y])
+                lam = np.zeros(0)
+            else:
+                lam = lam_fixed[s] if fixed else mollify_log(lps[s], lp0, calibration)
+                mixed = mix_log(lps[s], lp0[None, :], lam)
+                scores.append(logsumexp(mixed[:, y], axis=0) - math.log(len(s)))
+            if k == 0:
+                restricted = {"subset": s, "lambdas": lam}
+        return (ex, scores), restricted
+
     for block in data:
         if done == n_queries:
             break
@@ -111,35 +128,17 @@ def pmixed_perplexity(
         for t in range(min(len(block) - 1, n_queries - done)):
             y = int(block[t + 1])
             lp0, lps = lp0_all[t], lps_all[:, t]
-            try:
-                receipt = budget.charge(event)
-            except BudgetExhausted:
-                budget.charge(PublicStepEvent())
-                exact.append(lp0[y])
-                for r in realized:
-                    r.append(lp0[y])
-                public += 1
-            else:
-                exact.append(exact_released_log_law(lps, lp0, calibration)[y])
-                fixed = calibration.beta is not None
-                lam_fixed = mollify_log(lps, lp0, calibration) if fixed else None
-                for k, r in enumerate(realized):
-                    s = sample_subset(
-                        cfg.n_members, cfg.sampling_rate, rng, sampler=cfg.reference_sampler
-                    )
-                    if len(s) == 0:
-                        r.append(lp0[y])
-                        lam = np.zeros(0)
-                    else:
-                        lam = (
-                            lam_fixed[s]
-                            if lam_fixed is not None
-                            else mollify_log(lps[s], lp0, calibration)
-                        )
-                        mixed = mix_log(lps[s], lp0[None, :], lam)
-                        r.append(logsumexp(mixed[:, y], axis=0) - math.log(len(s)))
-                    if k == 0:
-                        budget.ledger.append_restricted(receipt, {"subset": s, "lambdas": lam})
+            answer = deployment.serve(
+                lambda rng, lps=lps, lp0=lp0, y=y: private(lps, lp0, y, rng),
+                lambda rng, lp0=lp0, y=y: (lp0[y], [lp0[y]] * runs),
+            )
+            if answer.refused:
+                raise RuntimeError("the evaluation deployment refused a query.")
+            ex, scores = answer.value
+            exact.append(ex)
+            for r, v in zip(realized, scores):
+                r.append(v)
+            public += not answer.private
             done += 1
             if progress is not None:
                 progress(done)

@@ -1,46 +1,53 @@
 """``PrivateGenerator``: prompts in, tokens out; every private token is paid for before it leaves.
 
 A thin facade (like Opacus's ``PrivacyEngine``): the models (``EnsembleLM``), the mechanism
-(``sample_subset``, ``release_log``), the budget (``accounting.RenyiFilter``) and the ledger each do
-their own part. Per generated token:
+(``sample_subset``, ``release_log``) and the deployment (budget, ledger, randomness:
+:class:`~pmixed.deployment.Deployment`) each do their own part. A request is validated whole
+before anything is spent (prompt ids and length against the model's context, temperature, top-k,
+the member set); then, per generated token, :meth:`Deployment.serve
+<pmixed.deployment.Deployment.serve>` charges, and only then:
 
-1. **Charge** the calibrated per-query cost through the filter: the ledger record is written and
-   fsync'ed first. If the budget cannot pay, answer from the public model alone (a zero-cost public
-   step, also recorded) or refuse, as configured; no private member is touched then.
-2. **Subsample** members with the explicit generator; forward the public row and the sampled members.
-3. **Public pre-processing** only (PMIXED_MATH.md §2.1): temperature on p0 and every p_i, and a top-k
-   set chosen from p0 (ties by token id), both before mollification.
-4. **Mollify, mix, draw one token**; the subset and λ go to the restricted ledger file; then release.
+1. **Subsample** members with the deployment's generator; forward the public row and the sampled
+   members.
+2. **Public pre-processing** only (PMIXED_MATH.md §2.1): temperature on p0 and every p_i, and a
+   top-k set chosen from p0 (ties by token id), both before mollification.
+3. **Mollify, mix, draw one token**; the subset and λ go to the restricted ledger file; then
+   release.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from accounting import BudgetExhausted, Ledger, PublicStepEvent, RenyiFilter
 from pmixed._checks import logsumexp
-from pmixed.ledgering import query_event
+from pmixed.deployment import Deployment, check_prompt, check_sampling
 from pmixed.mechanism import release_log, sample_subset, sample_token
 from pmixed.models import EnsembleLM, SequenceState
-from pmixed.privacy import Calibration
 
 __all__ = ["Generation", "PrivateGenerator", "public_transform"]
+
+#: A transformed row must sum to 1 within this (in log space) before it reaches the mollifier.
+NORMALISATION_TOLERANCE = 1e-12
 
 
 @dataclass(frozen=True)
 class Generation:
-    """What one prompt received: public information only."""
+    """What one prompt received: public information only.
+
+    ``prompt_truncated`` counts prompt tokens dropped from the left to fit the context (only when
+    truncation was asked for); ``refused`` says the budget ran out and the request was refused.
+    """
 
     prompt_tokens: tuple[int, ...]
     tokens: tuple[int, ...]
     private_steps: int
     public_steps: int
     refused: bool
+    prompt_truncated: int = 0
 
 
 def public_transform(
@@ -49,14 +56,13 @@ def public_transform(
     """Temperature and a top-k set chosen from p0 alone, applied to p0 and every member row.
 
     The set is the k largest entries of p0, ties broken by token id; everything outside it is
-    masked to −inf and each row is renormalised with logsumexp.
+    masked to −inf and each row is renormalised with logsumexp. Temperature and k are checked
+    first (:func:`~pmixed.deployment.check_sampling`); every returned row is a distribution to
+    1e-12 (FloatingPointError otherwise: never an unnormalised row into the mollifier).
     """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0. Found {temperature}.")
+    check_sampling(temperature, top_k, lp0.shape[-1])
     lp0, lps = lp0 / temperature, lps / temperature
     if top_k is not None:
-        if not 1 <= top_k <= lp0.shape[-1]:
-            raise ValueError(f"top_k must be in [1, {lp0.shape[-1]}]. Found {top_k}.")
         order = np.lexsort((np.arange(lp0.shape[-1]), -lp0))  # by -lp0, then token id
         keep = np.zeros(lp0.shape[-1], bool)
         keep[order[:top_k]] = True
@@ -66,67 +72,44 @@ def public_transform(
     norm = logsumexp(lps, axis=-1, keepdims=True)
     if lps.size and not np.isfinite(norm).all():
         raise FloatingPointError("a member has no probability mass on the public top-k set.")
-    return lp0, lps - norm
+    lps = lps - norm
+    for rows in (lp0[None, :], lps):
+        if rows.size and (np.abs(logsumexp(rows, axis=-1)) > NORMALISATION_TOLERANCE).any():
+            raise FloatingPointError("a transformed row does not sum to 1 within 1e-12.")
+    return lp0, lps
 
 
 class PrivateGenerator:
-    """Generates text under PMixED, charging a ledger-backed Rényi filter before every private token.
+    """Generates text under PMixED through one :class:`~pmixed.deployment.Deployment`.
 
     Args:
-        lm: the public model and the members.
-        calibration: the deployment's calibration (its ``n_members`` must match ``lm``).
-        budget: a ``RenyiFilter`` attached to ``ledger`` (``budget.ledger is ledger``).
-        on_exhausted: ``"public"`` (answer from the public model, a zero-cost step) or ``"refuse"``.
-        seed: audits and tests only. None (deployment) draws the generator from OS entropy; the
-            ledger header's ``seeded`` flag must say which.
+        lm: the public model and the members (as many as the deployment's calibration has).
+        deployment: where every token is paid for (budget, ledger, randomness).
     """
 
-    def __init__(
-        self,
-        lm: EnsembleLM,
-        calibration: Calibration,
-        budget: RenyiFilter,
-        *,
-        on_exhausted: str = "public",
-        seed: int | None = None,
-    ) -> None:
-        if calibration.config.n_members != lm.n_members:
-            raise ValueError(
-                f"calibration has n_members={calibration.config.n_members}; the model has "
-                f"{lm.n_members} members."
-            )
-        if on_exhausted not in ("public", "refuse"):
-            raise ValueError(f"on_exhausted must be 'public' or 'refuse'. Found {on_exhausted!r}.")
-        ledger = budget.ledger
-        if not isinstance(ledger, Ledger):
-            raise ValueError("budget must be a RenyiFilter attached to a ledger.")
-        if ledger.header["seeded"] is not (seed is not None):
-            raise ValueError(
-                f"the ledger header says seeded={ledger.header['seeded']}; seed={seed!r} disagrees."
-            )
-        self.lm, self.calibration, self.budget, self.ledger = lm, calibration, budget, ledger
-        self.on_exhausted = on_exhausted
-        self.event = query_event(calibration)
-        self._rng = np.random.default_rng(seed)  # seed=None: OS entropy
-        #: Test hook: called after the charge and the restricted record, just before release.
-        self.before_release: Callable[[int], None] | None = None
+    def __init__(self, lm: EnsembleLM, deployment: Deployment) -> None:
+        n = deployment.calibration.config.n_members
+        if n != lm.n_members:
+            raise ValueError(f"the deployment has n_members={n}; the model has {lm.n_members}.")
+        self.lm, self.deployment = lm, deployment
+        self.calibration = deployment.calibration
 
-    def _private_token(self, state: SequenceState, temperature: float, top_k: int | None):
+    def _private_token(self, state: SequenceState, temperature: float, top_k: int | None, rng):
         cfg = self.calibration.config
-        subset = sample_subset(cfg.n_members, cfg.sampling_rate, self._rng,
+        subset = sample_subset(cfg.n_members, cfg.sampling_rate, rng,
                                sampler=cfg.reference_sampler)  # fmt: skip
         members = sorted({int(i) for i in subset})
         lp0, lps = self.lm.next_logprobs(state, members)
         lp0, lps = public_transform(lp0.numpy(), lps.numpy(), temperature=temperature, top_k=top_k)
         rows = lps[[members.index(int(i)) for i in subset]]
-        token, lam, _ = release_log(rows, lp0, self.calibration, self._rng)
+        token, lam, _ = release_log(rows, lp0, self.calibration, rng)
         return token, {"subset": subset, "subset_size": len(subset), "lambdas": lam}
 
-    def _public_token(self, state: SequenceState, temperature: float, top_k: int | None) -> int:
+    def _public_token(self, state: SequenceState, temperature: float, top_k: int | None, rng):
         lp0, _ = self.lm.next_logprobs(state, [])
         lp0, _ = public_transform(lp0.numpy(), np.zeros((0, lp0.shape[0])),
                                   temperature=temperature, top_k=top_k)  # fmt: skip
-        return sample_token(lp0, self._rng)
+        return sample_token(lp0, rng)
 
     @torch.no_grad()
     def generate(
@@ -136,41 +119,35 @@ class PrivateGenerator:
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        truncate: bool = False,
     ) -> list[Generation]:
         """Extends each tokenised prompt by up to ``max_new_tokens`` tokens.
 
-        Every private token costs one query; a refused prompt stops where the budget ran out.
+        The whole request is validated first (:class:`~pmixed.deployment.InvalidRequest`, nothing
+        spent): prompts must be non-empty token ids of the model's vocabulary and fit its context
+        with the new tokens (``truncate=True`` drops their oldest tokens instead, and the result
+        says how many). Every private token then costs one query; a refused prompt stops where the
+        budget ran out.
         """
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 0
-        ):
-            raise ValueError(f"max_new_tokens must be an integer >= 0. Found {max_new_tokens!r}.")
+        vocab, ctx = self.lm.vocab_size, self.lm.max_positions
+        check_sampling(temperature, top_k, vocab)
+        fitted = [check_prompt(p, vocab_size=vocab, max_positions=ctx, new_tokens=max_new_tokens,
+                               truncate=truncate) for p in prompts]  # fmt: skip
         out = []
-        for prompt in prompts:
+        for (prompt, dropped), original in zip(fitted, prompts):
             state = SequenceState(list(prompt))
             priv = pub = 0
             refused = False
             for _ in range(max_new_tokens):
-                if len(state.tokens) >= self.lm.max_positions:
+                answer = self.deployment.serve(
+                    lambda rng, s=state: self._private_token(s, temperature, top_k, rng),
+                    lambda rng, s=state: self._public_token(s, temperature, top_k, rng),
+                )
+                if answer.refused:
+                    refused = True
                     break
-                try:
-                    receipt = self.budget.charge(self.event)
-                except BudgetExhausted:
-                    if self.on_exhausted == "refuse":
-                        refused = True
-                        break
-                    self.budget.charge(PublicStepEvent())
-                    token = self._public_token(state, temperature, top_k)
-                    pub += 1
-                else:
-                    token, restricted = self._private_token(state, temperature, top_k)
-                    self.ledger.append_restricted(receipt, restricted)
-                    if self.before_release is not None:
-                        self.before_release(token)
-                    priv += 1
-                state.tokens.append(token)  # released
-            out.append(Generation(tuple(prompt), tuple(state.tokens[len(prompt) :]), priv, pub,
-                                  refused))  # fmt: skip
+                priv, pub = priv + answer.private, pub + (not answer.private)
+                state.tokens.append(int(answer.value))  # released
+            out.append(Generation(tuple(original), tuple(state.tokens[len(prompt) :]), priv, pub,
+                                  refused, dropped))  # fmt: skip
         return out

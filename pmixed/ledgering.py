@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 
 from accounting import Ledger, PMixEDQueryEvent
+from pmixed.mechanism import SAMPLER, SAMPLER_TV_PER_QUERY
 from pmixed.privacy import Calibration
 
 __all__ = ["create_ledger", "public_calibration", "query_event"]
@@ -47,6 +48,8 @@ def public_calibration(cal: Calibration) -> dict:
         per_query_rdp=list(cal.per_query_rdp_values),
         planned_epsilon=cal.planned_epsilon,
         planned_order=cal.planned_order,
+        sampler=SAMPLER,
+        sampler_tv_per_query=SAMPLER_TV_PER_QUERY,
     )
     return out
 
@@ -58,8 +61,10 @@ def create_ledger(
     budget: Mapping | None = None,
     seed: int | None = None,
     fsync: bool = True,
+    signing_key=None,
 ) -> Ledger:
-    """A new ledger whose header describes ``cal``; ``seed`` (audits only) goes to the restricted side."""
+    """A new ledger whose header describes ``cal``; ``seed`` (audits only) goes to the restricted
+    side; ``signing_key`` (Ed25519) signs every record."""
     return Ledger.create(
         path,
         mode=cal.config.mode,
@@ -71,4 +76,5 @@ def create_ledger(
         seeded=seed is not None,
         seed=seed,
         fsync=fsync,
+        signing_key=signing_key,
     )

@@ -14,6 +14,8 @@ Reference mode mixes over the subset size because its β depends on it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -25,8 +27,11 @@ from pmixed.mollifier import mix_log, mollify_log, solve_lambdas
 from pmixed.privacy import Calibration
 
 __all__ = [
+    "SAMPLER",
+    "SAMPLER_TV_PER_QUERY",
     "NeighbourDivergence",
     "StepResult",
+    "draw_index",
     "exact_released_law",
     "exact_released_log_law",
     "lambdas_by_size",
@@ -85,13 +90,64 @@ def sample_subset(
     raise ValueError(f"sampler must be 'poisson' or 'with_replacement'. Found {sampler!r}.")
 
 
+#: Sampler identity and its per-query total-variation bound, recorded in every ledger header.
+#: Tokens whose weight exp(log p − max) underflows (below 2**-1074 of the largest) can never be
+#: drawn; for V ≤ 2**32 their total mass is below 2**-1042 of the law, so the released law is
+#: within that total variation of the exact float64 law (PMIXED_MATH.md §11, "Token draw").
+SAMPLER = "exact inverse CDF on float64 weights (dyadic integers, lazily refined uniform)"
+SAMPLER_TV_PER_QUERY = 2.0**-1042
+_WORD = 2**64
+
+
 def sample_token(logp: np.ndarray, generator: np.random.Generator) -> int:
-    """Inverse-CDF draw from float64 log-probabilities; a ``-inf`` entry is never chosen."""
+    """One token drawn with probability exactly w_y / Σ w, w = exp(log p − max log p) in float64.
+
+    A ``-inf`` entry (w = 0) is never chosen; every w > 0, however small next to the running sum,
+    is released with exactly its probability (a float64 cumulative sum and a 53-bit uniform would
+    make a token below half an ulp of its prefix sum unreleasable, an infinite Rényi divergence on
+    that event). See :func:`draw_index`.
+    """
     g = _check_generator(generator)
-    p = np.exp(np.asarray(logp, np.float64) - np.max(logp))
-    cdf = np.cumsum(p)
-    u = g.random() * cdf[-1]
-    return int(np.searchsorted(cdf, u, side="right"))
+    lp = np.asarray(logp, np.float64)
+    w = np.exp(lp - np.max(lp))
+    return draw_index(w, lambda: int(g.integers(0, _WORD, dtype=np.uint64)))
+
+
+def draw_index(weights: np.ndarray, next_word) -> int:
+    """Index y with probability exactly weights[y] / Σ weights (finite float64 weights ≥ 0, max 1).
+
+    The uniform X ∈ [0, 1) is read lazily as 64-bit words from ``next_word()``; y is the index
+    with S_{y−1} ≤ X·S < S_y for the exact prefix sums S_i. Fast path: the float64 cumulative sum
+    with a rigorous bound on its rounding (n·2^-52 of the total) decides whenever no prefix sum lies
+    within that bound of X·S's interval, which is all but about n·2^-50 of draws. Otherwise the
+    sums are formed exactly as integers (every float64 weight is k·2^-1074) and X is refined by
+    further words until its interval lies inside one token's. The law is therefore exact for the
+    given float64 weights.
+    """
+    w = np.asarray(weights, np.float64)
+    c = np.cumsum(w)
+    total, n = float(c[-1]), len(w)
+    err = 2.0 * n * 2.0**-53 * total + 4 * math.ulp(total)
+    x = next_word()
+    lo = x / _WORD * total - err
+    hi = (x + 1) / _WORD * total + err
+    i0 = int(np.searchsorted(c, lo - err, side="right"))
+    if i0 == int(np.searchsorted(c, hi + err, side="right")) and i0 < n:
+        return i0
+    return _draw_exact(w, x, next_word)
+
+
+def _draw_exact(w: np.ndarray, x: int, next_word) -> int:
+    """The slow exact path of :func:`draw_index`, continuing from the first word ``x``."""
+    scale = 2**1074
+    cum = list(itertools.accumulate(n * (scale // d) for n, d in
+                                    (float(v).as_integer_ratio() for v in w)))  # fmt: skip
+    total, a, bits = cum[-1], x, 64
+    while True:  # X ∈ [a, a+1) / 2**bits; stop once X·S lies inside one token's interval
+        y = bisect.bisect_right(cum, a * total, key=lambda v, b=bits: v << b)
+        if y < len(cum) and (a + 1) * total <= cum[y] << bits:
+            return y
+        a, bits = (a << 64) | next_word(), bits + 64
 
 
 def release_log(

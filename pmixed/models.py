@@ -65,6 +65,7 @@ class EnsembleLM:
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self.pad_id = int(pad_id)
         self.max_positions = int(model.config.n_positions)
+        self.vocab_size = int(model.config.vocab_size)
 
     @property
     def n_members(self) -> int:

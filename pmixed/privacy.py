@@ -206,7 +206,7 @@ class Calibration:
         return _curve_add_remove(probe, self.beta)[orders]
 
     def total_rdp(self, n_queries: int | None = None) -> np.ndarray:
-        """T · per_query_rdp, summed with ``math.fsum`` per order."""
+        """T · per_query_rdp, the exact sum rounded once per order (as ``math.fsum``)."""
         t = self.config.query_budget if n_queries is None else n_queries
         return _compose(self.per_query_rdp, t)
 
@@ -223,8 +223,15 @@ def coarse_grid(top: int) -> tuple[int, ...]:
 
 
 def _compose(curve: np.ndarray, n_queries: int) -> np.ndarray:
-    """n_queries copies of a per-query curve, summed with ``math.fsum`` per order (+inf stays)."""
-    return np.array([math.fsum([c] * n_queries) if math.isfinite(c) else c for c in curve])
+    """n_queries copies of a per-query curve, summed exactly and rounded once per order (+inf
+    stays).
+
+    ``math.fsum([c] * n)`` is the correctly rounded exact sum n·c; for an integer n < 2**53 (exact
+    in float64) the float product ``c * n`` is that same correctly rounded value, without the
+    list of n floats (8 GB at n = 10**9)."""
+    if not 0 <= n_queries < 2**53:
+        raise ValueError(f"n_queries must be in [0, 2**53). Found {n_queries}.")
+    return np.array([float(c) * n_queries if math.isfinite(c) else float(c) for c in curve])
 
 
 def _fields(cfg: PMixEDConfig) -> dict:

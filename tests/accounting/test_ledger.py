@@ -35,7 +35,9 @@ PUBLIC_ALLOW_LIST = {
     "n_members", "sampling_rate", "epsilon", "delta", "query_budget", "lambda_max",
     "amplification", "accept_unproven_amplification", "constraint_grid", "reference_alpha",
     "reference_sampler", "beta", "beta_by_size", "per_query_rdp", "planned_epsilon",
-    "planned_order", "monitored_orders",
+    "planned_order", "monitored_orders", "sampler", "sampler_tv_per_query",
+    # a signed ledger: the header's public key and each record's signature
+    "signing", "algorithm", "public_key", "sig",
     # event fields
     "rdp", "certified", "label",
 }  # fmt: skip

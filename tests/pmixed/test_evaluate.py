@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
-from accounting import PrivacyBudget, RenyiFilter, compose, read_ledger
+from accounting import compose, read_ledger
 from pmixed import PMixEDConfig
+from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
-from pmixed.ledgering import create_ledger, query_event
 from pmixed.train import blocks
 from tests.pmixed.tiny import PRIVATE, tiny_lm, tokenizer
 
@@ -26,12 +25,8 @@ def setup():
     return tok, lm, held
 
 
-def _filter(path, cal):
-    cfg = cal.config
-    budget = PrivacyBudget(cfg.epsilon, cfg.delta, cal.orders)
-    plan = RenyiFilter.for_plan(budget, query_event(cal), cfg.query_budget)
-    ledger = create_ledger(path, cal, budget=plan.header_record(), seed=0)
-    return RenyiFilter(budget, plan.monitored, ledger=ledger)
+def _deployment(path, cal):
+    return Deployment.create(path, cal, seed=0)
 
 
 @pytest.mark.parametrize("mode", ["certified", "reference"])
@@ -40,17 +35,16 @@ def test_pmixed_perplexity_charges_every_query_and_exact_beats_realized(tmp_path
     cfg = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
                        orders=tuple(range(2, 17)), mode=mode)  # fmt: skip
     cal = cfg.calibrate()
-    filt = _filter(tmp_path / "l.jsonl", cal)
-    score = pmixed_perplexity(lm.model, lm.members, held, cal, filt, np.random.default_rng(0),
-                              n_queries=40, runs=6)  # fmt: skip
+    dep = _deployment(tmp_path / "l.jsonl", cal)
+    score = pmixed_perplexity(lm.model, lm.members, held, dep, n_queries=40, runs=6)
     assert score.queries == 40 and score.public_steps == 0
     assert math.isfinite(score.exact_ppl) and score.realized_ppl_sd > 0
     # Jensen holds in expectation (tests/pmixed/test_mechanism.py checks it exactly); 6 runs are noisy.
     assert score.exact_ppl <= score.realized_ppl_mean + 3 * score.realized_ppl_sd
-    assert read_ledger(filt.ledger.path).n_queries == 40
-    spent = compose(filt.ledger.path, 1e-5)
+    assert read_ledger(dep.ledger.path).n_queries == 40
+    spent = compose(dep.ledger.path, 1e-5)
     assert spent.epsilon <= 8.0 and spent.certified is (mode == "certified")
-    restricted = filt.ledger.restricted_path.read_text().splitlines()[1:]
+    restricted = dep.ledger.restricted_path.read_text().splitlines()[1:]
     assert len(restricted) == 40 and "lambdas" in json.loads(restricted[0])["data"]
     public = lm_perplexity(lm.model, held, None)
     members = [lm_perplexity(lm.model, held, m) for m in lm.members]
@@ -62,13 +56,13 @@ def test_exhausted_budget_scores_the_public_model(tmp_path, setup):
     cfg = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=10,
                        orders=tuple(range(2, 17)))  # fmt: skip
     cal = cfg.calibrate()
-    filt = _filter(tmp_path / "l.jsonl", cal)
-    score = pmixed_perplexity(lm.model, lm.members, held, cal, filt, np.random.default_rng(0),
-                              n_queries=25, runs=2)  # fmt: skip
-    assert score.public_steps == 15 and read_ledger(filt.ledger.path).n_public_steps == 15
+    dep = _deployment(tmp_path / "l.jsonl", cal)
+    score = pmixed_perplexity(lm.model, lm.members, held, dep, n_queries=25, runs=2)
+    assert score.public_steps == 15 and read_ledger(dep.ledger.path).n_public_steps == 15
     with pytest.raises(ValueError, match="n_queries"):
-        pmixed_perplexity(lm.model, lm.members, held[:1], cal, _filter(tmp_path / "m.jsonl", cal),
-                          np.random.default_rng(0), n_queries=10_000)  # fmt: skip
+        pmixed_perplexity(
+            lm.model, lm.members, held[:1], _deployment(tmp_path / "m.jsonl", cal), n_queries=10_000
+        )
 
 
 def test_lm_perplexity_distinguishes_adapters(setup):

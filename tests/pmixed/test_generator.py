@@ -1,8 +1,10 @@
-"""PrivateGenerator: charge before release, public fallback or refusal, seeded determinism."""
+"""PrivateGenerator over a Deployment: charge before release, public fallback or refusal, seeded
+determinism, and nothing spent on a request that is refused as invalid."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from accounting import PrivacyBudget, RenyiFilter, compose, read_ledger, verify
+from accounting import compose, read_ledger, verify
 from pmixed import PMixEDConfig
+from pmixed.deployment import TEMPERATURE_RANGE, Deployment, InvalidRequest
 from pmixed.generator import PrivateGenerator, public_transform
-from pmixed.ledgering import create_ledger, query_event
 from tests.pmixed.tiny import tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -35,12 +39,8 @@ def lm(tok):
 
 
 def _generator(path, lm, cfg=CFG, seed=None, **kw):
-    cal = cfg.calibrate()
-    budget = PrivacyBudget(cfg.epsilon, cfg.delta, cal.orders)
-    plan = RenyiFilter.for_plan(budget, query_event(cal), cfg.query_budget)
-    ledger = create_ledger(path, cal, budget=plan.header_record(), seed=seed)
-    filt = RenyiFilter(budget, plan.monitored, ledger=ledger)
-    return PrivateGenerator(lm, cal, filt, seed=seed, **kw), ledger
+    deployment = Deployment.create(path, cfg.calibrate(), seed=seed, **kw)
+    return PrivateGenerator(lm, deployment), deployment.ledger
 
 
 def test_budget_pays_exactly_t_private_tokens_then_the_public_model_answers(tmp_path, lm, tok):
@@ -89,17 +89,96 @@ def test_same_seed_same_tokens_and_restricted_records(tmp_path, lm, tok):
     assert strip[0] == strip[1]
 
 
-def test_seed_must_match_the_ledger_header_and_bad_input_is_refused(tmp_path, lm, tok):
-    gen, _ = _generator(tmp_path / "l.jsonl", lm, seed=None)
-    with pytest.raises(ValueError, match="seeded"):
-        PrivateGenerator(lm, gen.calibration, gen.budget, seed=3)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        gen.generate([[1]], -1)
-    with pytest.raises(ValueError, match="on_exhausted"):
-        PrivateGenerator(lm, gen.calibration, gen.budget, on_exhausted="later")
+def test_member_count_and_exhaustion_policy_are_checked(tmp_path, lm, tok):
+    with pytest.raises(InvalidRequest, match="on_exhausted"):
+        Deployment.create(tmp_path / "m.jsonl", CFG.calibrate(), on_exhausted="later")
+    assert not (tmp_path / "m.jsonl").exists()
     other = PMixEDConfig(n_members=4, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=T)
     with pytest.raises(ValueError, match="n_members"):
-        PrivateGenerator(lm, other.calibrate(), gen.budget)
+        PrivateGenerator(lm, Deployment.create(tmp_path / "o.jsonl", other.calibrate()))
+
+
+def _bad_requests(vocab, ctx):
+    """Requests that must be refused before any charge (one bad parameter each)."""
+    ok = {"prompts": [[5, 6, 7]], "max_new_tokens": 3, "temperature": 1.0, "top_k": None}
+    bad = [
+        ("temperature", t) for t in (0.0, -1.0, math.nan, math.inf, 1e-310, 1e-3, 1e3, True, "1")
+    ] + [("top_k", k) for k in (0, -1, vocab + 1, 2.5, True)] + [
+        ("prompts", p) for p in ([[]], [[-1]], [[vocab]], [[5, 1.5]], [list(range(5, 5 + ctx))])
+    ] + [("max_new_tokens", n) for n in (-1, ctx + 1, 2.0, None)]  # fmt: skip
+    return [{**ok, k: v} for k, v in bad]
+
+
+@pytest.fixture(scope="module")
+def invalid(lm):
+    return _bad_requests(lm.vocab_size, lm.max_positions)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_invalid_requests_spend_nothing(tmp_path_factory, lm, invalid, data):
+    folder = tmp_path_factory.mktemp("invalid")
+    gen, ledger = _generator(folder / "l.jsonl", lm, seed=1)
+    gen.generate([[5, 6]], 2)  # a deployment that has already served something
+    before = ledger.path.read_bytes(), ledger.restricted_path.read_bytes()
+    request = data.draw(st.sampled_from(invalid))
+    kw = {k: v for k, v in request.items() if k not in ("prompts", "max_new_tokens")}
+    with pytest.raises(InvalidRequest):
+        gen.generate(request["prompts"], request["max_new_tokens"], **kw)
+    assert (ledger.path.read_bytes(), ledger.restricted_path.read_bytes()) == before
+
+
+def test_over_long_prompt_is_an_error_unless_truncation_is_asked_for(tmp_path, lm):
+    gen, ledger = _generator(tmp_path / "l.jsonl", lm, seed=4)
+    ctx = lm.max_positions
+    long = [5 + i % 50 for i in range(ctx + 10)]
+    with pytest.raises(InvalidRequest, match="fit the context"):
+        gen.generate([long], 3)
+    assert read_ledger(ledger.path).n_queries == 0
+    (out,) = gen.generate([long], 3, truncate=True)
+    assert out.prompt_truncated == 10 + 2 and len(out.tokens) == 3
+    assert out.prompt_tokens == tuple(long) and read_ledger(ledger.path).n_queries == 3
+
+
+def test_a_reopened_seeded_deployment_continues_and_never_replays(tmp_path, lm, tok):
+    path = tmp_path / "l.jsonl"
+    prompt = tok("Friends")["input_ids"]
+    gen, ledger = _generator(path, lm, seed=5)
+    first = gen.generate([prompt], 6)[0].tokens
+    ledger.close()
+    with Deployment.open(path) as again:
+        assert again.seeded and again.calibration.config == CFG
+        second = PrivateGenerator(lm, again).generate([prompt], 6)[0].tokens
+    assert first != second  # a fresh stream keyed by (seed, records so far)
+    restricted = [json.loads(x)["data"] for x in
+                  path.with_name("l.restricted.jsonl").read_text().splitlines()[1:]]  # fmt: skip
+    contents = read_ledger(path)  # T = 10 private tokens, then 2 public-model ones
+    assert len(restricted) == T and (contents.n_queries, contents.n_public_steps) == (12, 2)
+    with Deployment.open(path) as third:  # the stream is keyed by (seed, records so far)
+        expected = np.random.default_rng([5, contents.next_seq]).random(3)
+        np.testing.assert_array_equal(third._rng.random(3), expected)
+        assert not np.array_equal(expected, np.random.default_rng(5).random(3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    logits=st.lists(st.floats(-60, 10), min_size=2, max_size=12),
+    temperature=st.floats(*TEMPERATURE_RANGE),
+    k=st.integers(1, 12),
+    ties=st.booleans(),
+)
+def test_public_transform_rows_are_distributions_over_the_valid_range(logits, temperature, k, ties):
+    lp0 = np.array(logits, np.float64)
+    if ties:
+        lp0[: len(lp0) // 2] = lp0.max()  # several tokens share the top
+    lp0 = lp0 - np.log(np.exp(lp0 - lp0.max()).sum()) - lp0.max()
+    lps = np.stack([lp0[::-1], np.roll(lp0, 1)])
+    a0, a = public_transform(lp0, lps, temperature=temperature, top_k=min(k, len(lp0)))
+    for row in (a0[None], a):
+        assert np.all(np.abs(np.log(np.exp(row).sum(axis=-1))) <= 1e-12)
+        assert not np.isnan(row).any()
 
 
 def test_public_transform_chooses_the_set_from_p0_only():
@@ -112,8 +191,10 @@ def test_public_transform_chooses_the_set_from_p0_only():
     np.testing.assert_allclose(np.exp(a).sum(axis=1), 1.0)
     t0, _ = public_transform(lp0, lps, temperature=2.0, top_k=None)
     assert np.exp(t0).max() < 0.3 and abs(np.exp(t0).sum() - 1) < 1e-12
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(InvalidRequest, match="temperature"):
         public_transform(lp0, lps, temperature=0.0, top_k=None)
+    with pytest.raises(InvalidRequest, match="temperature"):
+        public_transform(lp0, lps, temperature=1e-310, top_k=3)
     outside = np.array([[-np.inf, -np.inf, np.log(0.5), np.log(0.5), -np.inf]])  # off the top-2
     with pytest.raises(FloatingPointError, match="no probability mass"):
         public_transform(lp0, outside, temperature=1.0, top_k=2)
@@ -133,7 +214,7 @@ def hook(token):
     if len(calls) == int(sys.argv[3]):
         print("released", len(calls) - 1, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-gen.before_release = hook
+gen.deployment.before_release = hook
 gen.generate([tok("To be")["input_ids"]], 8)
 """
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest, chisquare
 
 from pmixed import PMixEDConfig, exact_released_law, mollify, neighbour_divergence, step
-from pmixed.mechanism import sample_subset
+from pmixed.mechanism import sample_subset, sample_token
 from pmixed.mollifier import solve_lambdas
 from tests.pmixed.strategies import ensemble, log_uniform
 
@@ -331,3 +331,58 @@ def test_reference_mode_violation_is_found_by_a_hypothesis_search():
         settings=settings(max_examples=2000, database=None),
     )
     assert ratio(found) > 1.0
+
+
+def _words(x, n=3):
+    """The first n 64-bit words of the binary expansion of x in [0, 1) (a Fraction)."""
+    out = []
+    for _ in range(n):
+        x *= 2**64
+        out.append(int(x))
+        x -= int(x)
+    return out
+
+
+def test_a_token_below_half_an_ulp_of_its_prefix_is_released_with_its_exact_probability():
+    """Mass 0.35·2^-53 next to mass 1/2: a float64 cumulative sum absorbs it (0.5 + tiny rounds to
+    0.5), so inverse CDF with a 53-bit uniform never releases it, while a neighbour that raises it
+    makes it releasable: an infinite Rényi divergence. The exact sampler releases it exactly on
+    X ∈ [S_0/S, S_1/S), whose measure is its probability."""
+    from fractions import Fraction
+
+    from pmixed.mechanism import draw_index
+
+    tiny = 0.35 * 2.0**-53
+    w = np.array([1.0, 2 * tiny, 1.0])  # weights of masses 1/2, 0.35·2^-53, 1/2 (max = 1)
+    assert np.cumsum(w)[1] == np.cumsum(w)[0]  # the float64 CDF gives token 1 no room at all
+    s0, s1 = Fraction(1), 1 + Fraction(2 * tiny)
+    total = s1 + 1
+    inside = (s0 + s1) / 2 / total  # the middle of token 1's interval of X
+    for x, expected in [(inside, 1), (s0 / total - Fraction(1, 2**140), 0),
+                        (s1 / total + Fraction(1, 2**140), 2), (Fraction(1, 7), 0),
+                        (Fraction(6, 7), 2)]:  # fmt: skip
+        words = iter(_words(x))
+        assert draw_index(w, words.__next__) == expected
+    assert (s1 - s0) / total == Fraction(2 * tiny) / total  # the released probability, exactly
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.integers(0, 2**32))
+def test_exact_and_fast_paths_agree(weights, seed):
+    """The slow exact path and the float fast path pick the same index for the same uniform."""
+    from pmixed.mechanism import _draw_exact, draw_index
+
+    w = np.array(weights + [1.0])
+    g = np.random.default_rng(seed)
+    words = [int(v) for v in g.integers(0, 2**64, size=8, dtype=np.uint64)]
+    a, b = iter(words), iter(words[1:])
+    fast = draw_index(w, lambda: next(a))
+    assert fast == _draw_exact(w, words[0], lambda: next(b))
+    assert w[fast] > 0  # a zero weight is never drawn
+
+
+def test_the_sampler_matches_its_law():
+    p = np.array([0.5, 0.3, 0.15, 0.049, 0.001])
+    g = np.random.default_rng(11)
+    counts = np.bincount([sample_token(np.log(p), g) for _ in range(20000)], minlength=5)
+    assert chisquare(counts, 20000 * p).pvalue > 1e-3
