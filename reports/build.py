@@ -47,12 +47,27 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
-def _pmixed(run: Path, name: str, ledger: str, cfg: dict, privacy: dict) -> dict:
-    """Groups 4-7 of one PMixED deployment, from its ledger and the evaluation's claim."""
+#: Who a PMixED ledger's tokens went to: the demo's evaluation, or the traffic a deployment served.
+ROLES = {
+    "evaluation": "evaluation (teacher-forced predictions scored on held-out text; no text "
+    "released to users)",
+    "served": "served deployment (tokens released to the callers of pmixed generate/serve)",
+}
+
+
+def _pmixed(run: Path, name: str, ledger: str, delta: float, logged: float | None,
+            role: str) -> dict:  # fmt: skip
+    """Groups 4-7 of one PMixED deployment, from its ledger (and the evaluation's logged claim).
+
+    A ledger whose chain, signatures or restricted file do not verify still gets its entries
+    (``verified`` false, ε unknown = "inf"), so the report FAILs on it (F2) instead of not being
+    written; an overrun ledger verifies as a chain and carries its ``overrun`` lines (F3)."""
     path = run / ledger
     check = accounting.verify(path, restricted=True)
+    if not (check.ok or check.overrun):
+        return _unverified(path, ledger, check, delta, logged, role)
     contents = accounting.read_ledger(path)  # read once: composed and its header used below
-    spent = accounting.compose(contents, cfg["delta"])
+    spent = accounting.compose(contents, delta)
     header = contents.header
     cal = header["calibration"]
     budget = header["budget"]
@@ -62,28 +77,29 @@ def _pmixed(run: Path, name: str, ledger: str, cfg: dict, privacy: dict) -> dict
     limits = accounting.PrivacyBudget(budget["epsilon"], budget["delta"],
                                       tuple(budget["monitored_orders"])).limits()  # fmt: skip
     used = [spent.rdp[spent.orders.index(k)] for k in budget["monitored_orders"]]
-    logged = privacy[name]["epsilon"]
+    checks = [{"name": "ledger recomputed (fsum of curves)", "epsilon": spent.epsilon_cross_check}]
+    if logged is not None:
+        checks.append({"name": "logged in metrics.json", "epsilon": logged})
     return {
         "mechanism": {
-            "kind": "pmixed", "mode": cal["mode"], "relation": cal["relation"],
-            "certified": privacy[name]["certified"], "n_members": cal["n_members"],
+            "kind": "pmixed", "role": role, "mode": cal["mode"], "relation": cal["relation"],
+            "certified": spent.certified, "n_members": cal["n_members"],
             "sampling_rate": cal["sampling_rate"], "beta": cal["beta"],
             "beta_by_size": cal["beta_by_size"], "amplification": cal["amplification"],
             "orders": [spent.orders[0], spent.orders[-1]], "query_budget": cal["query_budget"],
             "temperature_top_k": "chosen from the public distribution only, before mixing",
             "fallback": "empty subsample or exhausted budget: the public model answers (zero "
                         "cost, recorded)",
+            "sampler": cal.get("sampler", "float64 inverse CDF (53-bit uniform)"),
         },
         "accounting": {
             "epsilon": spent.epsilon, "delta": spent.delta, "optimal_order": order,
+            "delta_sampler": spent.delta_sampler,
             "order_edge": order in (spent.orders[0], spent.orders[-1]),
             "accountant": spent.to_json()["accountant"] + " (PMixEDAccountant over the ledger)",
             "conversion": "dp-accounting compute_epsilon (Canonne-Kamath-Steinke / Balle et al.)",
             "status": spent.status,
-            "cross_checks": [
-                {"name": "ledger recomputed (fsum of curves)", "epsilon": spent.epsilon_cross_check},
-                {"name": "logged in metrics.json", "epsilon": logged},
-            ],
+            "cross_checks": checks,
             "rdp": {"orders": list(spent.orders), "rdp": [_finite(r) for r in spent.rdp]},
             "by_order": [_finite(e) for e in accounting.epsilon_by_order(spent.orders, spent.rdp,
                                                                          spent.delta)],
@@ -94,23 +110,67 @@ def _pmixed(run: Path, name: str, ledger: str, cfg: dict, privacy: dict) -> dict
             "monitored_orders": budget["monitored_orders"],
             "limit_rdp": [float(x) for x in limits], "spent_rdp": used,
             "spent_fraction": max(u / lim for u, lim in zip(used, limits)),
+            "overrun": list(spent.overrun),
             "queries_served": spent.steps, "public_steps": spent.public_steps,
             "query_budget": cal["query_budget"],
             "at_exhaustion": "the filter refuses the charge; the generator then answers from the "
                              "public model only (or refuses, if so configured)",
-            "burn_down": accounting.burn_down(path, cfg["delta"]),
+            "burn_down": accounting.burn_down(path, delta),
         },
         "ledger": {
-            "file": ledger, "verified": check.ok, "records": check.records,
+            "file": ledger, "role": role, "verified": True, "records": check.records,
             "queries": check.queries, "head": check.head, "file_sha256": _sha256(path),
+            "signature": check.signature,
             "cost_at_optimal_order": {"order": order, "min": float(private.min()),
                                       "median": float(np.median(private)),
                                       "max": float(private.max())} if private.size else None,
             "recomputed_epsilon": spent.epsilon, "logged_epsilon": logged,
-            "recompute_command": f"pmixed verify-ledger {ledger} --expect-head {check.head} "
-                                 f"&& pmixed account {ledger} --delta {cfg['delta']:g}",
+            "recompute_command": _recompute(ledger, check.head, delta),
             "cost_trace": trace,
         },
+    }  # fmt: skip
+
+
+def _recompute(ledger: str, head: str | None, delta: float) -> str:
+    return (f"pmixed verify-ledger {ledger} --expect-head {head} "
+            f"&& pmixed account {ledger} --delta {delta:g}")  # fmt: skip
+
+
+def _header_line(path: Path) -> dict:
+    """The first record of a ledger that does not verify, if it still parses (else {})."""
+    try:
+        first = json.loads(path.read_bytes().split(b"\n", 1)[0])
+    except (OSError, ValueError):
+        return {}
+    return first if isinstance(first, dict) else {}
+
+
+def _unverified(path: Path, ledger: str, check, delta: float, logged: float | None,
+                role: str) -> dict:  # fmt: skip
+    header = _header_line(path)
+    cal = header.get("calibration") if isinstance(header.get("calibration"), dict) else {}
+    budget = header.get("budget") if isinstance(header.get("budget"), dict) else {}
+    failure = f"line {check.line}: {check.reason}"
+    return {
+        "mechanism": {"kind": "pmixed", "role": role, "mode": cal.get("mode", "unknown"),
+                      "relation": cal.get("relation", "unknown"),
+                      "certified": header.get("status") in ("certified", "conditional"),
+                      "query_budget": cal.get("query_budget"), "ledger_failure": failure},
+        "accounting": {"epsilon": "inf", "delta": delta, "status": "unverified",
+                       "accountant": "none: the ledger does not verify, so nothing it records "
+                                     "can be composed", "conversion": "none",
+                       "cross_checks": [], "profile": []},
+        "budget": {"epsilon": budget.get("epsilon"), "delta": budget.get("delta", delta),
+                   "burn_down": [], "spent_fraction": None, "overrun": [],
+                   "queries_served": check.queries,
+                   "at_exhaustion": "unknown: the ledger does not verify"},
+        "ledger": {"file": ledger, "role": role, "verified": False, "failure": failure,
+                   "records": check.records, "queries": check.queries, "head": check.head,
+                   "file_sha256": _sha256(path) if path.exists() else None,
+                   "signature": check.signature, "recomputed_epsilon": None,
+                   "logged_epsilon": logged, "recompute_command": _recompute(ledger, check.head,
+                                                                             delta),
+                   "cost_trace": {"order": None, "rdp": [], "public": []}},
     }  # fmt: skip
 
 
@@ -219,8 +279,29 @@ def _method(e: dict) -> str:
 
 
 def ledgers_of(privacy: dict) -> dict[str, str]:
-    """The PMixED deployments of a run (name -> ledger file), as ``metrics.json`` lists them."""
+    """The PMixED evaluation deployments of a run (name -> ledger file), from ``metrics.json``."""
     return {name: p["ledger"] for name, p in privacy.items() if "ledger" in p}
+
+
+def served_ledgers(run: Path, privacy: dict) -> dict[str, str]:
+    """Every other ledger in the run directory (``generate.jsonl``, server ledgers): the traffic
+    the deployment actually answered, named ``served_<file stem>``."""
+    evaluation = set(ledgers_of(privacy).values())
+    return {f"served_{p.stem.replace('-', '_')}": p.name for p in sorted(run.glob("*.jsonl"))
+            if ".restricted" not in p.name and p.name not in evaluation}  # fmt: skip
+
+
+def _audited_as(name: str, mechanisms: dict, rows: dict) -> str | None:
+    """The evaluation deployment whose audit covers a served one: same mode, relation and β
+    (the same models and calibration, so the same exact pairs)."""
+    m = mechanisms[name]["mechanism"]
+    for other, o in mechanisms.items():
+        o = o["mechanism"]
+        if other != name and o.get("role") == "evaluation" and other in rows and all(
+            o.get(k) == m.get(k) for k in ("mode", "relation", "beta", "n_members",
+                                           "sampling_rate")):  # fmt: skip
+            return other
+    return None
 
 
 def _lambda_stats(run: Path, ledgers: dict[str, str]) -> dict:
@@ -241,6 +322,16 @@ def _lambda_stats(run: Path, ledgers: dict[str, str]) -> dict:
     return out
 
 
+def _public_model(cfg: dict, corpus: str) -> str:
+    """What the public model is, from the run's own config (never a fixed text)."""
+    m = cfg["model"]
+    public = ("the public plays of " + corpus if corpus.startswith("shakespeare")
+              else f"the public text folder {cfg.get('public_dir') or corpus}")  # fmt: skip
+    return (f"GPT-2 architecture built from a config ({m['n_layer']} layers, width {m['n_embd']}, "
+            f"vocabulary {m['vocab_size']}, context {m['block_size']}) and trained on {public} "
+            "only")  # fmt: skip
+
+
 def build_report(run: str | Path) -> tuple[dict, dict]:
     """(public report document, restricted annex) of the run directory ``run``."""
     run = Path(run)
@@ -248,36 +339,50 @@ def build_report(run: str | Path) -> tuple[dict, dict]:
     metrics = _read(run, "metrics.json")
     cfg, privacy = config["demo"], metrics["privacy"]
     ledgers = ledgers_of(privacy)
-    mechanisms = {
-        name: _pmixed(run, name, ledger, cfg, privacy) for name, ledger in ledgers.items()
-    }
+    served = served_ledgers(run, privacy)
+    mechanisms = {name: _pmixed(run, name, ledger, cfg["delta"], privacy[name]["epsilon"],
+                                "evaluation") for name, ledger in ledgers.items()}  # fmt: skip
+    mechanisms.update({name: _pmixed(run, name, ledger, cfg["delta"], None, "served")
+                       for name, ledger in served.items()})  # fmt: skip
     mechanisms["dpsgd"] = _dpsgd(run, cfg, privacy)
     audit, _ = _audit(run)
+    for name in served:
+        source = _audited_as(name, mechanisms, audit.get("rows", {}))
+        if source is not None:
+            audit["rows"][name] = {**audit["rows"][source], "audited_as": source}
     users = config["users"]
     n_records = round(cfg["dpsgd_batch"] / mechanisms["dpsgd"]["mechanism"]["sample_rate"])
-    units = {name: (users["train"], "users") if privacy[name]["relation"] == "replace_one"
-             else (cfg["n_members"], "partitions") for name in ledgers}  # fmt: skip
+    unit_names = {"add_remove": "one ensemble member (one partition of users)",
+                  "replace_one": "one user (its partition's member replaced)"}  # fmt: skip
+    units = {name: (users["train"], "users")
+             if mechanisms[name]["mechanism"]["relation"] == "replace_one"
+             else (cfg["n_members"], "partitions") for name in [*ledgers, *served]}  # fmt: skip
     units["dpsgd"] = (n_records, "training blocks")
+    unit_of = {name: privacy[name]["unit"] if name in privacy else
+               unit_names.get(mechanisms[name]["mechanism"]["relation"], "unknown")
+               for name in units}  # fmt: skip
     data = {
         "corpus": config["corpus"], "users": users, "n_members": cfg["n_members"],
         "heldout_fraction": cfg["heldout_fraction"],
         "partition_key": "SHA-256 of (salt, domain, user id) mod N, before any chunking: all "
                          "records of one user sit in one partition",
-        "units": {name: {"unit": privacy[name]["unit"], "relation": privacy[name]["relation"],
-                         "n": n, "n_kind": kind, "delta": privacy[name]["delta"],
-                         "delta_below_1_over_n": privacy[name]["delta"] < 1.0 / n}
+        "units": {name: {"unit": unit_of[name],
+                         "relation": mechanisms[name]["mechanism"]["relation"],
+                         "n": n, "n_kind": kind, "delta": cfg["delta"],
+                         "delta_below_1_over_n": cfg["delta"] < 1.0 / n}
                   for name, (n, kind) in units.items()},
     }  # fmt: skip
     inputs = {p.name: _sha256(p) for p in sorted(run.glob("*.json")) if "restricted" not in p.name
               and p.name not in ("report.json",)}  # fmt: skip
-    inputs.update({ledger: _sha256(run / ledger) for ledger in ledgers.values()})
+    inputs.update({ledger: _sha256(run / ledger) for ledger in [*ledgers.values(),
+                                                                 *served.values()]})  # fmt: skip
     doc = {
         "schema_version": SCHEMA_VERSION,
         "report_id": hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16],
         "identity": {
             "corpus": config["corpus"], "stage_hashes": config["stage_hashes"],
             "versions": config["versions"], "code_git_sha": _git_sha(), "inputs": inputs,
-            "public_model": "GPT-2 (from a config) trained on the public plays only",
+            "public_model": _public_model(cfg, config["corpus"]),
             "owner": None, "dpia_reference": None,
         },
         "data": data,
@@ -295,7 +400,10 @@ def build_report(run: str | Path) -> tuple[dict, dict]:
         "implementation": IMPLEMENTATION,
         "governance": GOVERNANCE,
     }  # fmt: skip
-    annex = {"lambda_statistics": _lambda_stats(run, ledgers)}
+    verified = {
+        n: f for n, f in {**ledgers, **served}.items() if mechanisms[n]["ledger"]["verified"]
+    }
+    annex = {"lambda_statistics": _lambda_stats(run, verified)}
     restricted_audit = run / "audit.restricted.json"
     if restricted_audit.exists():
         r = json.loads(restricted_audit.read_text())

@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from accounting import PrivacyBudget, RenyiFilter, compose, from_opacus
+from accounting import compose, from_opacus
 from audit.canaries import MemberRecipe
 from audit.dpsgd import CanaryPlan, OneRunPlan
 from audit.exposure import ExposurePlan
@@ -40,8 +39,8 @@ from audit.game import GamePlan
 from audit.runner import AuditPlan
 from pmixed import PMixEDConfig
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
+from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
-from pmixed.ledgering import create_ledger, query_event
 from pmixed.train import (
     LoraSpec,
     ModelSpec,
@@ -369,17 +368,10 @@ def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -
     work = Path(tempfile.mkdtemp(dir=out))
     for i, (name, (fname, pcfg)) in enumerate(runs.items()):
         cal = pcfg.calibrate()
-        event = query_event(cal)
-        budget = PrivacyBudget(pcfg.epsilon, pcfg.delta, cal.orders)
-        plan = RenyiFilter.for_plan(budget, event, pcfg.query_budget)
-        ledger = create_ledger(work / fname, cal, budget=plan.header_record(), seed=cfg.seed + i)
-        filt = RenyiFilter(budget, plan.monitored, ledger=ledger)
-        score = pmixed_perplexity(
-            model, members, held, cal, filt, np.random.default_rng(cfg.seed + i),
-            n_queries=pcfg.query_budget, runs=cfg.realized_runs,
-            progress=progress(name, pcfg.query_budget),
-        )  # fmt: skip
-        ledger.close()
+        with Deployment.create(work / fname, cal, seed=cfg.seed + i) as deployment:
+            score = pmixed_perplexity(model, members, held, deployment,
+                                      n_queries=pcfg.query_budget, runs=cfg.realized_runs,
+                                      progress=progress(name, pcfg.query_budget))  # fmt: skip
         spent = compose(work / fname, pcfg.delta)
         ppl[name] = {"exact": score.exact_ppl, "realized_mean": score.realized_ppl_mean,
                      "realized_sd": score.realized_ppl_sd, "queries": score.queries}  # fmt: skip

@@ -10,7 +10,10 @@ compliance report arrives with its issue."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import numpy as np
 
 import accounting
 from pmixed import InfeasibleBudget, PMixEDConfig, neighbour_divergence
+from pmixed.deployment import InvalidRequest
 from reports.files import write_json
 
 PAPER = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
@@ -125,8 +129,14 @@ def cmd_verify_ledger(args: argparse.Namespace) -> int:
     head = args.expect_head
     if head is not None and not (head.startswith("sha256:") and len(head) == 71):
         raise ValueError(f"--expect-head must be sha256:<64 hex digits>. Found {head!r}.")
-    result = accounting.verify(args.ledger, expect_head=head, restricted=args.restricted)
-    print(result if result.ok else f"FAIL {result}")
+    key = None
+    if args.public_key is not None:
+        from accounting.signing import load_public_key
+
+        key = load_public_key(args.public_key)
+    result = accounting.verify(args.ledger, expect_head=head, restricted=args.restricted,
+                               public_key=key)  # fmt: skip
+    print(result if result.ok else f"FAIL {result} ({result.signature})")
     return 0 if result.ok else 1
 
 
@@ -139,15 +149,17 @@ def cmd_account(args: argparse.Namespace) -> int:
     except accounting.LedgerCorrupt as err:
         print(f"pmixed account: ledger does not verify: {err}", file=sys.stderr)
         return 1
+    rc = 1 if spent.overrun else 0
     if args.json:
         print(json.dumps(spent.to_json(), indent=2))
-        return 0
+        return rc
     label = "" if spent.certified else "  (UNCERTIFIED: not a DP guarantee)"
     certified = "yes" if spent.certified else "no"
     if spent.status == "conditional":
         certified = "conditional (unproven tight amplification)"
     print(f"epsilon        {spent.epsilon:.6f}{label}")
-    print(f"delta          {spent.delta:g}")
+    print(f"delta          {spent.delta:g} (+ {spent.delta_sampler:.3g} for the token sampler's "
+          "float64 law)")  # fmt: skip
     print(f"optimal order  {spent.optimal_order:g}")
     print(f"steps          {spent.steps} ({spent.public_steps} answered by the public model)")
     print(f"relation       {spent.relation}")
@@ -160,6 +172,20 @@ def cmd_account(args: argparse.Namespace) -> int:
             used = spent.rdp[spent.orders.index(float(k))]
             print(f"budget         epsilon {b['epsilon']:g} at delta {b['delta']:g}: RDP at order "
                   f"{k:g} spent {used:.6g} of {limits.limits([k])[0]:.6g}")  # fmt: skip
+    for line in spent.overrun:
+        print(f"OVERRUN        {line}")
+    return rc
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """An Ed25519 key pair for signing a deployment's ledger."""
+    from accounting.signing import fingerprint, generate_keypair
+
+    key, pub = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
+    fp = fingerprint(generate_keypair(key, pub))
+    print(f"wrote {key} (private, mode 0600) and {pub} (public); key {fp}")
+    print(f"sign a deployment: pmixed generate --run DIR --signing-key {key} ...; check it: "
+          f"pmixed verify-ledger DIR/generate.jsonl --public-key {pub}")  # fmt: skip
     return 0
 
 
@@ -183,18 +209,46 @@ def _campaign_config(args: argparse.Namespace):
     from reports.campaign import FULL, QUICK
 
     cfg = QUICK if args.quick else FULL
+    if args.members is not None:
+        if args.members < 1:
+            raise InvalidRequest("members", "must be an integer >= 1", args.members)
+        cfg = replace(cfg, n_members=args.members)
+    if args.salt is not None:
+        if not args.salt:
+            raise InvalidRequest("salt", "must be a non-empty string", args.salt)
+        cfg = replace(cfg, salt=args.salt)
     if args.public_dir is not None or args.private_jsonl is not None:
         if args.public_dir is None or args.private_jsonl is None:
             raise ValueError("--public-dir and --private-jsonl must be given together.")
+        for flag, path in (
+            ("--public-dir", args.public_dir),
+            ("--private-jsonl", args.private_jsonl),
+        ):
+            if not path.exists():
+                raise ValueError(f"{flag} {path} does not exist.")
         cfg = replace(cfg, public_dir=str(args.public_dir), private_jsonl=str(args.private_jsonl),
                       max_private_records=None)  # fmt: skip
     return cfg
 
 
+@contextlib.contextmanager
+def _fresh_folder(out: Path):
+    """Removes ``out`` again if this command created it and then failed: no half-made run."""
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from reports.campaign import run_demo
 
-    run_demo(_campaign_config(args), args.out, _bars, evaluate=False)
+    cfg = _campaign_config(args)
+    with _fresh_folder(args.out):
+        run_demo(cfg, args.out, _bars, evaluate=False)
     print(f"trained run in {args.out}")
     return 0
 
@@ -224,7 +278,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from reports.campaign import run_demo
 
     audit = getattr(args, "audit", False)
-    metrics = run_demo(_campaign_config(args), args.out, _bars, audit=audit)
+    cfg = _campaign_config(args)
+    with _fresh_folder(args.out):
+        metrics = run_demo(cfg, args.out, _bars, audit=audit)
     _print_table(metrics)
     print(f"wrote {args.out / 'metrics.json'}")
     if audit:
@@ -331,40 +387,63 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _print_report(args.run, write_report(args.run))
 
 
+#: Exit code of ``pmixed generate`` when the budget ran out and a prompt was refused.
+EXIT_REFUSED = 3
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Serve prompts from a trained run through its deployment ledger (created on first use)."""
+    from pmixed.deployment import Deployment, check_prompt, check_sampling
     from pmixed.generator import PrivateGenerator
-    from pmixed.ledgering import create_ledger, query_event
     from pmixed.models import EnsembleLM
     from reports.campaign import load_run
 
-    cfg, tok, model, members = load_run(args.run)
-    pcfg = PMixEDConfig(n_members=cfg["n_members"], sampling_rate=cfg["sampling_rate"],
-                        epsilon=cfg["epsilon"], delta=cfg["delta"],
-                        query_budget=cfg["query_budget"])  # fmt: skip
-    cal = pcfg.calibrate()
-    budget = accounting.PrivacyBudget(pcfg.epsilon, pcfg.delta, cal.orders)
-    plan = accounting.RenyiFilter.for_plan(budget, query_event(cal), pcfg.query_budget)
     path = args.ledger or args.run / "generate.jsonl"
-    if path.exists():
-        ledger = accounting.Ledger(path)
-    else:
-        ledger = create_ledger(path, cal, budget=plan.header_record(), seed=args.seed)
-    guard = accounting.RenyiFilter(budget, plan.monitored, ledger=ledger)
-    gen = PrivateGenerator(EnsembleLM(model, members, tok.eos_token_id), cal, guard,
-                           on_exhausted=args.on_exhausted, seed=args.seed)  # fmt: skip
+    if path.exists() and args.seed is not None:
+        raise InvalidRequest("seed", f"is fixed when a deployment is created; {path} exists",
+                             args.seed)  # fmt: skip
+    key = None
+    if args.signing_key is not None:
+        from accounting.signing import load_private_key
+
+        key = load_private_key(args.signing_key)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise on a service
+    cfg, tok, model, members = load_run(args.run)
+    lm = EnsembleLM(model, members, tok.eos_token_id)
     prompts = [tok(p)["input_ids"] for p in args.prompt]
-    outs = gen.generate(
-        prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k
-    )
+    check_sampling(args.temperature, args.top_k, lm.vocab_size)  # before any file is touched
+    for p in prompts:
+        check_prompt(p, vocab_size=lm.vocab_size, max_positions=lm.max_positions,
+                     new_tokens=args.max_new_tokens, truncate=args.truncate_prompt)  # fmt: skip
+    if path.exists():
+        deployment = Deployment.open(path, on_exhausted=args.on_exhausted, signing_key=key)
+    else:
+        pcfg = PMixEDConfig(n_members=cfg["n_members"], sampling_rate=cfg["sampling_rate"],
+                            epsilon=cfg["epsilon"], delta=cfg["delta"],
+                            query_budget=cfg["query_budget"])  # fmt: skip
+        deployment = Deployment.create(path, pcfg.calibrate(), seed=args.seed,
+                                       on_exhausted=args.on_exhausted, signing_key=key)  # fmt: skip
+    with deployment:
+        if deployment.seeded:
+            print("audit deployment: its randomness is seeded (reproducible); never serve real "
+                  "users from it", file=sys.stderr)  # fmt: skip
+        outs = PrivateGenerator(lm, deployment).generate(
+            prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            truncate=args.truncate_prompt,
+        )  # fmt: skip
+        spent = deployment.spent()
     for text, g in zip(args.prompt, outs):
         print(f"{text}{tok.decode(list(g.tokens))}")
         status = "refused: budget exhausted" if g.refused else "ok"
+        if g.prompt_truncated:
+            status += f"; prompt truncated by {g.prompt_truncated} tokens on the left"
         print(f"  [{g.private_steps} private, {g.public_steps} public-model tokens; {status}]")
-    spent = accounting.compose(path, pcfg.delta)
-    print(
-        f"ledger {path}: epsilon spent {spent.epsilon:.4f} of {pcfg.epsilon} over {spent.steps} tokens"
-    )
-    return 0
+    signed = "signed" if deployment.signed else "unsigned"
+    print(f"ledger {path} ({signed}): epsilon spent {spent.epsilon:.4f} of "
+          f"{deployment.filter.budget.epsilon:g} over {spent.steps} tokens")  # fmt: skip
+    return EXIT_REFUSED if any(g.refused for g in outs) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,7 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also check the 0600 restricted sibling and its links",
     )
+    p.add_argument("--public-key", type=Path, default=None, metavar="FILE",
+                   help="the deployment's Ed25519 public key (PEM): every record must be signed "
+                        "by it")  # fmt: skip
     p.set_defaults(func=cmd_verify_ledger)
+    p = sub.add_parser("keygen", help="an Ed25519 key pair that signs a deployment's ledger")
+    p.add_argument("--out", type=Path, default=Path("deployment"),
+                   help="writes OUT.key (mode 0600) and OUT.pub")  # fmt: skip
+    p.set_defaults(func=cmd_keygen)
     p = sub.add_parser("account", help="recompute the privacy a ledger spent (dp-accounting)")
     p.add_argument("ledger", type=Path)
     p.add_argument("--delta", type=float, required=True)
@@ -417,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help='your private records: JSON lines {"user": ..., "text": ...}',
         )
+        p.add_argument("--members", type=int, default=None,
+                       help="ensemble members N (one per user partition); default 32, quick 8")  # fmt: skip
+        p.add_argument("--salt", default=None,
+                       help="the public salt of the user partition hash (fixed before training)")  # fmt: skip
         p.set_defaults(func=func)
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
@@ -431,7 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--on-exhausted", choices=["public", "refuse"], default="public")
-    p.add_argument("--seed", type=int, default=None, help="audits only; default: OS entropy")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="drop a too-long prompt's oldest tokens instead of refusing it")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None,
+                   help="audit deployments only, fixed when the ledger is created; default: OS "
+                        "entropy")  # fmt: skip
+    p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                   help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
     p.add_argument("--ledger", type=Path, default=None,
                    help="deployment ledger (default RUN/generate.jsonl; reused across calls)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
@@ -443,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `pmixed account ... | head`: the reader left; exit quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except InvalidRequest as err:
+        print(f"pmixed {args.command}: error: {err.for_flag()}", file=sys.stderr)
+        return 2
     except (ValueError, InfeasibleBudget, OSError, accounting.LedgerCorrupt) as err:
         print(f"pmixed {args.command}: error: {err}", file=sys.stderr)
         return 2

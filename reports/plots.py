@@ -44,21 +44,27 @@ def _f(x) -> float:
 
 def _burn_down(doc: dict):
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    eps_budget = None
     for name, budget in doc["budget"].items():
         rows = budget["burn_down"]
         if doc["mechanisms"][name]["kind"] == "pmixed":
             ls = "--" if not doc["mechanisms"][name]["certified"] else "-"
             a.plot(
-                [r["queries"] for r in rows], [r["epsilon"] for r in rows], ls, label=_NAMES[name]
+                [r["queries"] for r in rows],
+                [r["epsilon"] for r in rows],
+                ls,
+                label=_NAMES.get(name, name),
             )
-            eps_budget = budget["epsilon"]
+            if budget["epsilon"] is not None:
+                eps_budget = budget["epsilon"]
         else:
             b.plot([r["steps"] for r in rows], [r["epsilon"] for r in rows], label="RDP")
             pld = [r for r in rows if r.get("epsilon_pld") is not None]
             b.plot([r["steps"] for r in pld], [r["epsilon_pld"] for r in pld], "s--", ms=3,
                    label="PLD")  # fmt: skip
             b.axhline(budget["epsilon"], color="k", lw=0.8, ls=":", label="target")
-    a.axhline(eps_budget, color="k", lw=0.8, ls=":", label="budget")
+    if eps_budget is not None:
+        a.axhline(eps_budget, color="k", lw=0.8, ls=":", label="budget")
     a.set(xlabel="tokens released", ylabel="epsilon", title="PMixED: epsilon burn-down")
     b.set(xlabel="training steps", ylabel="epsilon", title="DP-SGD: epsilon after each step")
     a.legend(fontsize=7)
@@ -69,9 +75,11 @@ def _burn_down(doc: dict):
 def _cost_trace(doc: dict):
     fig, ax = plt.subplots(figsize=(8, 2.6))
     for name, ledger in doc["ledgers"].items():
+        if not ledger["verified"]:
+            continue
         t = ledger["cost_trace"]
         xs = range(1, len(t["rdp"]) + 1)
-        ax.plot(xs, t["rdp"], lw=1, label=f"{_NAMES[name]}, order {t['order']:g}")
+        ax.plot(xs, t["rdp"], lw=1, label=f"{_NAMES.get(name, name)}, order {t['order']:g}")
         pub = [i + 1 for i, p in enumerate(t["public"]) if p]
         if pub:
             ax.plot(pub, [0.0] * len(pub), "k|", label="public fallback (zero cost)")
@@ -90,8 +98,8 @@ def _rdp(doc: dict):
         if "rdp" not in acc:
             continue
         orders = acc["rdp"]["orders"]
-        a.plot(orders, [_f(r) for r in acc["rdp"]["rdp"]], label=_NAMES[name])
-        line = b.plot(orders, [_f(e) for e in acc["by_order"]], label=_NAMES[name])[0]
+        a.plot(orders, [_f(r) for r in acc["rdp"]["rdp"]], label=_NAMES.get(name, name))
+        line = b.plot(orders, [_f(e) for e in acc["by_order"]], label=_NAMES.get(name, name))[0]
         b.plot([acc["optimal_order"]], [acc["epsilon"]], "o", color=line.get_color())
     a.set(xlabel="order alpha", ylabel="total RDP", yscale="log", title="RDP curve")
     b.set(xlabel="order alpha", ylabel="epsilon from this order", yscale="log",
@@ -104,11 +112,11 @@ def _profile(doc: dict):
     fig, ax = plt.subplots(figsize=(5, 3))
     for name, acc in doc["accounting"].items():
         ax.plot([p["delta"] for p in acc["profile"]], [p["epsilon"] for p in acc["profile"]],
-                "o-", ms=3, label=f"{_NAMES[name]}, RDP")  # fmt: skip
-        if "epsilon_pld" in acc["profile"][0]:
+                "o-", ms=3, label=f"{_NAMES.get(name, name)}, RDP")  # fmt: skip
+        if acc["profile"] and "epsilon_pld" in acc["profile"][0]:
             ax.plot([p["delta"] for p in acc["profile"]],
                     [p["epsilon_pld"] for p in acc["profile"]], "s--", ms=3,
-                    label=f"{_NAMES[name]}, PLD")  # fmt: skip
+                    label=f"{_NAMES.get(name, name)}, PLD")  # fmt: skip
     ax.set(xscale="log", xlabel="delta", ylabel="epsilon", title="Privacy profile epsilon(delta)")
     ax.legend(fontsize=7)
     return fig
@@ -144,12 +152,12 @@ def _utility(doc: dict):
     ppl, eps = doc["utility"]["perplexity"], doc["utility"]["epsilon"]
     for name in ("public", "finetuned"):
         ax.axhline(ppl[name], ls=":", color="grey")
-        ax.annotate(_NAMES[name], (0.2, ppl[name]), fontsize=7, va="bottom")
+        ax.annotate(_NAMES.get(name, name), (0.2, ppl[name]), fontsize=7, va="bottom")
     for name, value in ppl.items():
         if name in ("public", "finetuned"):
             continue
         y = value["exact"] if isinstance(value, dict) else value
-        ax.plot([eps[name]], [y], "o", label=_NAMES[name])
+        ax.plot([eps[name]], [y], "o", label=_NAMES.get(name, name))
     ax.ticklabel_format(useOffset=False)
     ax.set_xlim(0, 1.15 * max(e for e in eps.values() if e is not None))
     ax.set(xlabel="epsilon", ylabel="held-out perplexity", title="Utility vs epsilon")

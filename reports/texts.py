@@ -48,6 +48,9 @@ _COVERED = {
 }
 
 
+_ROLE = {"evaluation": "evaluation deployment", "served": "served deployment"}
+
+
 def _num(x: float | None) -> str:
     return "missing" if x is None else f"{x:.3g}"
 
@@ -86,11 +89,36 @@ def statement(name: str, m: dict, unit: dict, audit: dict) -> str:
             f"{_COVERED['dpsgd']} No user-level claim is made: a user with several blocks is "
             f"protected only by group privacy. {found}"
         )
-    lead = (
-        f"This service releases next-token samples produced by PMixED (mode {mech['mode']})"
-        f" and satisfies approximate differential privacy with epsilon = {eps:.2f} and delta = "
-        f"{delta:g} over its whole lifetime of at most {mech['query_budget']:,} released tokens."
-    )
+    if acc.get("status") == "unverified":
+        return (
+            f"NO CLAIM. The ledger of this {_ROLE[mech['role']]} does not verify "
+            f"({mech['ledger_failure']}): what it spent cannot be composed, so no differential "
+            f"privacy statement can be made for it until the ledger is restored from a verified "
+            f"copy or the deployment is retired."
+        )
+    if mech.get("role") == "evaluation":
+        lead = (
+            f"This evaluation deployment scored PMixED (mode {mech['mode']}) on at most "
+            f"{mech['query_budget']:,} teacher-forced next-token predictions of held-out text "
+            f"(nothing was released to users; the scores are utility metrics) and its ledger "
+            f"satisfies approximate differential privacy with epsilon = {eps:.2f} and delta = "
+            f"{delta:g}."
+        )
+    else:
+        lead = (
+            f"This service releases next-token samples produced by PMixED (mode {mech['mode']})"
+            f" and satisfies approximate differential privacy with epsilon = {eps:.2f} and delta "
+            f"= {delta:g} over its whole lifetime of at most {mech['query_budget']:,} released "
+            f"tokens; its ledger records the traffic it actually answered."
+        )
+    over = m["budget"].get("overrun") or []
+    if over:
+        lead = (
+            f"BUDGET OVERRUN: the ledger spent more than the budget fixed in its header "
+            f"({'; '.join(over)}), so the claim below does not hold. "
+        ) + lead
+    if row is not None and row.get("audited_as"):
+        found += f" (The audit ran on {row['audited_as']}: the same models and calibration.)"
     if not mech["certified"]:
         lead = (
             f"UNCERTIFIED. This deployment uses the paper code's reference accounting, which this "

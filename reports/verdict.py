@@ -39,7 +39,7 @@ def _num(x) -> float:
 def _mechanism_rules(doc: dict, name: str, policy: dict, rules: list) -> None:
     mech, acc, budget = doc["mechanisms"][name], doc["accounting"][name], doc["budget"][name]
     eps = _num(acc["epsilon"])
-    if not mech["certified"]:
+    if mech["certified"] is False and acc.get("status") != "unverified":
         _rule(rules, "F4", name, "the claim rests on an uncertified mode (reference accounting)",
               f"/mechanisms/{name}/certified")  # fmt: skip
     for c in acc["cross_checks"]:
@@ -59,14 +59,20 @@ def _mechanism_rules(doc: dict, name: str, policy: dict, rules: list) -> None:
     ledger = doc["ledgers"].get(name)
     if ledger is not None:
         if not ledger["verified"]:
-            _rule(rules, "F2", name, "the ledger hash chain does not verify",
+            _rule(rules, "F2", name, "the ledger does not verify ("
+                  f"{ledger.get('failure', 'hash chain')}): nothing it records can be composed",
                   f"/ledgers/{name}/verified")  # fmt: skip
-        rel = abs(ledger["recomputed_epsilon"] - ledger["logged_epsilon"]) / max(1.0, eps)
+        logged, recomputed = ledger["logged_epsilon"], ledger["recomputed_epsilon"]
+        rel = 0.0 if logged is None or recomputed is None else (
+            abs(recomputed - logged) / max(1.0, eps))  # fmt: skip
         if rel > policy["recompute_rtol"]:
             _rule(rules, "F2", name, f"recomputed and logged epsilon differ by {rel:.2g} relative",
                   f"/ledgers/{name}/recomputed_epsilon")  # fmt: skip
     frac = budget.get("spent_fraction")
-    if frac is not None and frac > 1 + policy["overrun_rtol"]:
+    if budget.get("overrun"):
+        _rule(rules, "F3", name, "budget overrun: " + "; ".join(budget["overrun"]),
+              f"/budget/{name}/overrun")  # fmt: skip
+    elif frac is not None and frac > 1 + policy["overrun_rtol"]:
         _rule(rules, "F3", name, f"spent {frac:.4g} of the budget at a monitored order",
               f"/budget/{name}/spent_fraction")  # fmt: skip
     elif frac is not None and frac >= policy["budget_warning_fraction"]:

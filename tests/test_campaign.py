@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from dataclasses import replace
 
@@ -70,27 +71,131 @@ def test_a_rerun_resumes_from_the_cached_stages(run):
     assert accounting.verify(out / "ledger.jsonl").ok
 
 
-def test_generate_charges_a_persistent_deployment_ledger(run, capsys):
-    out, _ = run
-    args = [
-        "generate",
-        "--run",
-        str(out),
-        "--prompt",
-        "To be",
-        "--max-new-tokens",
-        "5",
-        "--seed",
-        "1",
-    ]
-    assert main(args) == 0
-    first = capsys.readouterr().out
-    assert first.startswith("To be") and "5 private, 0 public-model tokens" in first
-    assert main(args) == 0  # the same ledger: the budget carries over between calls
+@pytest.fixture(scope="module")
+def served(tiny_run, tmp_path_factory):
+    """A copy of the tiny run that the generate tests may serve from (the shared run stays
+    without a deployment ledger)."""
+    out = tmp_path_factory.mktemp("served") / "run"
+    shutil.copytree(tiny_run[0], out)
+    return out
+
+
+def _generate(out, *extra, prompt="To be", tokens="5"):
+    return main(["generate", "--run", str(out), "--prompt", prompt, "--max-new-tokens", tokens,
+                 *extra])  # fmt: skip
+
+
+def test_generate_charges_a_persistent_deployment_ledger(served, capsys):
+    out = served
+    assert _generate(out, "--seed", "1") == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To be") and "5 private, 0 public-model tokens" in captured.out
+    assert "audit deployment" in captured.err  # a seeded deployment says what it is
+    assert _generate(out) == 0  # the same ledger: the budget carries over between calls
     contents = accounting.read_ledger(out / "generate.jsonl")
     assert contents.n_queries == 10 and contents.header["seeded"] is True
     assert main(["generate", "--run", str(out / "nope"), "--prompt", "x"]) == 2
     assert "pmixed train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "prompt", "message"),
+    [(["--temperature", "0"], "To be", "--temperature must be in [0.01, 100]. Found 0.0."),
+     (["--temperature", "1e-310"], "To be", "--temperature must be in"),
+     (["--top-k", "0"], "To be", "--top-k must be an integer in [1, "),
+     ([], "", "--prompt must hold at least one token"),
+     (["--max-new-tokens", "-1"], "To be", "--max-new-tokens must be an integer in [0, "),
+     (["--seed", "3"], "To be", "--seed is fixed when a deployment is created")],
+)  # fmt: skip
+def test_bad_generate_input_names_the_flag_and_spends_nothing(served, capsys, extra, prompt,
+                                                              message):  # fmt: skip
+    out = served
+    if not (out / "generate.jsonl").exists():
+        assert _generate(out, tokens="1") == 0
+    before = {p.name: p.read_bytes() for p in out.glob("generate*.jsonl")}
+    capsys.readouterr()
+    assert _generate(out, *extra, prompt=prompt) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.glob("generate*.jsonl")} == before
+
+
+def test_an_over_long_prompt_is_refused_or_truncated_on_request(served, capsys, tmp_path):
+    ledger = tmp_path / "long.jsonl"
+    long = "To be or not to be " * 40  # far beyond the tiny model's 32-token context
+    assert _generate(served, "--ledger", str(ledger), prompt=long) == 2
+    assert "--prompt must fit the context" in capsys.readouterr().err
+    assert not ledger.exists()  # nothing created, nothing charged
+    assert _generate(served, "--ledger", str(ledger), "--truncate-prompt", prompt=long) == 0
+    assert "prompt truncated by" in capsys.readouterr().out
+
+
+def test_a_refused_generation_exits_3(served, capsys, tmp_path):
+    ledger = tmp_path / "refuse.jsonl"
+    args = ("--ledger", str(ledger), "--on-exhausted", "refuse")
+    assert _generate(served, *args, tokens="10") == 0  # TINY's query budget is 16
+    assert _generate(served, *args, tokens="10") == 3
+    assert "refused: budget exhausted" in capsys.readouterr().out
+    assert accounting.read_ledger(ledger).n_queries == 16
+
+
+def test_a_signed_deployment_and_an_overrun_fail_verification(served, capsys, tmp_path):
+    from tests.accounting.test_signing import forge_append
+
+    assert main(["keygen", "--out", str(tmp_path / "dep")]) == 0
+    ledger = tmp_path / "signed.jsonl"
+    args = ("--ledger", str(ledger), "--signing-key", str(tmp_path / "dep.key"))
+    assert _generate(served, *args, tokens="16") == 0
+    capsys.readouterr()
+    pub = str(tmp_path / "dep.pub")
+    assert main(["verify-ledger", str(ledger), "--public-key", pub]) == 0
+    assert "signed (ed25519 key" in capsys.readouterr().out
+    assert _generate(served, "--ledger", str(ledger), tokens="1") == 2  # no key, no append
+    assert "signing key" in capsys.readouterr().err
+    forge_append(ledger)
+    assert main(["verify-ledger", str(ledger), "--public-key", pub]) == 1
+    assert "bad signature" in capsys.readouterr().out
+    plain = tmp_path / "plain.jsonl"
+    assert _generate(served, "--ledger", str(plain), tokens="16") == 0
+    forge_append(plain)
+    capsys.readouterr()
+    assert main(["account", str(plain), "--delta", "1e-5"]) == 1
+    assert "OVERRUN" in capsys.readouterr().out
+    assert main(["account", str(plain), "--delta", "1e-5", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["overrun"]
+    assert main(["verify-ledger", str(plain)]) == 1
+    assert "OVERRUN" in capsys.readouterr().out
+
+
+def test_account_into_a_closed_pipe_exits_quietly(tiny_run):
+    import subprocess
+    import sys
+
+    ledger = tiny_run[0] / "ledger.jsonl"
+    code = ("import sys; from reports.cli import main; "
+            f"sys.exit(main(['account', {str(ledger)!r}, '--delta', '1e-5']))")  # fmt: skip
+    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.stdout.startswith("epsilon") and "Traceback" not in proc.stderr
+    assert "BrokenPipe" not in proc.stderr
+
+
+def test_a_failed_run_leaves_no_half_made_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    missing = tmp_path / "no-such.jsonl"
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    assert main(["train", "--out", str(out), "--public-dir", str(pub), "--private-jsonl",
+                 str(missing)]) == 2  # fmt: skip
+    assert "--private-jsonl" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "p.jsonl").write_text('{"user": "u", "text": "hello there"}\n')
+    (pub / "a.txt").write_text("public text " * 50)
+    assert main(["train", "--quick", "--out", str(out), "--public-dir", str(pub),
+                 "--private-jsonl", str(tmp_path / "p.jsonl"), "--members", "4"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--members" in err and not out.exists()
+    assert main(["train", "--out", str(out), "--members", "0"]) == 2
+    assert "--members must be an integer >= 1" in capsys.readouterr().err and not out.exists()
 
 
 def test_user_supplied_data_and_a_tampered_stage_is_rebuilt(tmp_path):
@@ -105,6 +210,10 @@ def test_user_supplied_data_and_a_tampered_stage_is_rebuilt(tmp_path):
     cfg = replace(TINY, public_dir=str(pub), private_jsonl=str(priv), max_private_records=None)
     metrics = run_demo(cfg, out, _quiet)
     assert metrics["privacy"]["pmixed_certified_add_remove"]["epsilon"] <= 8.0
+    report = json.loads((out / "report.json").read_text())  # names the user's corpus, not plays
+    assert "plays" not in report["identity"]["public_model"]
+    assert str(pub) in report["identity"]["public_model"]
+    assert report["identity"]["corpus"] == "user:public+private.jsonl"
     stage = json.loads((out / "public" / "stage.json").read_text())
     assert stage["files"] and stage["versions"]["torch"]
     weights = next((out / "public").glob("*.safetensors"))

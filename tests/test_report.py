@@ -184,6 +184,75 @@ def test_verdict_rules_fire_on_the_evidence(report):
             ("F3", "dpsgd"), ("F7", None)} <= ids  # fmt: skip
 
 
+def _copy(tiny_run, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    return out
+
+
+def _rules(doc) -> set:
+    return {(r["id"], r["mechanism"]) for r in doc["verdict"]["rules"]}
+
+
+def test_the_report_covers_the_served_ledger_and_tells_evaluation_from_service(tiny_run, tmp_path):
+    from reports.cli import main
+
+    out = _copy(tiny_run, tmp_path)
+    assert main(["generate", "--run", str(out), "--prompt", "To be", "--max-new-tokens", "4"]) == 0
+    doc = write_report(out)
+    served = doc["ledgers"]["served_generate"]
+    assert served["file"] == "generate.jsonl" and served["verified"] and served["role"] == "served"
+    assert served["recompute_command"].startswith(
+        f"pmixed verify-ledger generate.jsonl --expect-head {served['head']}"
+    )
+    assert doc["budget"]["served_generate"]["queries_served"] == 4
+    assert "generate.jsonl" in doc["identity"]["inputs"]
+    assert doc["statements"]["served_generate"].startswith("This service releases")
+    evaluation = doc["statements"]["pmixed_certified_add_remove"]
+    assert evaluation.startswith("This evaluation deployment") and "This service" not in evaluation
+    row = doc["audit"]["rows"]["served_generate"]
+    assert row["audited_as"] == "pmixed_certified_add_remove"
+    model = doc["identity"]["public_model"]
+    assert "layers" in model and "shakespeare" in model and "plays" in model
+    assert "served_generate" in (out / "report.md").read_text()
+
+
+def test_a_corrupt_ledger_gives_a_fail_report_instead_of_none(tiny_run, tmp_path, capsys):
+    from reports.cli import main
+
+    out = _copy(tiny_run, tmp_path)
+    lines = (out / "ledger.jsonl").read_bytes().splitlines(keepends=True)
+    lines[5] = lines[5].replace(b'"seq":5', b'"seq":6')  # an edited record
+    (out / "ledger.jsonl").write_bytes(b"".join(lines))
+    for name in ("report.json", "report.md", "report.html"):
+        (out / name).unlink()
+    assert main(["report", "--run", str(out)]) == 1  # written, and the verdict is FAIL
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["verdict"]["level"] == "fail"
+    assert ("F2", "pmixed_certified_add_remove") in _rules(doc)
+    ledger = doc["ledgers"]["pmixed_certified_add_remove"]
+    assert not ledger["verified"] and "line 6" in ledger["failure"]
+    assert doc["accounting"]["pmixed_certified_add_remove"]["epsilon"] == "inf"
+    assert doc["statements"]["pmixed_certified_add_remove"].startswith("NO CLAIM")
+    assert (out / "report.html").exists() and "F2" in capsys.readouterr().out
+
+
+def test_an_overrun_ledger_gives_an_f3_fail(tiny_run, tmp_path):
+    from tests.accounting.test_signing import forge_append
+
+    out = _copy(tiny_run, tmp_path)
+    forge_append(out / "ledger.jsonl")  # a correctly re-hashed query past the spent budget
+    doc = write_report(out)
+    rules = _rules(doc)
+    assert ("F3", "pmixed_certified_add_remove") in rules
+    assert doc["ledgers"]["pmixed_certified_add_remove"]["verified"]  # the chain is intact
+    # ... but it no longer matches the epsilon logged at evaluation time: F2 says so too
+    assert ("F2", "pmixed_certified_add_remove") in rules
+    assert doc["budget"]["pmixed_certified_add_remove"]["overrun"]
+    assert doc["statements"]["pmixed_certified_add_remove"].startswith("BUDGET OVERRUN")
+    assert doc["verdict"]["level"] == "fail"
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
