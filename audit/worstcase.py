@@ -1,0 +1,118 @@
+"""PMixED's worst case, exactly (AUDIT.md §15): the accountant's tightness apart from training.
+
+With the public model and the other members fixed at a context, the adversary may make member j
+any distribution (a poisoned partition). :func:`worst_member` searches for the member that
+maximises the exact per-query divergence over the charged cost, max over orders and both
+directions, for the ``add_remove`` pair (E with member j against E without it). The objective is
+a black box (λ is a root-find), so the search is random then local, over the families known to be
+worst (PMIXED_MATH.md §7): mass moved to 1-3 tokens chosen by p0 rank (the rarest and the most
+likely) with a continuous weight, and p0 with one rare token scaled by r ∈ [10, 10^4]. The winner
+is re-evaluated with the exact law; its ratio is a lower bound on the accountant's per-query
+looseness at that context (> 1: the claim is exceeded, an alarm).
+
+A *mechanism* here is what mixes (``mechanism``: a Calibration whose λ rule is used, and
+optionally ``unmollified``: member j's λ forced to 1); the *claim* is the per-query curve the
+ledger charges. They differ only for planted violations (:mod:`audit.mutants`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pmixed.divergence import renyi_divergence_log
+from pmixed.mechanism import lambdas_by_size, released_log_law
+from pmixed.privacy import Calibration
+
+__all__ = ["WorstCase", "ar_ratio", "worst_member"]
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """The best member found: its exact/charged ratio, the order attaining it, and how found."""
+
+    ratio: float
+    order: int
+    family: str
+    evaluations: int
+    member: np.ndarray  # log-probabilities [V] (restricted when p0 is a real model's)
+
+    def to_json(self) -> dict:
+        return {"ratio": self.ratio, "order": self.order, "family": self.family,
+                "evaluations": self.evaluations}  # fmt: skip
+
+
+def ar_ratio(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: Calibration,
+             charged: np.ndarray, *, unmollified: bool = False) -> tuple[float, int]:  # fmt: skip
+    """(max over orders of exact D / charged, that order) for E = others + member vs others."""
+    lp = np.vstack([others, member[None]])
+    n, j = lp.shape[0], lp.shape[0] - 1
+    lam = lambdas_by_size(lp, lp0, mechanism)
+    if unmollified:
+        lam = lam.copy()
+        lam[:, j] = 1.0
+    q = mechanism.config.sampling_rate
+    law = released_log_law(lp, lp0, lam, q)
+    sizes = lam if lam.shape[0] == 1 else lam[: max(1, n - 1)]
+    other = released_log_law(others, lp0, sizes[:, :j], q) if j else lp0.copy()
+    orders = np.asarray(mechanism.orders, np.float64)
+    d = np.maximum(
+        renyi_divergence_log(law, other, orders), renyi_divergence_log(other, law, orders)
+    )
+    ok = np.isfinite(charged) & (charged > 0)
+    r = np.where(ok, d / np.where(ok, charged, 1.0), 0.0)
+    k = int(np.argmax(r))
+    return float(r[k]), int(orders[k])
+
+
+def _candidate(p0: np.ndarray, rng: np.random.Generator, pool: np.ndarray, rare: np.ndarray):
+    if rng.random() < 0.5:
+        k = int(rng.integers(1, min(3, len(pool)) + 1))
+        tokens = rng.choice(pool, size=k, replace=False)
+        w = 10 ** rng.uniform(-4, 0)
+        p = (1 - w) * p0
+        p[tokens] += w * rng.dirichlet(np.ones(k))
+        return p / p.sum(), "sparse"
+    y = int(rng.choice(rare))
+    r = 10 ** rng.uniform(1, 4) * (1 if rng.random() < 0.7 else -1)
+    p = p0.copy()
+    p[y] = p0[y] * abs(r) if r > 0 else p0[y] / abs(r)
+    return p / p.sum(), "rare-token scaled"
+
+
+def worst_member(
+    logp_others: np.ndarray,
+    logp_public: np.ndarray,
+    mechanism: Calibration,
+    charged: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    evaluations: int = 200,
+    unmollified: bool = False,
+) -> WorstCase:
+    """Random search over the two families, then a local refinement of the winner's weight."""
+    lp0 = np.asarray(logp_public, np.float64)
+    others = np.asarray(logp_others, np.float64)
+    p0 = np.exp(lp0)
+    order = np.argsort(p0)
+    pool = np.unique(np.concatenate([order[:12], order[-3:]]))
+    rare = order[: min(12, len(order))]
+    best = (-1.0, 0, "", p0)
+    for _ in range(evaluations):
+        p, family = _candidate(p0, rng, pool, rare)
+        with np.errstate(divide="ignore"):
+            ratio, k = ar_ratio(others, np.log(p), lp0, mechanism, charged, unmollified=unmollified)
+        if ratio > best[0]:
+            best = (ratio, k, family, p)
+    ratio, k, family, p = best
+    for scale in (0.5, 0.8, 1.25, 2.0):  # local: move the winner towards / away from p0
+        q = np.clip(p0 + scale * (p - p0), 0, None)
+        q /= q.sum()
+        with np.errstate(divide="ignore"):
+            r, kk = ar_ratio(others, np.log(q), lp0, mechanism, charged, unmollified=unmollified)
+        if r > ratio:
+            ratio, k, p = r, kk, q
+    with np.errstate(divide="ignore"):
+        member = np.log(p)
+    return WorstCase(ratio, k, family, evaluations + 4, member)

@@ -1,0 +1,54 @@
+"""Planted violations are caught; their sound twins are not (false alarms over 100 seeds)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from audit.mutants import MUTANTS, register, run_mutants
+from audit.worstcase import worst_member
+from pmixed import PMixEDConfig
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def test_the_registry_holds_the_issues_minimum_set():
+    assert {"seed_dpsgd", "dpsgd_noise_div4", "pmixed_reference", "pmixed_beta_x4",
+            "pmixed_unmollified", "generator_skips_tenth_charge"} <= set(MUTANTS)  # fmt: skip
+    with pytest.raises(ValueError, match="already registered"):
+        register("seed_dpsgd", "x", "y")(lambda *a: {})
+
+
+def test_every_mutant_is_detected_and_no_twin_is():
+    result = run_mutants("quick", seed=0, repetitions=0)
+    missed = [n for n, r in result["mutants"].items() if not r["detected"]]
+    assert result["all_detected"] and not missed, missed
+    assert result["twins_clean"], [n for n, r in result["mutants"].items() if r["twin_detected"]]
+    assert result["detected"] == result["total"] == len(MUTANTS)
+
+
+def test_cheap_twins_false_alarm_rate_over_100_seeds_is_at_most_5_percent():
+    names = [n for n, m in MUTANTS.items() if m.cheap]
+    result = run_mutants("test", seed=10, repetitions=100, names=names)
+    for name, row in result["mutants"].items():
+        assert row["twin_repetitions"] == 100
+        assert row["twin_false_alarm_rate"] <= 0.05, (name, row)
+
+
+def test_the_worst_case_search_stays_within_a_sound_claim_and_breaks_an_unmollified_one():
+    rng = np.random.default_rng(0)
+    p0 = 1 / np.arange(1, 101) ** 1.1
+    p0 /= p0.sum()
+    others = np.log(p0[None] * np.exp(0.3 * rng.standard_normal((2, 100))))
+    others -= np.log(np.exp(others).sum(axis=1, keepdims=True))
+    cal = PMixEDConfig(n_members=3, sampling_rate=0.05, epsilon=8.0, delta=1e-5,
+                       query_budget=1024, orders=tuple(range(2, 17))).calibrate()  # fmt: skip
+    charged = np.asarray(cal.per_query_rdp_add_remove)
+    sound = worst_member(others, np.log(p0), cal, charged, rng=rng, evaluations=60)
+    bad = worst_member(others, np.log(p0), cal, charged, rng=rng, evaluations=60,
+                       unmollified=True)  # fmt: skip
+    assert 0 < sound.ratio <= 1 < bad.ratio
+    assert np.isclose(np.exp(sound.member).sum(), 1.0)
