@@ -253,8 +253,17 @@ def _audit(run: Path) -> tuple[dict, str]:
             "conformance_passed": m.get("conformance_passed"),
             "alarms": m.get("alarms", []),
         }  # fmt: skip
+    controls_ok = a["controls_passed"]
+    for row in rows.values():  # a positive control that failed: the audit could not have seen
+        row["inconclusive"] = not controls_ok
+        ub = row["epsilon_ub"]
+        row["tightness"] = {"epsilon_lb_over_claim": None if ub in (None, 0) or row["epsilon_lb"]
+                            is None else row["epsilon_lb"] / ub,
+                            "epsilon_pair_over_claim": None if ub in (None, 0) or
+                            row["epsilon_pair"] is None else row["epsilon_pair"] / ub}  # fmt: skip
     out = {
         "attached": True, "file": "audit.json", "sha256": _sha256(path),
+        "power": _power(run, controls_ok),
         "statement": a["statement"], "rows": rows, "controls": a["controls"],
         "controls_passed": a["controls_passed"], "alarms": a["alarms"],
         "plan": {k: a["plan"][k] for k in ("n_contexts", "conformance_samples", "eta", "seed")},
@@ -262,6 +271,27 @@ def _audit(run: Path) -> tuple[dict, str]:
         "exposure": a["mechanisms"].get("pmixed_certified_replace_one", {}).get("exposure"),
     }  # fmt: skip
     return out, str(run / "audit.restricted.json")
+
+
+def _power(run: Path, controls_ok: bool) -> dict:
+    """The power section: positive controls, and ``power.json`` (mutants detected, test-bed
+    tightness) when ``pmixed audit --power`` has written one."""
+    path = run / "power.json"
+    out: dict = {"positive_controls_passed": controls_ok, "attached": path.exists()}
+    if path.exists():
+        p = json.loads(path.read_text())
+        m = p["mutants"]
+        out.update(
+            file="power.json",
+            sha256=_sha256(path),
+            mutants=m["mutants"],
+            mutants_detected=m["detected"],
+            mutants_total=m["total"],
+            twins_clean=m["twins_clean"],
+            testbed=p.get("testbed"),
+            seed=p.get("seed"),
+        )
+    return out
 
 
 def _lb(e: dict) -> float:

@@ -333,8 +333,59 @@ def _print_audit(result: dict) -> None:
                                    for c in result["controls"]) + f" ({ok})")  # fmt: skip
 
 
+#: Runs per world of the logistic-regression test bed, by --scale.
+TESTBED_RUNS = {"test": 2000, "quick": 10_000, "full": 100_000}
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    """Planted violations and the DP-SGD test beds: DIR/power.json, then the report if any."""
+    import logging
+
+    from audit.manyrun import ManyRunPlan, corrected_dpsgd_audit, seed_dpsgd_audit, tightness
+    from audit.mutants import MUTANTS, run_mutants
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if args.repetitions < 0:
+        raise InvalidRequest("repetitions", "must be an integer >= 0", args.repetitions)
+    mutants = run_mutants(args.scale, seed=args.seed, repetitions=args.repetitions,
+                          progress=_bars("audit: planted violations", len(MUTANTS)))  # fmt: skip
+    plan = ManyRunPlan(runs=TESTBED_RUNS[args.scale], pilot_runs=TESTBED_RUNS[args.scale],
+                       seed=args.seed)  # fmt: skip
+    rows = corrected_dpsgd_audit(plan, progress=_bars("audit: LR DP-SGD test bed",
+                                                      len(plan.claims)))  # fmt: skip
+    power = {"seed": args.seed, "scale": args.scale, "mutants": mutants,
+             "testbed": {"plan": plan.__dict__, "rows": rows, "tightness": tightness(rows)},
+             "seed_dpsgd": seed_dpsgd_audit(seed=args.seed)}  # fmt: skip
+    write_json(args.run / "power.json", json.loads(json.dumps(power, default=float)))
+    print(f"\npower ({args.scale}): planted violations detected {mutants['detected']} of "
+          f"{mutants['total']}; sound twins {'clean' if mutants['twins_clean'] else 'ALARMED'}")  # fmt: skip
+    for name, m in mutants["mutants"].items():
+        rate = m["twin_false_alarm_rate"]
+        fa = "-" if rate is None else f"{m['twin_false_alarms']}/{m['twin_repetitions']}"
+        print(f"  {name:<30} {'detected' if m['detected'] else 'MISSED':<9} {m['evidence']}; "
+              f"twin false alarms {fa}")  # fmt: skip
+    print(f"LR DP-SGD test bed ({plan.runs} runs per world, white-box Dirac canary, q={plan.q}, "
+          f"{plan.steps} steps):")  # fmt: skip
+    for r in rows:
+        one = r["one_run"]["epsilon_lb"] if r["one_run"] else float("nan")
+        print(f"  claim {r['claim']['epsilon']:.3f}: eps_lb {r['epsilon_lb']:.3f} "
+              f"({r['ratio']:.2f} of the claim, {r['best']}); one-run {one:.3f}")  # fmt: skip
+    seed = power["seed_dpsgd"]
+    print(f"seed DP-SGD: claimed {seed['claimed_epsilon']:.3f}, eps_lb "
+          f"{max(b['epsilon_lb'] for b in seed['bounds'].values()):.3f} "
+          f"({'VIOLATION detected' if seed['violation'] else 'not detected'})")  # fmt: skip
+    print(f"wrote {args.run / 'power.json'}")
+    if (args.run / "metrics.json").exists():
+        from reports.report import write_report
+
+        _print_report(args.run, write_report(args.run))
+    return 0 if mutants["all_detected"] and mutants["twins_clean"] else 1
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Audit a trained run: resumes every cached stage, then writes audit.json."""
+    if args.mutants:
+        return cmd_power(args)
     from reports.campaign import config_from_run, run_demo
 
     run_demo(config_from_run(args.run), args.run, _bars, audit=True)
@@ -510,6 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    p.add_argument("--mutants", action="store_true",
+                   help="audit power instead: planted violations with their sound twins and the "
+                        "DP-SGD test beds; writes RUN/power.json (the report shows it)")  # fmt: skip
+    p.add_argument("--scale", choices=sorted(TESTBED_RUNS), default="quick",
+                   help="--mutants: quick (minutes) or full (10^5 test-bed runs per world)")  # fmt: skip
+    p.add_argument("--repetitions", type=int, default=100,
+                   help="--mutants: seeds over which each cheap twin's false alarms are counted")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="--mutants: the audit's root seed")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("report", help="rebuild report.json/.md/.html of a run from its files")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))

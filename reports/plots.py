@@ -165,6 +165,31 @@ def _utility(doc: dict):
     return fig
 
 
+def _power(doc: dict):
+    fig, ax = plt.subplots(figsize=(6, 3))
+    rows = [(n, r) for n, r in doc["audit"].get("rows", {}).items() if r.get("epsilon_ub")]
+    tb = (doc["audit"].get("power") or {}).get("testbed") or {}
+    labels, claims, lbs, pairs = [], [], [], []
+    for name, r in rows:
+        labels.append(_NAMES.get(name, name))
+        claims.append(r["epsilon_ub"])
+        lbs.append(r["epsilon_lb"] or 0.0)
+        pairs.append(r["epsilon_pair"] or 0.0)
+    for row in tb.get("rows", []):
+        labels.append(f"LR DP-SGD eps {row['claim']['epsilon']:.0f}")
+        claims.append(row["claim"]["epsilon"])
+        lbs.append(row["epsilon_lb"])
+        pairs.append(0.0)
+    x = range(len(labels))
+    ax.bar([i - 0.27 for i in x], claims, 0.27, label="claim", color="#888")
+    ax.bar(list(x), pairs, 0.27, label="exact pair (PMixED)")
+    ax.bar([i + 0.27 for i in x], lbs, 0.27, label="empirical lower bound")
+    ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=6)
+    ax.set(ylabel="epsilon", title="Claims against the audits' lower bounds")
+    ax.legend(fontsize=7)
+    return fig
+
+
 _FIGURES = {
     "burn_down": (_burn_down, "Epsilon at the report's delta against tokens released (PMixED, "
                   "each ledger's prefix composed by dp-accounting RDP) and training steps (DP-SGD, "
@@ -180,6 +205,9 @@ _FIGURES = {
             "deployments with and without the canary member (the other PMixED rows rest on the "
             "exact pair); DP-SGD and the fine-tune: the canary audit (Poisson-included canaries); "
             "public: training vs held-out blocks; red: the DP trade-off bound at DP-SGD's claim."),
+    "power": (_power, "Audit power: each claim next to the exact-pair and empirical lower bounds "
+              "that the audit reached (PMixED deployments, DP-SGD, and the logistic-regression "
+              "DP-SGD test bed of `pmixed audit --power`)."),
     "utility": (_utility, "Held-out perplexity (exact mixture for PMixED) against epsilon; "
                 "utility is measured outside the guarantee."),
 }  # fmt: skip

@@ -74,11 +74,15 @@ def statement(name: str, m: dict, unit: dict, audit: dict) -> str:
             if row["epsilon_lb"] is None
             else f"empirical lower bound {_num(row['epsilon_lb'])} ({row['epsilon_lb_method']})"
         )
-        found = (
-            f"An empirical audit found no evidence against the claim: {pair}{lb}."
-            if not row["alarms"]
-            else f"The audit raised {len(row['alarms'])} alarm(s): a lower bound exceeds the claim."
-        )
+        if row["alarms"]:
+            found = (
+                f"The audit raised {len(row['alarms'])} alarm(s): a lower bound exceeds the claim."
+            )
+        elif row.get("inconclusive"):
+            found = (f"The empirical audit is INCONCLUSIVE: a positive control failed, so it could "
+                     f"not have seen a leak ({pair}{lb}); this is not evidence for the claim.")  # fmt: skip
+        else:
+            found = f"An empirical audit found no evidence against the claim: {pair}{lb}."
     if mech["kind"] == "dpsgd":
         return (
             f"This model was trained with DP-SGD (Opacus) and satisfies approximate differential "

@@ -3,9 +3,10 @@
 Each triggered rule is listed with its id, level, mechanism, a one-line reason and a JSON pointer
 to the evidence. The overall level is the worst rule over the mechanisms offered for sign-off;
 mechanisms the policy marks ``comparison_only`` (the uncertified reference mode) have their rules
-listed but do not set it. Rules implemented: F1-F5, F7, W1, W3-W6, W8, W9 (F6 holds by
-construction: partitions are keyed by user before chunking, tested in ``pmixed.data``; F8 is
-enforced by refusing to write a document that fails the schema or contains a restricted value).
+listed but do not set it. Rules implemented: F1-F5, F7, W1, W3-W6, W8, W9, W10 (an audit without
+power is INCONCLUSIVE) (F6 holds by construction: partitions are keyed by user before chunking,
+tested in ``pmixed.data``; F8 is enforced by refusing to write a document that fails the schema
+or contains a restricted value).
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def _mechanism_rules(doc: dict, name: str, policy: dict, rules: list) -> None:
         _rule(
             rules, "F1", name, f"{len(row['alarms'])} audit alarm(s)", f"/audit/rows/{name}/alarms"
         )
+    power = audit.get("power", {})
+    no_mutant = power.get("attached") and power.get("mutants_detected") == 0
+    if row.get("inconclusive") or no_mutant:
+        why = (
+            "a positive control failed"
+            if row.get("inconclusive")
+            else "no planted mutant was detected"
+        )
+        _rule(rules, "W10", name, f"audit INCONCLUSIVE: {why}, so the audit lacked power to see a "
+              "leak (not evidence for the claim)", f"/audit/rows/{name}/inconclusive")  # fmt: skip
     if row.get("conformance_passed") is False:
         _rule(rules, "F7", name, "the sampler's chi-square conformance test rejected",
               f"/audit/rows/{name}/conformance_passed")  # fmt: skip

@@ -155,7 +155,7 @@ def test_html_is_self_contained_and_shows_the_json_values(report):
         text.strip() in (fmt(_at(doc, ptr)), f"Verdict: {fmt(_at(doc, ptr)).upper()}")
         for ptr, text in page.cells
     )  # fmt: skip
-    assert len(html.encode()) < 5_000_000 and html.count("<svg") == 6
+    assert len(html.encode()) < 5_000_000 and html.count("<svg") == 7
 
 
 def test_verdict_rules_fire_on_the_evidence(report):
@@ -251,6 +251,46 @@ def test_an_overrun_ledger_gives_an_f3_fail(tiny_run, tmp_path):
     assert doc["budget"]["pmixed_certified_add_remove"]["overrun"]
     assert doc["statements"]["pmixed_certified_add_remove"].startswith("BUDGET OVERRUN")
     assert doc["verdict"]["level"] == "fail"
+
+
+def test_audit_power_is_reported_and_a_failed_control_makes_the_audit_inconclusive(tiny_run,
+                                                                                   tmp_path):  # fmt: skip
+    """The tiny run's models learn nothing, so its positive control C3-lm fails: every mechanism's
+    audit is INCONCLUSIVE (W10), never "no evidence against the claim"; power.json (mutants and
+    the test bed) appears in the Audit power section and figure."""
+    import logging
+
+    from audit.manyrun import ManyRunPlan, corrected_dpsgd_audit
+    from audit.mutants import run_mutants
+    from reports.files import write_json
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    out = _copy(tiny_run, tmp_path)
+    mutants = run_mutants("test", repetitions=3,
+                          names=["pmixed_unmollified", "generator_skips_tenth_charge"])  # fmt: skip
+    rows = corrected_dpsgd_audit(ManyRunPlan(claims=(4.0,), runs=300, pilot_runs=300,
+                                             one_run_canaries=0))  # fmt: skip
+    write_json(out / "power.json", {"seed": 0, "mutants": mutants, "testbed": {"rows": rows}})
+    doc = write_report(out)
+    power = doc["audit"]["power"]
+    assert power["attached"] and (power["mutants_detected"], power["mutants_total"]) == (2, 2)
+    assert power["testbed"]["rows"][0]["runs_per_world"] == 300
+    assert not power["positive_controls_passed"]  # C3-lm fails on the tiny models
+    rules = _rules(doc)
+    assert all(row["inconclusive"] for row in doc["audit"]["rows"].values())
+    for name in doc["mechanisms"]:  # every mechanism offered with an audit row
+        assert ("W10", name) in rules
+        assert "no evidence against the claim" not in doc["statements"][name]
+    assert "INCONCLUSIVE" in doc["statements"]["pmixed_certified_add_remove"]
+    md = (out / "report.md").read_text()
+    assert "### Audit power" in md and "generator_skips_tenth_charge" in md
+    assert "figure `power`" in md.lower() or "Figure `power`" in md
+    broken = copy.deepcopy(doc)
+    broken["audit"]["controls_passed"] = True
+    for row in broken["audit"]["rows"].values():
+        row["inconclusive"] = False
+    broken["audit"]["power"]["mutants_detected"] = 0  # a power run that caught nothing
+    assert ("W10", "dpsgd") in {(r["id"], r["mechanism"]) for r in compute_verdict(broken)["rules"]}
 
 
 def _chromium() -> str | None:
