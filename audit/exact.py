@@ -28,7 +28,14 @@ from pmixed.divergence import renyi_divergence_log
 from pmixed.mechanism import exact_released_log_law, lambdas_by_size, released_log_law, step
 from pmixed.privacy import Calibration
 
-__all__ = ["ExactPair", "conformance", "exact_pair_audit", "pair_epsilon"]
+__all__ = [
+    "ExactPair",
+    "conformance",
+    "exact_pair_audit",
+    "pair_epsilon",
+    "pair_laws",
+    "repeated_pair_epsilon",
+]
 
 #: Relative slack on the per-query comparison: the exact D is float64 log-space arithmetic.
 RDP_TOLERANCE = 1e-9
@@ -112,18 +119,44 @@ def _laws(lp: np.ndarray, lp0: np.ndarray, cal: Calibration, member: int, replac
     return np.stack(law), np.stack(other)
 
 
+def _pair_pld(a: np.ndarray, b: np.ndarray):
+    upper = {int(y): float(v) for y, v in enumerate(a) if v > -np.inf}
+    lower = {int(y): float(v) for y, v in enumerate(b) if v > -np.inf}
+    return pld.from_two_probability_mass_functions(
+        lower, upper, pessimistic_estimate=False,
+        value_discretization_interval=DISCRETIZATION, symmetric=False,
+    )  # fmt: skip
+
+
 def pair_epsilon(log_law: np.ndarray, log_other: np.ndarray, delta: float) -> float:
     """ε(δ) of the composed pairs (log_law[t], log_other[t]) by optimistic PLDs: a lower bound."""
     total = None
     for a, b in zip(log_law, log_other):
-        upper = {int(y): float(v) for y, v in enumerate(a) if v > -np.inf}
-        lower = {int(y): float(v) for y, v in enumerate(b) if v > -np.inf}
-        one = pld.from_two_probability_mass_functions(
-            lower, upper, pessimistic_estimate=False,
-            value_discretization_interval=DISCRETIZATION, symmetric=False,
-        )  # fmt: skip
+        one = _pair_pld(a, b)
         total = one if total is None else total.compose(one)
     return float(max(0.0, total.get_epsilon_for_delta(delta)))
+
+
+def repeated_pair_epsilon(log_law: np.ndarray, log_other: np.ndarray, times: int,
+                          delta: float) -> float:  # fmt: skip
+    """ε(δ) of ONE context's pair asked ``times`` times (query control: the adversary repeats its
+    best prompt), by dp-accounting's PLD self-composition with optimistic rounding."""
+    return float(max(0.0, _pair_pld(log_law, log_other).self_compose(times)
+                     .get_epsilon_for_delta(delta)))  # fmt: skip
+
+
+def pair_laws(
+    logp_members: object,
+    logp_public: object,
+    calibration: Calibration,
+    *,
+    member: int,
+    replacement: object | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log P [T, V], log P' [T, V]) of the pair :func:`exact_pair_audit` audits."""
+    lp = np.asarray(logp_members, np.float64)
+    rep = None if replacement is None else np.asarray(replacement, np.float64)
+    return _laws(lp, np.asarray(logp_public, np.float64), calibration, member, rep)
 
 
 def exact_pair_audit(

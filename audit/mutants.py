@@ -125,7 +125,7 @@ def _calibrated(**kw) -> Calibration:
 
 def _pmixed_search(mechanism: Calibration, claim: Calibration, seed: int, scale: str,
                    n_members: int, unmollified: bool = False) -> dict:  # fmt: skip
-    lp0, others, rng = _toy(seed, n_members)
+    lp0, others, rng = _toy(seed, n_members, vocab=100 if scale == "test" else 300)
     evals = _EVALS[scale]
     charged = np.asarray(claim.per_query_rdp_add_remove)
     wc = worst_member(others, lp0, mechanism, charged, rng=rng, evaluations=evals,
@@ -187,17 +187,19 @@ class _SkippingDeployment(Deployment):
         return Answer(value, True, False)
 
 
+_GEN = dict(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
+            orders=tuple(range(2, 17)))  # fmt: skip
+
+
 @register("generator_skips_tenth_charge", "a deployment that releases every tenth private token "
           "without charging it", "released answers against the ledger's queries")  # fmt: skip
 def _skips(defective: bool, seed: int, scale: str) -> dict:
-    cfg = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
-                       orders=tuple(range(2, 17)))  # fmt: skip
     cls = _SkippingDeployment if defective else Deployment
     rng = child_rng(seed, "mutants/generator")
     p0 = rng.dirichlet(np.ones(8))
     pm = rng.dirichlet(np.ones(8), size=3)
     with tempfile.TemporaryDirectory() as d:
-        dep = cls.create(Path(d) / "l.jsonl", cfg.calibrate(), seed=seed)
+        dep = cls.create(Path(d) / "l.jsonl", _calibrated(**_GEN), seed=seed, fsync=False)
         released = 0
         for _ in range(30):
             answer = dep.serve(lambda g: (step(pm, p0, dep.calibration, g).token, {}))

@@ -43,11 +43,12 @@ from audit.exposure import ExposurePlan, exposure_audit, synthetic_control
 from audit.game import GamePlan, plant_canary, pmixed_game
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs, pmixed_contexts
+from audit.worstcase import pmixed_worst_case
 from pmixed.privacy import Calibration
 
 __all__ = ["AUDIT_SCHEMA", "AuditPlan", "audit_models"]
 
-AUDIT_SCHEMA = 4
+AUDIT_SCHEMA = 5
 STATEMENT = "audits give lower bounds and cannot certify differential privacy"
 
 
@@ -61,6 +62,7 @@ class AuditPlan:
     bootstrap: int = 1000
     eta: float = 0.05
     seed: int = 0
+    worst_case_evaluations: int = 120
     canaries: CanaryPlan = field(default_factory=CanaryPlan)
     game: GamePlan = field(default_factory=GamePlan)
     exposure: ExposurePlan = field(default_factory=ExposurePlan)
@@ -94,7 +96,24 @@ def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member:
                 "message": f"exact per-query RDP is {pair.worst_ratio:.3g}x the charged cost",
             }
         )
+    worst, worst_restricted = pmixed_worst_case(
+        lp0, world, cal, member=member, replacement=replacement, pair=pair,
+        rng=np.random.default_rng(plan.seed),
+        # reference mode mollifies every member at every subset size: a quarter of the budget
+        evaluations=plan.worst_case_evaluations // (1 if cal.beta is not None else 4),
+    )  # fmt: skip
+    worst["query_control"]["ratio_to_claim"] = (
+        worst["query_control"]["epsilon_pair"] / eps_ub if eps_ub else None
+    )
+    if worst["optimised_member"]["alarm"]:
+        found.append({"bound": "worst_case_member", "worst_ratio": worst["optimised_member"]
+                      ["ratio"], "message": "an optimised member exceeds the charged cost "
+                      f"{worst['optimised_member']['ratio']:.3g}x"})  # fmt: skip
+    if eps_ub is not None and worst["query_control"]["epsilon_pair"] > eps_ub:
+        found.append({"bound": "query_control_epsilon_pair", "message": "the repeated worst "
+                      "context's exact pair exceeds the claim"})  # fmt: skip
     public = {
+        "worst_case": worst,
         "relation": cal.config.relation, "unit": claim["unit"], "delta": cal.delta,
         "claim": {"epsilon_ub": eps_ub, "accountant": claim["accountant"],
                   "certified": claim["certified"], "status": cal.status,
@@ -117,7 +136,8 @@ def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member:
     }  # fmt: skip
     if not cal.certified:
         public["note"] = "UNCERTIFIED reference accounting: the claim is the paper code's, not ours"
-    restricted = {"member": member, "summed_forward": pair.summed_forward.tolist(),
+    restricted = {"member": member, "worst_case": worst_restricted,
+                  "summed_forward": pair.summed_forward.tolist(),
                   "summed_backward": pair.summed_backward.tolist(),
                   "per_query_max": pair.per_query.max(axis=0).tolist(),
                   "orders": list(pair.orders)}  # fmt: skip

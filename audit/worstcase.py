@@ -25,7 +25,7 @@ from pmixed.divergence import renyi_divergence_log
 from pmixed.mechanism import lambdas_by_size, released_log_law
 from pmixed.privacy import Calibration
 
-__all__ = ["WorstCase", "ar_ratio", "worst_member"]
+__all__ = ["WorstCase", "ar_ratio", "pmixed_worst_case", "worst_member"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,59 @@ def worst_member(
     with np.errstate(divide="ignore"):
         member = np.log(p)
     return WorstCase(ratio, k, family, evaluations + 4, member)
+
+
+def pmixed_worst_case(lp0: np.ndarray, world: np.ndarray, cal: Calibration, *, member: int,
+                      replacement: np.ndarray | None, pair, rng: np.random.Generator,
+                      contexts: int = 2, evaluations: int = 120) -> tuple[dict, dict]:  # fmt: skip
+    """(public, restricted) worst cases of one deployment at its audited contexts.
+
+    (a) **query control**: the context whose pair is worst at the planned order, composed with
+    itself T times (the adversary repeats its best prompt), next to the composition over the
+    distinct contexts; (c) **the accountant's own worst case**: at the ``contexts`` worst
+    contexts, the real public model and the real other members fixed, the member distribution that
+    maximises exact/charged (``add_remove``: the AR curve), with the per-order ratio curve.
+    """
+    from audit.exact import pair_laws, repeated_pair_epsilon
+
+    k = list(cal.orders).index(cal.planned_order)
+    order = np.argsort(-pair.per_query[:, k])
+    law, other = pair_laws(world, lp0, cal, member=member, replacement=replacement)
+    t = cal.config.query_budget
+    worst = int(order[0])
+    eps_repeat = repeated_pair_epsilon(law[worst], other[worst], t, pair.delta)
+    charged = np.asarray(cal.per_query_rdp_add_remove)
+    found = []
+    for c in order[:contexts]:
+        others = np.delete(world[c], member, axis=0)
+        found.append((int(c), worst_member(others, lp0[c], cal, charged, rng=rng,
+                                           evaluations=evaluations)))  # fmt: skip
+    c_best, best = max(found, key=lambda f: f[1].ratio)
+    others = np.delete(world[c_best], member, axis=0)
+    curve = _ratio_curve(others, best.member, lp0[c_best], cal, charged)
+    public = {
+        "query_control": {"times": t, "epsilon_pair": eps_repeat,
+                          "epsilon_pair_distinct_contexts": pair.epsilon_pair,
+                          "ratio_to_claim": None},
+        "optimised_member": {**best.to_json(), "contexts_searched": len(found),
+                             "relation": "add_remove (the member against its absence)",
+                             "per_order_ratio": curve, "alarm": best.ratio > 1.0},
+    }  # fmt: skip
+    restricted = {"query_control_context": worst, "optimised_context": c_best}
+    return public, restricted
+
+
+def _ratio_curve(others, member, lp0, cal, charged) -> list[float | None]:
+    """exact / charged at every order (None where nothing is charged): the looseness curve."""
+    lp = np.vstack([others, member[None]])
+    lam = lambdas_by_size(lp, lp0, cal)
+    q = cal.config.sampling_rate
+    law = released_log_law(lp, lp0, lam, q)
+    n = lp.shape[0]
+    sizes = lam if lam.shape[0] == 1 else lam[: max(1, n - 1)]
+    other = released_log_law(others, lp0, sizes[:, : n - 1], q) if n > 1 else lp0.copy()
+    orders = np.asarray(cal.orders, np.float64)
+    d = np.maximum(
+        renyi_divergence_log(law, other, orders), renyi_divergence_log(other, law, orders)
+    )
+    return [float(x / c) if np.isfinite(c) and c > 0 else None for x, c in zip(d, charged)]

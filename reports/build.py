@@ -251,6 +251,7 @@ def _audit(run: Path) -> tuple[dict, str]:
             "roc": risk.get("roc") if risk else None,
             "n": [risk["n0"], risk["n1"]] if risk else None,
             "conformance_passed": m.get("conformance_passed"),
+            "worst_case": m.get("worst_case"),
             "alarms": m.get("alarms", []),
         }  # fmt: skip
     controls_ok = a["controls_passed"]
@@ -261,6 +262,14 @@ def _audit(run: Path) -> tuple[dict, str]:
                             is None else row["epsilon_lb"] / ub,
                             "epsilon_pair_over_claim": None if ub in (None, 0) or
                             row["epsilon_pair"] is None else row["epsilon_pair"] / ub}  # fmt: skip
+        wc = row.get("worst_case")
+        if wc:
+            row["tightness"]["query_control_epsilon_pair_over_claim"] = wc["query_control"][
+                "ratio_to_claim"
+            ]
+            row["tightness"]["optimised_member_exact_over_charged"] = wc["optimised_member"][
+                "ratio"
+            ]
     out = {
         "attached": True, "file": "audit.json", "sha256": _sha256(path),
         "power": _power(run, controls_ok),

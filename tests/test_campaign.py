@@ -243,6 +243,11 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
         assert pair["comparable"] and pair["worst_ratio_exact_over_charged"] <= 1.0
         assert 0.0 <= pair["epsilon_pair"] <= m["claim"]["epsilon_ub"] and not m["alarms"]
         assert m["conformance_passed"]
+        wc = m["worst_case"]  # (a) query control and (c) the accountant's own worst case
+        assert wc["query_control"]["times"] == TINY.query_budget
+        assert 0 <= wc["query_control"]["epsilon_pair"] <= m["claim"]["epsilon_ub"]
+        assert 0 < wc["optimised_member"]["ratio"] <= 1 and not wc["optimised_member"]["alarm"]
+    assert "query_control_context" in restricted["pmixed_certified_add_remove"]["worst_case"]
     assert result["mechanisms"]["pmixed_reference"]["claim"]["certified"] is False
     game = result["mechanisms"]["pmixed_certified_replace_one"]["game"]
     assert [e["score"] for e in game["empirical"]] == ["count", "llr"]

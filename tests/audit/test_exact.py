@@ -167,3 +167,35 @@ def test_game_target_is_in_the_band_and_maximises_the_poisoned_divergence():
     assert d(y) == max(d(t) for t in band)
     with pytest.raises(ValueError, match="no token has p0"):
         choose_target(lp0, lps, c, 0, GamePlan(band=(0.99, 1.0)))
+
+
+def test_a_repeated_context_self_composes_like_the_explicit_composition():
+    """Query control: the T-fold PLD self-composition equals composing T copies one by one."""
+    from audit.exact import pair_epsilon, repeated_pair_epsilon
+
+    e = 1.0
+    law = np.log(np.array([np.exp(e), 1.0]) / (1 + np.exp(e)))
+    other = law[::-1].copy()
+    explicit = pair_epsilon(np.repeat(law[None], 10, 0), np.repeat(other[None], 10, 0), 1e-5)
+    assert repeated_pair_epsilon(law, other, 10, 1e-5) == pytest.approx(explicit, abs=1e-3)
+    assert repeated_pair_epsilon(law, other, 1, 1e-5) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_worst_case_report_of_a_certified_deployment_stays_within_its_claim():
+    from audit.exact import exact_pair_audit
+    from audit.worstcase import pmixed_worst_case
+
+    rng = np.random.default_rng(4)
+    lp0 = np.log(rng.dirichlet(np.ones(30), size=3))  # [C, V]
+    lps = np.log(rng.dirichlet(np.ones(30), size=(3, 4)))  # [C, N, V]
+    cal = PMixEDConfig(n_members=4, sampling_rate=0.1, epsilon=4.0, delta=1e-5, query_budget=64,
+                       orders=tuple(range(2, 13))).calibrate()  # fmt: skip
+    pair = exact_pair_audit(lps, lp0, cal, member=1)
+    public, restricted = pmixed_worst_case(lp0, lps, cal, member=1, replacement=None, pair=pair,
+                                           rng=rng, evaluations=30)  # fmt: skip
+    qc, om = public["query_control"], public["optimised_member"]
+    assert qc["times"] == 64 and qc["epsilon_pair"] >= 0
+    assert 0 < om["ratio"] <= 1 and not om["alarm"]
+    assert len(om["per_order_ratio"]) == len(cal.orders)
+    assert max(r for r in om["per_order_ratio"] if r is not None) == pytest.approx(om["ratio"])
+    assert set(restricted) == {"query_control_context", "optimised_context"}
