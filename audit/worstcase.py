@@ -25,7 +25,7 @@ from pmixed.divergence import renyi_divergence_log
 from pmixed.mechanism import lambdas_by_size, released_log_law
 from pmixed.privacy import Calibration
 
-__all__ = ["WorstCase", "ar_ratio", "pmixed_worst_case", "worst_member"]
+__all__ = ["WorstCase", "ar_divergence", "ar_ratio", "pmixed_worst_case", "worst_member"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class WorstCase:
                 "evaluations": self.evaluations}  # fmt: skip
 
 
-def ar_ratio(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: Calibration,
-             charged: np.ndarray, *, unmollified: bool = False) -> tuple[float, int]:  # fmt: skip
-    """(max over orders of exact D / charged, that order) for E = others + member vs others."""
+def ar_divergence(others: np.ndarray, member: np.ndarray, lp0: np.ndarray,
+                  mechanism: Calibration, *, unmollified: bool = False) -> np.ndarray:  # fmt: skip
+    """Exact max(D(P‖P'), D(P'‖P)) at the mechanism's orders for E = others + member vs others."""
     lp = np.vstack([others, member[None]])
     n, j = lp.shape[0], lp.shape[0] - 1
     lam = lambdas_by_size(lp, lp0, mechanism)
@@ -57,13 +57,19 @@ def ar_ratio(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism:
     sizes = lam if lam.shape[0] == 1 else lam[: max(1, n - 1)]
     other = released_log_law(others, lp0, sizes[:, :j], q) if j else lp0.copy()
     orders = np.asarray(mechanism.orders, np.float64)
-    d = np.maximum(
+    return np.maximum(
         renyi_divergence_log(law, other, orders), renyi_divergence_log(other, law, orders)
     )
+
+
+def ar_ratio(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: Calibration,
+             charged: np.ndarray, *, unmollified: bool = False) -> tuple[float, int]:  # fmt: skip
+    """(max over orders of exact D / charged, that order) for E = others + member vs others."""
+    d = ar_divergence(others, member, lp0, mechanism, unmollified=unmollified)
     ok = np.isfinite(charged) & (charged > 0)
     r = np.where(ok, d / np.where(ok, charged, 1.0), 0.0)
     k = int(np.argmax(r))
-    return float(r[k]), int(orders[k])
+    return float(r[k]), int(mechanism.orders[k])
 
 
 def _candidate(p0: np.ndarray, rng: np.random.Generator, pool: np.ndarray, rare: np.ndarray):
@@ -160,15 +166,5 @@ def pmixed_worst_case(lp0: np.ndarray, world: np.ndarray, cal: Calibration, *, m
 
 def _ratio_curve(others, member, lp0, cal, charged) -> list[float | None]:
     """exact / charged at every order (None where nothing is charged): the looseness curve."""
-    lp = np.vstack([others, member[None]])
-    lam = lambdas_by_size(lp, lp0, cal)
-    q = cal.config.sampling_rate
-    law = released_log_law(lp, lp0, lam, q)
-    n = lp.shape[0]
-    sizes = lam if lam.shape[0] == 1 else lam[: max(1, n - 1)]
-    other = released_log_law(others, lp0, sizes[:, : n - 1], q) if n > 1 else lp0.copy()
-    orders = np.asarray(cal.orders, np.float64)
-    d = np.maximum(
-        renyi_divergence_log(law, other, orders), renyi_divergence_log(other, law, orders)
-    )
+    d = ar_divergence(others, member, lp0, cal)
     return [float(x / c) if np.isfinite(c) and c > 0 else None for x, c in zip(d, charged)]
