@@ -1,7 +1,9 @@
-"""Time per query of certified mollification vs the paper code's scalar SciPy bisection.
+"""Time per query of certified mollification: the certified search, the previous bisection solver
+(its test oracle) and the paper code's scalar SciPy bisection.
 
-Both run in this process on the same synthetic next-token distributions (Zipf-like public model,
-members perturbed in log space), so the ratio column is what to compare across machines.
+All run in this process on the same synthetic next-token distributions (Zipf-like public model,
+members perturbed in log space), so the ratio columns are what to compare across machines. The
+torch thread count is fixed (``--threads``, default 2) and reported.
 
     .venv/bin/python benchmarks/mechanism.py --out benchmarks/results
 """
@@ -15,10 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.optimize import bisect
 
 from pmixed import PMixEDConfig, mollify_log
 from pmixed.divergence import renyi_divergence_log
+from pmixed.mollifier_bisection import solve_lambdas_bisection
 from reports.files import write_json
 
 DEFAULTS = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
@@ -64,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     cert = PMixEDConfig(**DEFAULTS).calibrate()
     ref = PMixEDConfig(**DEFAULTS, mode="reference").calibrate()
     rows = []
@@ -72,20 +78,36 @@ def main() -> None:
         for m in (1, 3, 8):
             lp, lp0 = distributions(v, m, seed=v + m)
             t_cert = timed(lambda lp=lp, lp0=lp0: mollify_log(lp, lp0, cert), args.repeats)
+            cons, rows0 = cert.constraints(m), np.broadcast_to(lp0, lp.shape)
+            t_old = timed(lambda lp=lp, r=rows0, c=cons: solve_lambdas_bisection(lp, r, c),
+                          args.repeats)  # fmt: skip
+            same = np.abs(mollify_log(lp, lp0, cert) - solve_lambdas_bisection(lp, rows0, cons))
             tau = ref.beta_for(m) * 3
             t_ref = timed(
                 lambda lp=lp, lp0=lp0, tau=tau: reference_scalar(lp, lp0, tau), args.repeats
             )
-            rows.append(dict(vocab=v, members=m, certified_s=t_cert, reference_scipy_s=t_ref,
-                             ratio=t_cert / t_ref))  # fmt: skip
-    header = f"{'V':>6} {'m':>2} {'certified (s)':>14} {'reference SciPy (s)':>20} {'ratio':>7}"
-    print("certified: 254 constraints (orders 2..128, both directions), lambda to 1e-12")
+            rows.append(dict(vocab=v, members=m, certified_s=t_cert, bisection_s=t_old,
+                             speedup_vs_bisection=t_old / t_cert, max_lambda_diff=float(same.max()),
+                             reference_scipy_s=t_ref, ratio=t_cert / t_ref))  # fmt: skip
+    header = (
+        f"{'V':>6} {'m':>2} {'certified (s)':>14} {'bisection (s)':>14} {'speed-up':>9} "
+        f"{'max |dλ|':>9} {'reference SciPy (s)':>20} {'ratio':>7}"
+    )
+    print(f"torch threads: {torch.get_num_threads()}")
+    print("certified: 254 constraints (orders 2..128, both directions), certified search")
+    print("bisection: the previous solver (test oracle), same constraints, lambda to 1e-12")
     print("reference: one order (3), 20 SciPy halvings per member, as the paper's code")
     print(header)
     for r in rows:
-        print(f"{r['vocab']:>6} {r['members']:>2} {r['certified_s']:>14.4f} "
+        print(f"{r['vocab']:>6} {r['members']:>2} {r['certified_s']:>14.4f} {r['bisection_s']:>14.4f} "
+              f"{r['speedup_vs_bisection']:>9.1f} {r['max_lambda_diff']:>9.1e} "
               f"{r['reference_scipy_s']:>20.4f} {r['ratio']:>7.2f}")  # fmt: skip
-    meta = dict(python=platform.python_version(), machine=platform.machine(), repeats=args.repeats)
+    meta = dict(
+        python=platform.python_version(),
+        machine=platform.machine(),
+        repeats=args.repeats,
+        torch_threads=torch.get_num_threads(),
+    )
     print(f"wrote {write_json(args.out / 'mechanism.json', {'meta': meta, 'rows': rows})}")
 
 

@@ -1,24 +1,31 @@
 """The RD mollifier: the largest λ such that p̄ = λ·p + (1−λ)·p0 meets a mode's Rényi constraints.
 
 A mode (PMIXED_MATH.md §4–§7) gives constraints c = (order γ, direction, radius r) and a cap
-λ_cap ≤ 1; λ is feasible iff λ ≤ λ_cap and, at p̄_λ, D_γ(p̄_λ‖p0) ≤ r (forward) or D_γ(p0‖p̄_λ) ≤ r
-(reverse) for every c.
+λ_cap ≤ 1; λ is feasible iff λ ≤ λ_cap and, at p̄_λ, D_γ(p̄_λ‖p0) ≤ r (forward) or D_γ(p0‖p̄)
+≤ r (reverse) for every c. Each constraint's feasible set is an interval [0, λ*_c] (h(λ) =
+exp((γ−1)·D) is convex with minimum 1 at λ = 0), and the answer is min_c λ*_c.
 
-Both h₊(λ) = exp((γ−1)·D_γ(p̄_λ‖p0)) and h₋(λ) are convex in λ with minimum 1 at λ = 0 (joint
-convexity of t ↦ t^γ under the perspective), so each constraint's feasible set is an interval
-[0, λ*_c] and the answer is min_c λ*_c. The solver uses two consequences of that monotonicity:
+**One function bounds every constraint.** With s = log(p̄_λ/p0) and the cumulant function
+F(θ) = log Σ_v p0(v)·e^{θ·s(v)}, forward D_γ = F(γ)/(γ−1) and reverse D_γ = F(1−γ)/(γ−1), so c
+holds iff F(θ_c) ≤ B_c = (γ−1)·r with θ_c = γ or 1−γ. F is convex, F(0) = F(1) = 0 and
+min s ≤ F′ ≤ max s (F′ is a tilted mean of s). A few exact values of F therefore bound it at every
+order: the chord between two evaluated points, and slope max s (min s) beyond the last (first).
 
-* **Feasible start.** On [0, λ_cap], h(λ) ≤ 1 − λ/λ_cap + (λ/λ_cap)·h(λ_cap), so
-  λ_cf = λ_cap · min_c expm1((γ−1)·r) / expm1((γ−1)·D_c(λ_cap)) is feasible.
-* **Exact pruning.** A constraint that holds at the infeasible end ``hi`` of the bracket holds on all
-  of [0, hi], so it can never decide a later midpoint. After each infeasible midpoint only the
-  constraints violated there stay active. This is the same bisection as checking every constraint
-  at every step, at a fraction of the cost once the binding order is found.
+**Search** (certified and capped modes), per row and independent of the other rows:
 
-Certified and capped modes close the bracket [feasible lo, infeasible hi] with a safeguarded Illinois
-regula falsi to a width of 1e-12 and return ``lo``; reference mode keeps the paper code's 20 fixed
-halvings of [0, 1]. Either way the returned λ is the feasible end, never a midpoint, and feasibility
-is evaluated on the float64 log-space divergence with no tolerance.
+1. *Certify* the current point: evaluate F where the bound does not settle a constraint (the
+   order with the largest bound excess on each side, two per round) until every constraint is
+   settled or one is violated.
+2. A violated constraint becomes the *target*: bracketed Newton on F_λ(θ*) = B·(1 − 2ρ) between
+   0 and the violating point (secant or midpoint when a Newton step leaves the bracket), closed
+   when the bracket is 1e-12 wide or a feasible iterate's Newton step is below 1e-13.
+3. Certify the result; a constraint still violated there becomes the next target.
+
+The returned λ is certified with a relative margin: F(θ_c) ≤ B_c − max(ρ·B_c, 1e-14) for every c
+(ρ = 1e-11), so rounding in F cannot turn it into an overshoot, and it is within about ρ·λ of the
+exact maximum (the previous bisection solver, :mod:`pmixed.mollifier_bisection`, is the test
+oracle). Work is torch float64, so the same code runs on CUDA. Reference mode keeps the paper
+code's 20 halvings of [0, 1] on its two constraints.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from pmixed._checks import as_log_distribution
 from pmixed.divergence import renyi_divergence_pairs
@@ -35,6 +43,14 @@ if TYPE_CHECKING:
     from pmixed.privacy import Calibration
 
 __all__ = ["Constraints", "mix_log", "mollify", "mollify_log", "solve_lambdas"]
+
+#: Relative margin below every constraint bound at the returned λ, and its absolute floor.
+MARGIN, MARGIN_FLOOR = 1e-11, 1e-14
+#: A target bracket this wide is closed; a feasible iterate whose Newton step is shorter stops.
+TOLERANCE, NEWTON_STOP = 1e-12, 1e-13
+TINY = 1e-300
+#: Up to this many (constraint × vocabulary) entries a certificate evaluates every constraint.
+DENSE_WORK = 2**16
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class Constraints:
     forward: tuple[bool, ...]
     lambda_cap: float
     n_iter: int
-    start: str = "feasible"  # "feasible": λ_cf; "zero": the reference code's [0, 1] bracket
+    start: str = "feasible"  # "feasible": the certified search; "zero": the paper code's halvings
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (
@@ -80,8 +96,9 @@ def mollify(p_members: object, p_public: object, calibration: Calibration) -> np
         calibration: from :meth:`pmixed.PMixEDConfig.calibrate`.
 
     Returns:
-        float64 ``[..., M]``: each λ on the feasible side of every constraint, maximal to 1e-12 in
-        certified and capped modes (2^-20 of [0, 1] in reference mode, as the paper code).
+        float64 ``[..., M]``: each λ certified feasible for every constraint with a relative margin
+        of 1e-11 and maximal to about 1e-11 in certified and capped modes (2^-20 of [0, 1] in
+        reference mode, as the paper code).
     """
     lp = as_log_distribution(p_members, "p_members")
     lp0 = as_log_distribution(p_public, "p_public")
@@ -100,241 +117,255 @@ def mollify_log(logp_members: np.ndarray, logp_public: np.ndarray, calibration: 
     return flat.reshape(lp.shape[:-1])
 
 
-def solve_lambdas(lp: np.ndarray, lp0: np.ndarray, cons: Constraints) -> np.ndarray:
-    """Vectorised bisection over rows ``lp [R, V]`` against their own centres ``lp0 [R, V]``."""
+def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "cpu") -> np.ndarray:
+    """λ for rows ``lp [R, V]`` against their own centres ``lp0 [R, V]`` (float64 log space).
+
+    ``device="cuda"`` runs the certified search on a GPU; the answer is a NumPy array.
+    """
+    lp, lp0 = np.asarray(lp, np.float64), np.asarray(lp0, np.float64)
     orders, radii, fwd = cons.arrays()
-    n_rows = lp.shape[0]
-    cap = float(cons.lambda_cap)
-    lam_out = np.full(n_rows, cap)
-    if n_rows == 0 or orders.size == 0:
-        return lam_out
+    lam = np.full(lp.shape[0], float(cons.lambda_cap))
+    if lp.shape[0] == 0 or orders.size == 0:
+        return lam
     # supp p ⊄ supp p0: every forward divergence is +inf for λ > 0, so λ* = 0.
-    off_support = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
-    lam_out[off_support] = 0.0
-    rows = np.flatnonzero(~off_support)
+    off = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
+    lam[off] = 0.0
+    rows = np.flatnonzero(~off)
     if rows.size == 0:
-        return lam_out
-    state = _Search(lp[rows], lp0[rows], orders, radii, fwd, cap)
-    g_cap = state.g_probe_first(np.full(rows.size, cap))
-    todo = g_cap > 0
-    state.g_cap = g_cap
-    if not todo.any():
-        return lam_out
-    state = state.subset(todo)
-    rows = rows[todo]
-    if cons.start == "feasible":
-        lam_out[rows] = _regula_falsi(state, cap, cons.n_iter)
-        return lam_out
-    lo, hi = np.zeros(rows.size), np.full(rows.size, cap)
+        return lam
+    if cons.start == "zero":
+        lam[rows] = _halvings(lp[rows], lp0[rows], cons)
+        return lam
+    as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    search = _Search(as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons)
+    lam[rows] = search.run().cpu().numpy()
+    return lam
+
+
+def _halvings(lp: np.ndarray, lp0: np.ndarray, cons: Constraints) -> np.ndarray:
+    """Reference mode: the paper code's ``n_iter`` halvings of [0, cap], every constraint exact."""
+
+    def feasible(x: np.ndarray) -> np.ndarray:
+        lpbar = mix_log(lp, lp0, x)
+        ok = np.ones(x.shape, bool)
+        for g, r, f in zip(cons.orders, cons.radii, cons.forward):
+            a, b = (lpbar, lp0) if f else (lp0, lpbar)
+            ok &= renyi_divergence_pairs(a, b, np.full(x.shape, g)) <= r
+        return ok
+
+    cap = float(cons.lambda_cap)
+    lo, hi = np.zeros(lp.shape[0]), np.full(lp.shape[0], cap)
+    at_cap = feasible(hi)
     for _ in range(cons.n_iter):
         mid = lo + (hi - lo) / 2.0
-        ok = state.g(mid, np.arange(rows.size)) <= 0
-        lo = np.where(ok, mid, lo)
-        hi = np.where(ok, hi, mid)
-    lam_out[rows] = lo
-    return lam_out
-
-
-#: Width at which the certified/capped bracket [feasible lo, infeasible hi] is closed.
-TOLERANCE = 1e-12
-
-
-def _regula_falsi(state: _Search, cap: float, max_iter: int) -> np.ndarray:
-    """Illinois regula falsi on g(λ) = max_c (γ−1)·(D_c(λ) − r_c), bracketed and safeguarded.
-
-    Keeps g(lo) ≤ 0 < g(hi) and returns ``lo`` once hi − lo ≤ TOLERANCE: the feasible end, maximal
-    to 1e-12. Steps that leave the bracket or meet an infinite g fall back to the midpoint; after
-    30 steps every step is a midpoint, and not closing within ``max_iter`` (100) raises.
-    """
-    n = state.lp.shape[0]
-    lo = state.feasible_start()
-    g_lo = state.g(lo, np.arange(n), shrink=False)
-    lo = np.where(g_lo > 0, 0.0, lo)  # the closed form can lose to rounding: restart at 0
-    g_lo = np.where(g_lo > 0, state.g(lo, np.arange(n), shrink=False), g_lo)
-    hi, g_hi = np.full(n, cap), state.g_cap
-    last = np.zeros(n, np.int8)
-    for it in range(max_iter):
-        r = np.flatnonzero(hi - lo > TOLERANCE)
-        if r.size == 0:
-            return lo
-        w = hi[r] - lo[r]
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            x = hi[r] - g_hi[r] * w / (g_hi[r] - g_lo[r])
-        mid = ~np.isfinite(x) | (x <= lo[r]) | (x >= hi[r]) | (it >= 30)
-        x = np.where(mid, lo[r] + w / 2.0, x)
-        x = np.clip(x, lo[r] + TOLERANCE / 2, hi[r] - TOLERANCE / 2)
-        g = state.g(x, r)
-        feas = g <= 0
-        lo[r[feas]], g_lo[r[feas]] = x[feas], g[feas]
-        hi[r[~feas]], g_hi[r[~feas]] = x[~feas], g[~feas]
-        g_hi[r[feas & (last[r] == -1)]] /= 2.0  # Illinois: the same end moved twice
-        g_lo[r[~feas & (last[r] == 1)]] /= 2.0
-        last[r] = np.where(feas, -1, 1)
-    raise ArithmeticError(f"mollifier: lambda did not converge in {max_iter} steps.")
+        ok = feasible(mid)
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+    return np.where(at_cap, cap, lo)
 
 
 class _Search:
-    """Per-row constraint bookkeeping for the λ search.
+    """The certified search of the module docstring, vectorised over rows that each run alone."""
 
-    ``active[r, c]`` is False only for constraints proven to hold on [0, hi_r] (they held at some
-    infeasible point, or their radius is ≥ D_∞ at the cap). ``probe[r]``, the constraint with the
-    smallest closed-form start, is tried alone at the cap, where most rows already fail it.
-    """
+    def __init__(self, lp, lp0, orders, radii, fwd, cons: Constraints):
+        self.lp0 = lp0
+        # t = log(p/p0) on supp p0; entries off supp p0 are inert (s = 0 and weight p0 = 0).
+        self.t = torch.where(lp0 > -torch.inf, lp - lp0, torch.zeros_like(lp))
+        self.huge = self.t > 700.0
+        self.any_huge = bool(self.huge.any())
+        self.um1 = torch.expm1(torch.clamp(self.t, max=700.0))  # p/p0 − 1
+        self.chi2 = (torch.exp(lp0) * self.um1**2).sum(dim=-1)  # χ²(p‖p0)
+        self.theta = torch.where(fwd, orders, 1.0 - orders)  # [C]
+        bound = (orders - 1.0) * radii
+        self.limit = bound - torch.clamp(MARGIN * bound, min=MARGIN_FLOOR)  # feasible iff F ≤ limit
+        self.aim = bound - 2.0 * torch.clamp(MARGIN * bound, min=MARGIN_FLOOR)  # Newton's target
+        self.cap = float(cons.lambda_cap)
+        self.n_iter = cons.n_iter
 
-    def __init__(self, lp, lp0, orders, radii, fwd, cap):
-        self.lp, self.lp0, self.orders, self.radii, self.fwd = lp, lp0, orders, radii, fwd
-        self.cap = cap
-        d_inf = _d_inf(mix_log(lp, lp0, np.full(lp.shape[0], cap)), lp0)  # [R, 2]
-        d = np.where(fwd[None, :], d_inf[:, :1], d_inf[:, 1:])  # D_γ ≤ D_∞ at every γ
-        self.d_cap_upper = d
-        self.active = d > radii[None, :]
-        self.probe = np.argmin(np.where(self.active, self._ratios(), np.inf), axis=1)
+    def run(self) -> torch.Tensor:
+        """Certify the χ² estimate, then Newton on the constraint found, until certified."""
+        n = self.t.shape[0]
+        rows = torch.arange(n, device=self.t.device)
+        first = torch.clamp(self.quadratic_guess(), min=1e-6, max=self.cap)
+        ok, c = self.certify(first, rows)
+        lo = torch.where(ok, first, torch.zeros_like(first))
+        hi = torch.where(ok, torch.full_like(first, self.cap), first)
+        lam = first.clone()
+        todo = torch.nonzero(~(ok & (first == self.cap))).flatten()
+        for _ in range(self.n_iter):
+            if todo.numel() == 0:
+                return lam
+            lam[todo] = self.newton(rows[todo], c[todo], lo[todo], hi[todo])
+            ok_t, c[todo] = self.certify(lam[todo], rows[todo])
+            hi[todo[~ok_t]] = lam[todo[~ok_t]]
+            todo = todo[~ok_t]
+        raise ArithmeticError(f"mollifier: no certified lambda after {self.n_iter} targets.")
 
-    def subset(self, keep: np.ndarray) -> _Search:
-        out = object.__new__(_Search)
-        out.__dict__.update(self.__dict__)
-        for name in ("lp", "lp0", "d_cap_upper", "active", "probe", "g_cap"):
-            setattr(out, name, getattr(self, name)[keep])
-        return out
+    def quadratic_guess(self) -> torch.Tensor:
+        """min_c λ with (θ_c(θ_c−1)/2)·χ²(p‖p0)·λ² = aim_c: F's expansion at λ = 0."""
+        per = torch.sqrt(2.0 * self.aim / (self.theta * (self.theta - 1.0)))  # [C]
+        return per.min() / torch.sqrt(self.chi2)
 
-    def _ratios(self) -> np.ndarray:
-        am1 = self.orders - 1.0
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            ratio = np.expm1(am1 * self.radii) / np.expm1(am1 * self.d_cap_upper)
-        ratio = np.where(self.active, ratio, np.inf)
-        return np.where(np.isnan(ratio), 0.0, ratio)
+    # -- F and its λ-derivative -------------------------------------------------------------
 
-    def feasible_start(self) -> np.ndarray:
-        """λ_cf = cap · min_c expm1((γ−1)r)/expm1((γ−1)D_c(cap)), with D_c(cap) ≤ D_∞(cap)."""
-        return self.cap * np.clip(np.min(self._ratios(), axis=1), 0.0, 1.0)
+    def log_ratio(self, lam: torch.Tensor, rows: torch.Tensor, *, slope: bool = True):
+        """s = log(p̄_λ/p0) = log(1 + λ·(e^t − 1)) and ds/dλ = (e^t − 1)/e^s for ``rows`` at ``lam``.
 
-    def g(self, lam: np.ndarray, r: np.ndarray, *, shrink: bool = True) -> np.ndarray:
-        """max over active c of (γ−1)·(D_c − r_c) at ``lam`` for rows ``r``; ≤ 0 iff feasible.
-
-        Pairs settled by D_∞ contribute their (non-positive) upper bound. Infeasible rows keep only
-        their violated constraints active (the others hold on [0, lam]).
+        Where t > 700 (e^t would overflow) s = log λ + t and ds/dλ = 1/λ, exact in float64.
         """
-        act = self.active[r]
-        d = _divergences(self.lp[r], self.lp0[r], lam, self.orders, self.radii, self.fwd, act)
-        phi = np.where(act, _excess(d, self.orders, self.radii), -np.inf)
-        g = phi.max(axis=1)
-        at_zero = lam == 0.0  # p̄ = p0 exactly: D = 0
-        g[at_zero] = np.where(act[at_zero], -(self.orders - 1.0) * self.radii, -np.inf).max(axis=1)
-        if shrink:
-            bad = g > 0
-            self.active[r[bad]] = phi[bad] > 0
-        return g
+        lam = lam[:, None]
+        um1 = self.um1[rows]
+        step = lam * um1
+        ratio = step.add_(1.0)
+        s, ds = torch.log(ratio), (um1 / ratio if slope else None)
+        if self.any_huge:
+            huge = self.huge[rows] & (lam > 0)
+            s = torch.where(huge, torch.log(lam) + self.t[rows], s)
+            ds = torch.where(huge, 1.0 / lam, ds) if slope else None
+        return s, ds
 
-    def g_probe_first(self, lam: np.ndarray, r: np.ndarray | None = None) -> np.ndarray:
-        """g at ``lam`` for rows ``r`` (default all), or a positive lower bound where the probe fails.
+    def cumulant(self, s: torch.Tensor, rows: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """F(θ) for ``theta [R, k]`` at log ratios ``s [R, V]``: ``[R, k]``."""
+        terms = self.lp0[rows][:, None, :] + theta[:, :, None] * s[:, None, :]
+        return torch.logsumexp(terms, dim=-1)
 
-        The probe is one constraint per row, the one with the smallest closed-form start. A
-        violated probe proves infeasibility; only rows where it holds pay for every active
-        constraint.
+    def log_gap(self, lam, rows, c) -> tuple[torch.Tensor, torch.Tensor]:
+        """log F_λ(θ_c) − log aim_c and its derivative in log λ (F ≈ κ·λ^a: nearly linear)."""
+        s, ds = self.log_ratio(lam, rows)
+        theta = self.theta[c]
+        terms = torch.addcmul(self.lp0[rows], theta[:, None], s)
+        top = terms.max(dim=-1, keepdim=True).values
+        e = terms.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp_()
+        total = e.sum(dim=-1)
+        f = torch.clamp(torch.log(total) + top[:, 0], min=TINY)  # F ≥ 0 outside [0, 1]
+        weighted = e.mul_(ds)
+        if bool((lam == 1.0).any()):  # where p = 0 at λ = 1: e = 0 and ds = −inf
+            weighted = torch.where(weighted.isnan(), torch.zeros_like(e), weighted)
+        slope = lam * theta * weighted.sum(dim=-1) / total / f
+        return torch.log(f) - torch.log(self.aim[c]), slope
+
+    # -- the two steps ----------------------------------------------------------------------
+
+    def newton(self, rows, c, lo, hi) -> torch.Tensor:
+        """Largest λ in [lo, hi] with F_λ(θ_c) ≤ aim_c, to 1e-12 (``lo`` is feasible; ``hi`` is
+        returned when it is feasible too): bracketed Newton on log F against log λ.
+
+        Each step tries Newton from the last point, then from the other end of the bracket (from
+        λ = 0, the quadratic guess), then the Illinois secant, then the midpoint: the first that
+        lands inside the bracket; when neither the bracket nor |g| halved in two steps, the midpoint.
         """
-        r = np.arange(lam.shape[0]) if r is None else r
-        out = np.full(r.size, -np.inf)
-        probe = self.probe[r]
-        idx = np.flatnonzero(self.active[r, probe])
-        single = np.zeros((idx.size, self.orders.size), bool)
-        single[np.arange(idx.size), probe[idx]] = True
-        rows = r[idx]
-        d = _divergences(self.lp[rows], self.lp0[rows], lam[idx], self.orders, self.radii,
-                         self.fwd, single, prune=False)  # fmt: skip
-        out[idx] = _excess(d, self.orders, self.radii)[np.arange(idx.size), probe[idx]]
-        full = np.flatnonzero(~(out > 0))
-        if full.size:
-            out[full] = self.g(lam[full], r[full])
-        return out
+        lo, hi = lo.clone(), hi.clone()
+        g_hi, d_hi = self.log_gap(hi, rows, c)
+        zero_guess = torch.sqrt(self.aim[c] / (self.theta[c] * (self.theta[c] - 1.0) / 2.0
+                                               * self.chi2[rows]))  # fmt: skip
+        g_lo, d_lo = torch.full_like(lo, -torch.inf), torch.ones_like(lo)
+        above = torch.nonzero(lo > 0).flatten()
+        if above.numel():
+            g_lo[above], d_lo[above] = self.log_gap(lo[above], rows[above], c[above])
+        done = g_hi <= 0  # the whole bracket is feasible for this constraint
+        lo[done] = hi[done]
+        last_hi = torch.ones_like(done)  # which end moved last (for Newton and Illinois)
+        never = torch.full_like(hi, torch.inf)
+        widths = [never, hi - lo]  # bracket widths two and one steps ago
+        gaps = [never, g_hi.abs()]  # |g| at the last evaluated points, likewise
+        for _ in range(self.n_iter):
+            if bool(done.all()):
+                return lo
+            inside = lambda y: torch.isfinite(y) & (y > lo) & (y < hi)  # noqa: E731
+            from_hi = hi * torch.exp(-g_hi / d_hi)
+            from_lo = torch.where(lo > 0, lo * torch.exp(-g_lo / d_lo), zero_guess)
+            first = torch.where(last_hi, from_hi, from_lo)
+            second = torch.where(last_hi, from_lo, from_hi)
+            m_lo, m_hi = torch.log(lo), torch.log(hi)
+            secant = torch.exp(m_hi - g_hi * (m_hi - m_lo) / (g_hi - g_lo))
+            y = torch.where(inside(secant), secant, (lo + hi) / 2)
+            y = torch.where(inside(second), second, y)
+            y = torch.where(inside(first), first, y)
+            # Neither the bracket nor |g| halved in two steps: bisect.
+            slow = ((hi - lo) > 0.5 * widths[0]) & (gaps[1] > 0.5 * gaps[0])
+            y = torch.where(slow, (lo + hi) / 2, y)
+            widths = [widths[1], hi - lo]
+            act = torch.nonzero(~done).flatten()
+            g_y, d_y = self.log_gap(y[act], rows[act], c[act])
+            feas = g_y <= 0
+            a_lo, a_hi = act[feas], act[~feas]
+            g_hi[a_lo[~last_hi[a_lo]]] /= 2.0  # Illinois: the same end moved twice
+            g_lo[a_hi[last_hi[a_hi]]] /= 2.0
+            lo[a_lo], g_lo[a_lo], d_lo[a_lo] = y[a_lo], g_y[feas], d_y[feas]
+            hi[a_hi], g_hi[a_hi], d_hi[a_hi] = y[a_hi], g_y[~feas], d_y[~feas]
+            last_hi[act] = ~feas
+            gaps = [gaps[1], gaps[1].clone()]
+            gaps[1][act] = g_y.abs()
+            near = feas & (g_y > -1.0) & (torch.abs(g_y / d_y) * y[act] < NEWTON_STOP)
+            done[act] = near | (hi[act] - lo[act] <= TOLERANCE)
+        raise ArithmeticError(f"mollifier: lambda did not converge in {self.n_iter} steps.")
+
+    def certify(self, lam: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: whether every constraint holds at ``lam`` with the margin, and a constraint
+        to aim at next: the most violated one (by bound/limit), else the tightest.
+
+        Known points of F start at θ = 0 and 1 (F = 0); each round evaluates, on each side, the
+        constraint whose bound exceeds its limit most, until none does or one is violated.
+        """
+        n = rows.numel()
+        s = self.log_ratio(lam, rows, slope=False)[0]
+        if self.theta.numel() * s.shape[-1] <= DENSE_WORK:  # small V: every constraint at once
+            ratio = self.cumulant(s, rows, self.theta.expand(n, -1)) / self.limit
+            return ~(ratio > 1.0).any(dim=-1), ratio.argmax(dim=-1)
+        s_min, s_max = s.min(dim=-1).values, s.max(dim=-1).values
+        zero = torch.zeros(n, 2, dtype=torch.float64, device=s.device)
+        known_t, known_f = zero + torch.tensor([0.0, 1.0], device=s.device), zero
+        ok = torch.zeros(n, dtype=torch.bool, device=s.device)
+        aim = torch.zeros(n, dtype=torch.long, device=s.device)
+        open_ = torch.arange(n, device=s.device)  # rows still undecided
+        theta, limit = self.theta[None, :], self.limit[None, :]
+        while open_.numel():
+            kt, kf = known_t[open_], known_f[open_]
+            upper, exact = _upper(kt, kf, theta, s_min[open_], s_max[open_])
+            over = upper > limit
+            violated = (exact & over).any(dim=-1)
+            unsettled = ~exact & over
+            ratio = torch.where(exact | ~over, upper / limit, -torch.inf)
+            aim[open_] = ratio.argmax(dim=-1)
+            more = ~violated & unsettled.any(dim=-1)
+            ok[open_[~violated & ~more]] = True
+            if not bool(more.any()):
+                break
+            open_, kt, kf, unsettled = open_[more], kt[more], kf[more], unsettled[more]
+            excess = torch.where(unsettled, upper[more] - limit, -torch.inf)
+            sides = [side for side in (self.theta > 0, self.theta < 0)
+                     if bool((unsettled & side).any())]  # fmt: skip
+            pick = torch.stack(
+                [torch.where(side, excess, -torch.inf).argmax(-1) for side in sides], 1
+            )
+            new_t = self.theta[pick]  # [R, k]; a row with nothing unsettled on a side re-picks
+            new_f = self.cumulant(s[open_], rows[open_], new_t)
+            known_t = torch.full(
+                (n, kt.shape[1] + len(sides)), torch.nan, dtype=torch.float64, device=s.device
+            ).index_copy(0, open_, torch.cat([kt, new_t], 1))
+            known_f = torch.zeros_like(known_t).index_copy(0, open_, torch.cat([kf, new_f], 1))
+        return ok, aim
 
 
-def _excess(d: np.ndarray, orders: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num((orders - 1.0) * (d - radii), nan=np.inf)
+def _upper(kt, kf, theta, s_min, s_max) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bounds on F at ``theta [1, C]`` from known points ``kt, kf [R, K]``, and which are exact.
 
-
-def _d_inf(lpbar: np.ndarray, lp0: np.ndarray) -> np.ndarray:
-    """[R, 2]: D_∞(p̄‖p0) and D_∞(p0‖p̄) per row."""
-    both = renyi_divergence_pairs(
-        np.concatenate([lpbar, lp0]),
-        np.concatenate([lp0, lpbar]),
-        np.full(2 * lp0.shape[0], np.inf),
-    )
-    return np.stack([both[: lp0.shape[0]], both[lp0.shape[0] :]], axis=1)
-
-
-def _divergences(lp, lp0, lam, orders, radii, fwd, active, *, prune=True) -> np.ndarray:
-    """D at the (row, constraint) pairs in ``active``; other entries are left at 0.
-
-    With ``prune``, a pair whose radius is at least its direction's D_∞ gets D_∞ instead: an upper
-    bound that already settles it (D_γ ≤ D_∞, van Erven & Harremoës 2014, Thm 3); then
-    :func:`_staircase` settles more pairs from a few exact evaluations at high orders.
+    Between two known points: the chord (F is convex); beyond the last: slope max s; before the
+    first: slope min s. Known θ include 0 and 1, so every constraint has a neighbour.
     """
-    out = np.zeros(active.shape)
-    rows = np.flatnonzero(active.any(axis=1))
-    if rows.size == 0:
-        return out
-    lpbar = np.empty_like(lp)
-    lpbar[rows] = mix_log(lp[rows], lp0[rows], lam[rows])
-    need = active
-    if prune:
-        d_inf = np.zeros((lp.shape[0], 2))
-        d_inf[rows] = _d_inf(lpbar[rows], lp0[rows])
-        upper = np.where(fwd[None, :], d_inf[:, :1], d_inf[:, 1:])
-        out[active] = upper[active]
-        need = active & (upper > radii[None, :])
-        if need.sum() * lp.shape[-1] >= STAIRCASE_MIN_WORK:
-            need = _staircase(lpbar, lp0, orders, radii, fwd, need, out)
-    pr, pc = np.nonzero(need)
-    if pr.size:
-        f = fwd[pc][:, None]
-        a = np.where(f, lpbar[pr], lp0[pr])
-        b = np.where(f, lp0[pr], lpbar[pr])
-        out[pr, pc] = renyi_divergence_pairs(a, b, orders[pc])
-    return out
-
-
-#: Below this many (pair × vocabulary) entries one batched evaluation beats the staircase's rounds.
-STAIRCASE_MIN_WORK = 200_000
-
-
-def _staircase(lpbar, lp0, orders, radii, fwd, need, out, rounds: int = 3) -> np.ndarray:
-    """Settles constraints from the highest-order one still needed, per row and direction.
-
-    D_γ is nondecreasing in γ (van Erven & Harremoës 2014, Thm 3), so an exact D at order γ' is
-    an upper bound of D at every γ ≤ γ' in the same direction: every such constraint whose radius
-    is at least that value holds, and gets it as its (upper-bound) entry in ``out``. Each round
-    evaluates one pair per row and direction; after ``rounds`` the pairs still needed are returned
-    for one batched evaluation. Constraints radii βγ grow with γ while D_γ grows slowly, so a
-    few rounds usually settle almost all of them.
-    """
-    need = need.copy()
-    for _ in range(rounds):
-        if not need.any():
-            break
-        pr, pc = [], []
-        for direction in (True, False):
-            cols = np.flatnonzero(fwd == direction)
-            if cols.size == 0:
-                continue
-            sub = need[:, cols]
-            r = np.flatnonzero(sub.any(axis=1))
-            top = np.argmax(np.where(sub[r], orders[cols][None, :], -np.inf), axis=1)
-            pr.append(r)
-            pc.append(cols[top])
-        pr, pc = np.concatenate(pr), np.concatenate(pc)
-        f = fwd[pc][:, None]
-        d = renyi_divergence_pairs(np.where(f, lpbar[pr], lp0[pr]), np.where(f, lp0[pr], lpbar[pr]),
-                                   orders[pc])  # fmt: skip
-        out[pr, pc] = d
-        need[pr, pc] = False
-        covered = (
-            need[pr]
-            & (fwd[None, :] == fwd[pc][:, None])
-            & (orders[None, :] <= orders[pc][:, None])
-            & (radii[None, :] >= d[:, None])
-        )
-        i, c = np.nonzero(covered)
-        out[pr[i], c] = d[i]
-        need[pr[i], c] = False
-    return need
+    t = kt[:, :, None]  # [R, K, 1]
+    th = theta[:, None, :]  # [1, 1, C]
+    left = torch.where(t <= th, t, -torch.inf)
+    right = torch.where(t >= th, t, torch.inf)
+    li, ri = left.argmax(dim=1), right.argmin(dim=1)  # [R, C]
+    t_l, f_l = kt.gather(1, li), kf.gather(1, li)
+    t_r, f_r = kt.gather(1, ri), kf.gather(1, ri)
+    has_l, has_r = torch.isfinite(left.max(dim=1).values), torch.isfinite(right.min(dim=1).values)
+    th = theta.expand_as(t_l)
+    chord = f_l + (th - t_l) / (t_r - t_l) * (f_r - f_l)
+    exact = has_l & (t_l == th)
+    upper = torch.where(exact, f_l, chord)
+    upper = torch.where(has_l & ~has_r, f_l + (th - t_l) * s_max[:, None], upper)
+    upper = torch.where(has_r & ~has_l, f_r + (t_r - th) * -s_min[:, None], upper)
+    exact = exact | (has_r & (t_r == th))
+    upper = torch.where(has_r & (t_r == th), f_r, upper)
+    return upper, exact

@@ -30,11 +30,15 @@ def test_every_mutant_is_detected_and_no_twin_is():
     assert result["detected"] == result["total"] == len(MUTANTS)
 
 
-def test_cheap_twins_false_alarm_rate_over_100_seeds_is_at_most_5_percent():
+@pytest.mark.parametrize(
+    "repetitions", [20, pytest.param(100, marks=pytest.mark.slow)], ids=["20", "100"]
+)
+def test_cheap_twins_false_alarm_rate_is_at_most_5_percent(repetitions):
+    """20 seeds in ``make test`` (one alarm fails it); the 100-seed rate under ``make test-all``."""
     names = [n for n, m in MUTANTS.items() if m.cheap]
-    result = run_mutants("test", seed=10, repetitions=100, names=names)
+    result = run_mutants("test", seed=10, repetitions=repetitions, names=names)
     for name, row in result["mutants"].items():
-        assert row["twin_repetitions"] == 100
+        assert row["twin_repetitions"] == repetitions
         assert row["twin_false_alarm_rate"] <= 0.05, (name, row)
 
 

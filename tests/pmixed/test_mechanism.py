@@ -89,8 +89,9 @@ def test_step_refuses_an_implicit_random_source():
         step(p, p[0], cal, np.random)
 
 
-def test_acceptance_step_frequencies_pass_chi_square_against_the_exact_law():
-    """20000 draws through `step`; subsets never contain duplicates."""
+@pytest.mark.parametrize("draws", [5000, pytest.param(20000, marks=pytest.mark.slow)])
+def test_acceptance_step_frequencies_pass_chi_square_against_the_exact_law(draws):
+    """Draws through `step` (20000 under ``make test-all``); subsets never contain duplicates."""
     rng = np.random.default_rng(5)
     p0 = rng.dirichlet(np.ones(6))
     pm = rng.dirichlet(np.ones(6) * 0.4, size=4)
@@ -99,7 +100,7 @@ def test_acceptance_step_frequencies_pass_chi_square_against_the_exact_law():
     assert (lam < 1).any() and (lam > 0).any()  # the mollifier is doing real work here
     law = exact_released_law(pm, p0, cal)
     g = np.random.default_rng(6)
-    tokens = np.empty(20000, int)
+    tokens = np.empty(draws, int)
     for t in range(tokens.size):
         r = step(pm, p0, cal, g)
         assert len(np.unique(r.subset)) == len(r.subset)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmixed import PMixEDConfig, mollifier, mollify
+from pmixed import PMixEDConfig, mollify
 from pmixed._checks import as_log_distribution
 from pmixed.divergence import renyi_divergence_log
 from pmixed.mollifier import mix_log
+from pmixed.mollifier_bisection import solve_lambdas_bisection
 from tests.pmixed.strategies import ensemble, log_uniform, simplex
 
 SMALL = dict(n_members=5, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=64)
@@ -81,45 +84,72 @@ def test_lambda_is_feasible_and_maximal_to_1e_9(ens, beta, mode):
     assert_feasible_and_maximal(pm, p0, mollify(pm, p0, cal), cal.constraints(len(pm)))
 
 
-def _both_paths(pm, p0, cal):
-    """λ with the staircase forced on every evaluation, and with it switched off."""
-    saved = mollifier.STAIRCASE_MIN_WORK
-    try:
-        mollifier.STAIRCASE_MIN_WORK = 0
-        stair = mollify(pm, p0, cal)
-        mollifier.STAIRCASE_MIN_WORK = float("inf")
-        full = mollify(pm, p0, cal)
-    finally:
-        mollifier.STAIRCASE_MIN_WORK = saved
-    return stair, full
+def _oracle(pm, p0, cal):
+    """λ from the previous bisection solver (:mod:`pmixed.mollifier_bisection`)."""
+    lp = logs(pm)
+    lp0 = np.broadcast_to(logs(p0), lp.shape)
+    return solve_lambdas_bisection(lp, lp0, cal.constraints(len(pm)))
 
 
 @settings(max_examples=300)
 @given(ens=ensemble(max_n=4, max_v=12), beta=log_uniform(1e-3, 1.0), mode=modes())
-def test_staircase_pruning_keeps_lambda_feasible_maximal_and_equal_to_full_evaluation(
-    ens, beta, mode
-):
+def test_fast_solver_equals_the_bisection_oracle_and_both_are_feasible_and_maximal(ens, beta, mode):
     pm, p0 = ens
     cal = make(mode, beta)
-    stair, full = _both_paths(pm, p0, cal)
-    np.testing.assert_allclose(stair, full, atol=2e-12, rtol=0)
-    assert_feasible_and_maximal(pm, p0, stair, cal.constraints(len(pm)))
+    new, old = mollify(pm, p0, cal), _oracle(pm, p0, cal)
+    np.testing.assert_allclose(new, old, atol=1e-10, rtol=0)
+    assert_feasible_and_maximal(pm, p0, old, cal.constraints(len(pm)))
 
 
-def test_staircase_equals_full_evaluation_on_lm_sized_vocabularies():
-    rng = np.random.default_rng(0)
+def lm_rows(rng, v, scale, m=3):
+    logits0 = -1.1 * np.log(rng.permutation(v) + 1.0) + 0.3 * rng.standard_normal(v)
+    logits = logits0 + scale * rng.standard_normal((m, v))
+    p0, pm = np.exp(logits0), np.exp(logits)
+    return pm / pm.sum(axis=1, keepdims=True), p0 / p0.sum()
+
+
+@pytest.mark.parametrize("v", [2048, 50257])
+def test_fast_solver_equals_the_oracle_on_lm_sized_vocabularies(v):
+    rng = np.random.default_rng(v)
     cfg = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5, query_budget=256)
-    for scale, beta in [(0.05, None), (0.5, None), (2.0, None), (0.5, 0.3), (2.0, 1e-3)]:
-        logits0 = -1.1 * np.log(rng.permutation(2048) + 1.0) + 0.3 * rng.standard_normal(2048)
-        logits = logits0 + scale * rng.standard_normal((3, 2048))
-        p0, pm = np.exp(logits0), np.exp(logits)
-        p0, pm = p0 / p0.sum(), pm / pm.sum(axis=1, keepdims=True)
-        cal = cfg.calibrate() if beta is None else cfg.calibration_for_beta(beta)
-        stair, full = _both_paths(pm, p0, cal)
-        np.testing.assert_allclose(stair, full, atol=2e-12, rtol=0)
+    cases = [(0.05, None), (0.5, None), (2.0, None), (0.5, 0.3), (2.0, 1e-3)]
+    for scale, beta in cases[: 5 if v < 10_000 else 2]:
+        pm, p0 = lm_rows(rng, v, scale)
+        for mode in ("certified", "capped"):
+            extra = {"lambda_max": 0.3} if mode == "capped" else {}
+            c = dataclasses.replace(cfg, mode=mode, **extra)
+            cal = c.calibrate() if beta is None else c.calibration_for_beta(beta)
+            np.testing.assert_allclose(mollify(pm, p0, cal), _oracle(pm, p0, cal), atol=1e-10)
 
 
-@settings(max_examples=150)
+def test_a_members_lambda_does_not_depend_on_the_other_rows_solved_with_it():
+    rng = np.random.default_rng(11)
+    cal = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5,
+                       query_budget=256).calibrate()  # fmt: skip
+    for v in (12, 4096):
+        pm, p0 = lm_rows(rng, v, 1.0, m=6)
+        together = mollify(pm, p0, cal)
+        for i in range(6):
+            for others in ([], [j for j in range(6) if j != i][:2]):
+                alone = mollify(pm[[i, *others]], p0, cal)[0]
+                assert alone == together[i]  # bit for bit
+
+
+@settings(max_examples=200)
+@given(ens=ensemble(max_n=4, max_v=12), beta=log_uniform(1e-3, 1.0), mode=modes())
+def test_returned_lambda_leaves_a_relative_margin_below_every_constraint(ens, beta, mode):
+    pm, p0 = ens
+    cal = make(mode, beta)
+    cons = cal.constraints(len(pm))
+    radii = np.array(cons.radii)
+    for p, lam in zip(pm, mollify(pm, p0, cal)):
+        d = divergences(logs(p), logs(p0), lam, cons)
+        assert (
+            d <= radii - np.maximum(0.5e-11 * radii, 0.5e-14 / (np.array(cons.orders) - 1))
+        ).all()
+
+
+@settings(max_examples=60)
 @given(ens=ensemble(max_n=3, max_v=8), beta=log_uniform(1e-3, 1.0), mode=modes())
 def test_vectorised_solver_equals_the_scalar_reference(ens, beta, mode):
     pm, p0 = ens
