@@ -53,13 +53,13 @@ def model_canaries(model: torch.nn.Module, m: int, length: int, rng: np.random.G
     with model.disable_adapter():
         for start in range(0, m, batch_size):
             ids = torch.randint(*first_token_range, (min(batch_size, m - start), 1), generator=g)
-            step = model(input_ids=ids, use_cache=True)
+            step = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             seq = [ids]
             for _ in range(length - 1):
                 probs = torch.softmax(step.logits[:, -1].double(), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=g)
                 seq.append(nxt)
-                step = model(input_ids=nxt, cache=step.cache, use_cache=True)
+                step = model(input_ids=nxt, cache=step.cache, use_cache=True, logits_to_keep=1)
             out.append(torch.cat(seq, dim=1))
     return torch.cat(out)
 

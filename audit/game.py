@@ -88,7 +88,7 @@ def choose_target(lp0: np.ndarray, lps: np.ndarray, cal: Calibration, member: in
 def logprobs_at(model, prompt: list[int], adapters: list[str]) -> np.ndarray:
     """``[len(adapters), V]`` next-token log-probs after ``prompt`` (``"__base__"``: public)."""
     x = torch.tensor([prompt]).repeat(len(adapters), 1)
-    logits = model(input_ids=x, adapter_names=adapters).logits[:, -1]
+    logits = model(input_ids=x, adapter_names=adapters, logits_to_keep=1).logits[:, -1]
     return torch.log_softmax(logits.double(), -1).numpy()
 
 

@@ -1,8 +1,10 @@
 """The public model and the sampled members' next-token distributions from one batched forward.
 
 All members are LoRA adapters on one frozen base; the base itself is the public model. A query runs
-ONE forward over rows ``[public, sampled members...]`` with peft's mixed-batch ``adapter_names``
-(``"__base__"`` for the public row). Members that are not sampled are not computed.
+ONE forward over rows ``[public, sampled members...]`` (several contexts: their rows together,
+:meth:`EnsembleLM.next_logprobs_many`), each row through its adapter by batched LoRA
+(:mod:`pmixed.lora_batch`; peft's mixed-batch ``adapter_names`` with ``"__base__"`` for the public
+row where a LoRA variant is not covered). Members that are not sampled are not computed.
 
 KV cache: every row keeps its own cache of the tokens it has processed. The public row is computed at
 every step, so its cache is always one token behind. A member is computed only when sampled, so its
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from pmixed.lora_batch import BatchedLora
 
 __all__ = ["EnsembleLM", "SequenceState"]
 
@@ -63,6 +67,10 @@ class EnsembleLM:
         from peft.tuners.lora import LoraLayer
 
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        #: One gather + batched matmul per LoRA layer instead of peft's per-adapter sub-batches
+        #: (None: a LoRA variant or layer type it does not cover; peft's mixed batch then runs).
+        self.batched_lora = (BatchedLora(self._lora_layers, self.members)
+                             if BatchedLora.supports(self._lora_layers, self.members) else None)  # fmt: skip
         self.pad_id = int(pad_id)
         self.max_positions = int(model.config.n_positions)
         self.vocab_size = int(model.config.vocab_size)
@@ -79,44 +87,50 @@ class EnsembleLM:
 
         One forward over the public row and the listed members; their caches are extended.
         """
-        n = len(state.tokens)
-        if n == 0:
-            raise ValueError("state.tokens must hold at least one token (a prompt).")
-        if n > self.max_positions:
-            raise ValueError(f"the context has {n} tokens; the model allows {self.max_positions}.")
-        rows: list[int | None] = [None, *members]
-        if any(not 0 <= m < self.n_members for m in members) or len(set(members)) != len(members):
-            raise ValueError(f"members must be distinct indices in [0, {self.n_members}).")
-        for r in rows:  # a row with nothing new re-reads its last token
+        return self.next_logprobs_many([(state, members)])[0]
+
+    @torch.no_grad()
+    def next_logprobs_many(
+        self, requests: Sequence[tuple[SequenceState, Sequence[int]]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`next_logprobs` for several contexts in ONE forward over all their rows."""
+        rows: list[tuple[SequenceState, int | None]] = []
+        for state, members in requests:
+            self._check(state, members)
+            rows += [(state, None), *((state, int(m)) for m in members)]
+        for state, r in rows:  # a row with nothing new re-reads its last token
+            n = len(state.tokens)
             if state.cached(r) >= n:
                 state.caches[r] = [(k[:, :, : n - 1], v[:, :, : n - 1]) for k, v in state.caches[r]]
-        lens = [state.cached(r) for r in rows]
-        new = [n - c for c in lens]
+        lens = [state.cached(r) for state, r in rows]
+        new = [len(state.tokens) - c for (state, _), c in zip(rows, lens)]
         c_max, l_max, b = max(lens), max(new), len(rows)
         ids = torch.full((b, l_max), self.pad_id, dtype=torch.long)
         pos = torch.zeros((b, l_max), dtype=torch.long)
         mask = torch.zeros((b, c_max + l_max), dtype=torch.long)
-        for i, (c, m) in enumerate(zip(lens, new)):
+        for i, ((state, _), c, m) in enumerate(zip(rows, lens, new)):
             ids[i, l_max - m :] = torch.tensor(state.tokens[c:])
-            pos[i, l_max - m :] = torch.arange(c, n)
+            pos[i, l_max - m :] = torch.arange(c, len(state.tokens))
             mask[i, c_max - c : c_max] = 1
             mask[i, c_max + l_max - m :] = 1
         cache = DynamicCache()
         if c_max:
-            layers = len(next(iter(state.caches.values())))
-            for layer in range(layers):
+            some = next(kv for state, _ in rows for kv in state.caches.values() if kv)
+            for layer, (k0, v0) in enumerate(some):
                 keys, values = [], []
-                for r, c in zip(rows, lens):
-                    k, v = state.caches[r][layer] if c else self._empty(layer, state)
+                for (state, r), c in zip(rows, lens):
+                    k, v = state.caches[r][layer] if c else (k0[:, :, :0], v0[:, :, :0])
                     pad = (0, 0, c_max - c, 0)  # left-pad the length axis
                     keys.append(torch.nn.functional.pad(k, pad))
                     values.append(torch.nn.functional.pad(v, pad))
                 cache.update(torch.cat(keys), torch.cat(values), layer)
-        names = [PUBLIC if r is None else self.members[r] for r in rows]
+        names = [PUBLIC if r is None else self.members[r] for _, r in rows]
+        # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
+        # was most of the vocabulary-dependent work of a step.
         out = self._mixed_forward(names, input_ids=ids, attention_mask=mask, position_ids=pos,
-                                  cache=cache, use_cache=True)  # fmt: skip
+                                  cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         logp = torch.log_softmax(out.logits[:, -1, :].double(), dim=-1)  # [rows, V]
-        for i, (r, c, m) in enumerate(zip(rows, lens, new)):
+        for i, ((state, r), c, m) in enumerate(zip(rows, lens, new)):
             state.caches[r] = [
                 (torch.cat([lay.keys[i : i + 1, :, c_max - c : c_max],
                             lay.keys[i : i + 1, :, c_max + l_max - m :]], dim=2),
@@ -124,9 +138,31 @@ class EnsembleLM:
                             lay.values[i : i + 1, :, c_max + l_max - m :]], dim=2))
                 for lay in out.cache.layers
             ]  # fmt: skip
-        return logp[0], logp[1:]
+        results, start = [], 0
+        for _, members in requests:
+            results.append((logp[start], logp[start + 1 : start + 1 + len(members)]))
+            start += 1 + len(members)
+        return results
+
+    def _check(self, state: SequenceState, members: Sequence[int]) -> None:
+        n = len(state.tokens)
+        if n == 0:
+            raise ValueError("state.tokens must hold at least one token (a prompt).")
+        if n > self.max_positions:
+            raise ValueError(f"the context has {n} tokens; the model allows {self.max_positions}.")
+        if any(not 0 <= m < self.n_members for m in members) or len(set(members)) != len(members):
+            raise ValueError(f"members must be distinct indices in [0, {self.n_members}).")
 
     def _mixed_forward(self, names: list[str], **inputs):
+        """``model(**inputs)`` with row i through adapter ``names[i]``: batched LoRA, or peft's
+        mixed batch."""
+        if self.batched_lora is not None:
+            index = {m: i for i, m in enumerate(self.members)} | {PUBLIC: len(self.members)}
+            rows = torch.tensor([index[n] for n in names])
+            return self.batched_lora.forward(self.model, rows, **inputs)
+        return self._peft_mixed_forward(names, **inputs)
+
+    def _peft_mixed_forward(self, names: list[str], **inputs):
         """``model(**inputs)`` with row i through adapter ``names[i]`` (peft's mixed batch)."""
 
         def inject(module, args, kwargs):
@@ -139,19 +175,14 @@ class EnsembleLM:
             for h in handles:
                 h.remove()
 
-    def _empty(self, layer: int, state: SequenceState) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = next(c for c in state.caches.values() if c)[layer]
-        shape = (1, k.shape[1], 0, k.shape[3])
-        return k.new_zeros(shape), v.new_zeros(shape)
-
     @torch.no_grad()
     def reference_logprobs(self, tokens: Sequence[int], member: int | None) -> torch.Tensor:
         """log p(next | tokens) for one row by ``set_adapter`` and a full forward without cache."""
         ids = torch.tensor([list(tokens)])
         if member is None:
             with self.model.disable_adapter():
-                logits = self.model(input_ids=ids).logits
+                logits = self.model(input_ids=ids, logits_to_keep=1).logits
         else:
             self.model.set_adapter(self.members[member])
-            logits = self.model(input_ids=ids).logits
+            logits = self.model(input_ids=ids, logits_to_keep=1).logits
         return torch.log_softmax(logits[0, -1].double(), dim=-1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pmixed.models import EnsembleLM, SequenceState
-from tests.pmixed.tiny import PRIVATE, ensemble, tiny_lm, tokenizer
+from tests.pmixed.tiny import PRIVATE, computed_rows, ensemble, tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -84,16 +84,10 @@ def test_batched_cached_forward_equals_the_set_adapter_loop(lm, tok):
 
 
 def test_unsampled_members_are_not_computed(lm, tok):
-    seen = []
-    handle = lm._lora_layers[0].register_forward_hook(  # what a LoRA layer really receives
-        lambda mod, args, kwargs, out: seen.append(kwargs.get("adapter_names")), with_kwargs=True
-    )
-    try:
-        state = SequenceState(tok("Out, damned")["input_ids"])
+    state = SequenceState(tok("Out, damned")["input_ids"])
+    with computed_rows(lm) as seen:
         lm.next_logprobs(state, [2])
         lm.next_logprobs(state, [])
-    finally:
-        handle.remove()
     assert seen == [["__base__", "member-02"], ["__base__"]]
     assert state.cached(0) == 0 and state.cached(1) == 0 and state.cached(2) > 0
 
@@ -134,3 +128,52 @@ def test_dpsgd_and_finetune_adapters_join_the_same_model(tok):
     lm = EnsembleLM(model, ["dpsgd", "finetuned"], tok.eos_token_id)
     lp0, lps = lm.next_logprobs(SequenceState(tok("Friends")["input_ids"]), [0, 1])
     assert (lps[0] - lp0).abs().max() > 1e-4  # the DP-SGD weights were loaded
+
+
+def test_the_lm_head_sees_only_the_last_position_of_each_row(lm, tok):
+    head = lm.model.get_output_embeddings()
+    lengths = []
+    handle = head.register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+    try:
+        state = SequenceState(tok("Now is the winter of our discontent")["input_ids"])
+        lm.next_logprobs(state, [])  # members 0-2 lag by the whole prompt...
+        state.tokens += [5, 6, 7]
+        lm.next_logprobs(state, [0, 2])  # ...and catch up on it here: many positions per row
+    finally:
+        handle.remove()
+    assert lengths == [1, 1]
+
+
+def test_several_contexts_in_one_forward_equal_each_alone(lm, tok):
+    texts = ["Friends, Romans", "Now is the winter of our", "To be"]
+    requests = [(SequenceState(tok(t)["input_ids"]), m) for t, m in zip(texts, [[0], [], [1, 2]])]
+    alone = [(SequenceState(list(s.tokens)), m) for s, m in requests]
+    for step in range(3):
+        together = lm.next_logprobs_many(requests)
+        for (s, m), (lp0, lps), (s1, m1) in zip(requests, together, alone):
+            a0, a = lm.next_logprobs(s1, m1)
+            assert lps.shape == (len(m), 320)
+            assert (lp0 - a0).abs().max() < 1e-6
+            assert lps.numel() == 0 or (lps - a).abs().max() < 1e-6
+            s.tokens.append(step + 10)
+            s1.tokens.append(step + 10)
+
+
+def test_batched_lora_equals_peft_mixed_batch_and_follows_retrained_weights(lm, tok):
+    assert lm.batched_lora is not None  # GPT-2 with vanilla LoRA: the batched path runs
+    ids = torch.tensor([tok("Friends, Romans, countrymen")["input_ids"]]).repeat(5, 1)
+    names = ["__base__", "member-02", "member-00", "member-02", "member-01"]
+    with torch.no_grad():
+        ours = lm._mixed_forward(names, input_ids=ids).logits
+        peft = lm._peft_mixed_forward(names, input_ids=ids).logits
+        assert (ours - peft).abs().max() < 1e-6
+        assert (ours[1] - ours[0]).abs().max() > 1e-2  # the adapters really act
+        weight = lm.model.base_model.model.transformer.h[0].attn.c_attn.lora_B["member-02"].weight
+        saved = weight.clone()
+        weight.mul_(2.0)  # retrained in place: the stacks must follow
+        try:
+            again = lm._mixed_forward(names, input_ids=ids).logits
+            assert (again - lm._peft_mixed_forward(names, input_ids=ids).logits).abs().max() < 1e-6
+            assert (again[1] - ours[1]).abs().max() > 1e-4
+        finally:
+            weight.copy_(saved)

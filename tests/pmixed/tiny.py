@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from pmixed.models import EnsembleLM
@@ -51,3 +53,20 @@ def tiny_lm(tok=None, spread: float = 0.3) -> EnsembleLM:
             if "lora_B" in n:
                 p.copy_(spread * torch.randn(p.shape, generator=gen))
     return EnsembleLM(model, ["member-00", "member-01", "member-02"], tok.eos_token_id)
+
+
+@contextlib.contextmanager
+def computed_rows(lm: EnsembleLM):
+    """Records the adapter of every row of every ensemble forward (``"__base__"``: public)."""
+    seen: list[list[str]] = []
+    inner = lm._mixed_forward
+
+    def record(names, **inputs):
+        seen.append(list(names))
+        return inner(names, **inputs)
+
+    lm._mixed_forward = record
+    try:
+        yield seen
+    finally:
+        del lm._mixed_forward

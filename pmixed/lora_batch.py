@@ -1,0 +1,95 @@
+"""Batched LoRA for the ensemble forward: one gather and two batched matmuls per LoRA layer.
+
+peft's mixed batch (``adapter_names=[...]``) runs one sub-batch per adapter in every LoRA layer:
+with N members in a batch that is N small matmuls and N index copies per layer. Multi-LoRA servers
+(Punica's BGMV, S-LoRA; vLLM's CPU path in plain PyTorch) instead gather each row's A and B and
+run one batched matmul. Here the members' A ``[r, in]``, B ``[out, r]`` and scalings s are stacked
+once per layer (a zero adapter at index N is the public row), and each row of a forward computes
+
+    y = base(x) + s_row · (x · A_row^T) · B_row^T
+
+with ``torch.bmm``. peft stays the training and storage format: the stacks are rebuilt when any
+member's weights change (their tensor versions are compared on every forward). Only vanilla LoRA
+on linear/Conv1D layers is batched; :meth:`BatchedLora.supports` says whether a model qualifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["BatchedLora"]
+
+
+class BatchedLora:
+    """Stacked LoRA weights of ``members`` in every LoRA layer of a peft model.
+
+    Args:
+        layers: the model's ``peft`` LoRA layers.
+        members: adapter names in member order.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], members: Sequence[str]) -> None:
+        self.layers, self.members = list(layers), list(members)
+        self._versions: tuple | None = None
+        self._stacks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @staticmethod
+    def supports(layers: Sequence[torch.nn.Module], members: Sequence[str]) -> bool:
+        """Vanilla LoRA (no DoRA or other variant) with linear A and B for every member."""
+        for layer in layers:
+            if getattr(layer, "lora_variant", {}) or not hasattr(layer, "lora_A"):
+                return False
+            for m in members:
+                if m not in layer.lora_A or not isinstance(layer.lora_A[m], torch.nn.Linear):
+                    return False
+        return True
+
+    def _weights(self):
+        for layer in self.layers:
+            for m in self.members:
+                yield layer.lora_A[m].weight, layer.lora_B[m].weight
+
+    def _refresh(self) -> None:
+        versions = tuple((id(a), a._version, id(b), b._version) for a, b in self._weights())
+        if versions == self._versions:
+            return
+        stacks = []
+        for layer in self.layers:
+            # float64: the low-rank product is cheap (r ≪ width) and then agrees with peft's
+            # float32 sub-batches to rounding, whatever the batch composition.
+            a = [layer.lora_A[m].weight.detach().double() for m in self.members]
+            b = [layer.lora_B[m].weight.detach().double() for m in self.members]
+            scale = torch.tensor([float(layer.scaling[m]) for m in self.members] + [0.0],
+                                 dtype=b[0].dtype, device=b[0].device)  # fmt: skip
+            r = max(w.shape[0] for w in a)  # ranks may differ: pad with zeros
+            a_stack = a[0].new_zeros(len(a) + 1, r, a[0].shape[1])
+            b_stack = b[0].new_zeros(len(b) + 1, b[0].shape[0], r)
+            for i, (wa, wb) in enumerate(zip(a, b)):
+                a_stack[i, : wa.shape[0]] = wa
+                b_stack[i, :, : wb.shape[1]] = wb
+            stacks.append((a_stack.transpose(1, 2).contiguous(),
+                           b_stack.transpose(1, 2).contiguous(), scale))  # fmt: skip
+        self._stacks, self._versions = stacks, versions
+
+    def forward(self, model: torch.nn.Module, rows: torch.Tensor, **inputs):
+        """``model(**inputs)`` with row i through member ``rows[i]`` (index N: the public model)."""
+        self._refresh()
+        originals = []
+        try:
+            for layer, (a_t, b_t, scale) in zip(self.layers, self._stacks):
+                a_rows, b_rows = a_t[rows], b_t[rows]  # [b, in, r], [b, r, out]
+                s_rows = scale[rows][:, None, None]
+
+                def batched(x, *args, _layer=layer, _a=a_rows, _b=b_rows, _s=s_rows, **kwargs):
+                    result = _layer.base_layer(x, *args, **kwargs)
+                    delta = torch.bmm(torch.bmm(x.to(_a.dtype), _a), _b) * _s  # float64
+                    return result + delta.to(result.dtype)
+
+                originals.append(layer)
+                layer.forward = batched
+            return model(**inputs)
+        finally:
+            for layer in originals:
+                del layer.forward
