@@ -14,7 +14,8 @@ and it runs the steps in the only allowed order:
 4. **record** its restricted data (subset, λ) in the 0600 file;
 5. **release** (return) it.
 
-:class:`~pmixed.generator.PrivateGenerator`, the teacher-forced evaluation, the audit's game and
+:meth:`Deployment.serve_batch` does the same for several queries at once (each charged before any
+is computed). :class:`~pmixed.generator.PrivateGenerator`, the teacher-forced evaluation, the audit's game and
 the benchmarks all go through here; nothing else calls the filter's ``charge`` (a test greps the
 source tree for it).
 
@@ -268,6 +269,11 @@ class Deployment:
 
     # ---------------------------------------------------------------------------------- serve
 
+    def streams(self, n: int) -> list[np.random.Generator]:
+        """``n`` independent generators spawned from the deployment's, in order: one per request,
+        so a request's subsets and tokens do not depend on what is served beside it."""
+        return self._rng.spawn(n)
+
     def serve(
         self,
         private: Callable[[np.random.Generator], tuple[Any, Mapping]],
@@ -284,17 +290,50 @@ class Deployment:
                 (None: refuse then, whatever ``on_exhausted`` says).
             check: raises (:class:`InvalidRequest`) to refuse the query before anything is spent.
         """
+        return self.serve_batch(
+            [self._rng],
+            lambda _, rngs: [private(rngs[0])],
+            None if public is None else (lambda _, rng: public(rng)),
+            check=check,
+        )[0]
+
+    def serve_batch(
+        self,
+        rngs: Sequence[np.random.Generator],
+        private: Callable[[list[int], list[np.random.Generator]], Sequence[tuple[Any, Mapping]]],
+        public: Callable[[int, np.random.Generator], Any] | None = None,
+        *,
+        check: Callable[[], None] | None = None,
+    ) -> list[Answer]:
+        """Serves ``len(rngs)`` queries at once, each with its own generator: check, then charge
+        every query in order, then compute the paid ones together, then record each, then release.
+
+        Args:
+            private: ``private(indices, rngs) -> [(value, restricted), ...]`` for the queries whose
+                charge went through (their indices into ``rngs``), run after every charge is
+                durable.
+            public: ``public(index, rng) -> value`` for a query the budget cannot pay (None:
+                refuse it, whatever ``on_exhausted`` says).
+            check: as in :meth:`serve`; nothing is charged when it raises.
+        """
         if check is not None:
             check()
-        try:
-            receipt = self.filter.charge(self.event)
-        except BudgetExhausted:
-            if self.on_exhausted == "refuse" or public is None:
-                return Answer(None, False, True)
-            self.filter.charge(PublicStepEvent())
-            return Answer(public(self._rng), False, False)
-        value, restricted = private(self._rng)
-        self.ledger.append_restricted(receipt, restricted)
-        if self.before_release is not None:
-            self.before_release(value)
-        return Answer(value, True, False)
+        answers: list[Answer | None] = [None] * len(rngs)
+        paid = []
+        for i, rng in enumerate(rngs):
+            try:
+                paid.append((i, self.filter.charge(self.event)))
+            except BudgetExhausted:
+                if self.on_exhausted == "refuse" or public is None:
+                    answers[i] = Answer(None, False, True)
+                    continue
+                self.filter.charge(PublicStepEvent())
+                answers[i] = Answer(public(i, rng), False, False)
+        if paid:
+            results = private([i for i, _ in paid], [rngs[i] for i, _ in paid])
+            for (i, receipt), (value, restricted) in zip(paid, results, strict=True):
+                self.ledger.append_restricted(receipt, restricted)
+                if self.before_release is not None:
+                    self.before_release(value)
+                answers[i] = Answer(value, True, False)
+        return answers

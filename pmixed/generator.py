@@ -4,11 +4,12 @@ A thin facade (like Opacus's ``PrivacyEngine``): the models (``EnsembleLM``), th
 (``sample_subset``, ``release_log``) and the deployment (budget, ledger, randomness:
 :class:`~pmixed.deployment.Deployment`) each do their own part. A request is validated whole
 before anything is spent (prompt ids and length against the model's context, temperature, top-k,
-the member set); then, per generated token, :meth:`Deployment.serve
-<pmixed.deployment.Deployment.serve>` charges, and only then:
+the member set); then, per generated token, :meth:`Deployment.serve_batch
+<pmixed.deployment.Deployment.serve_batch>` charges (one query per unfinished prompt, all prompts
+advancing together), and only then:
 
-1. **Subsample** members with the deployment's generator; forward the public row and the sampled
-   members.
+1. **Subsample** members with the prompt's generator (spawned from the deployment's); ONE forward
+   over every prompt's public row and sampled members (every member with ``constant_work``).
 2. **Public pre-processing** only (PMIXED_MATH.md §2.1): temperature on p0 and every p_i, and a
    top-k set chosen from p0 (ties by token id), both before mollification.
 3. **Mollify, mix, draw one token**; the subset and λ go to the restricted ledger file; then
@@ -85,25 +86,36 @@ class PrivateGenerator:
     Args:
         lm: the public model and the members (as many as the deployment's calibration has).
         deployment: where every token is paid for (budget, ledger, randomness).
+        constant_work: compute every member at every step (their outputs unused unless sampled),
+            so the rows of a step, and so its time, do not depend on the sampled subset: which
+            members were sampled, and how many, is restricted. Default off (only sampled members
+            are computed; a member catches up on the tokens it missed when next sampled).
     """
 
-    def __init__(self, lm: EnsembleLM, deployment: Deployment) -> None:
+    def __init__(self, lm: EnsembleLM, deployment: Deployment, *, constant_work: bool = False):
         n = deployment.calibration.config.n_members
         if n != lm.n_members:
             raise ValueError(f"the deployment has n_members={n}; the model has {lm.n_members}.")
         self.lm, self.deployment = lm, deployment
         self.calibration = deployment.calibration
+        self.constant_work = bool(constant_work)
 
-    def _private_token(self, state: SequenceState, temperature: float, top_k: int | None, rng):
+    def _private_tokens(self, states: list[SequenceState], rngs, temperature: float, top_k):
+        """One private token per state: subsets drawn per state, ONE forward over all rows."""
         cfg = self.calibration.config
-        subset = sample_subset(cfg.n_members, cfg.sampling_rate, rng,
-                               sampler=cfg.reference_sampler)  # fmt: skip
-        members = sorted({int(i) for i in subset})
-        lp0, lps = self.lm.next_logprobs(state, members)
-        lp0, lps = public_transform(lp0.numpy(), lps.numpy(), temperature=temperature, top_k=top_k)
-        rows = lps[[members.index(int(i)) for i in subset]]
-        token, lam, _ = release_log(rows, lp0, self.calibration, rng)
-        return token, {"subset": subset, "subset_size": len(subset), "lambdas": lam}
+        subsets = [sample_subset(cfg.n_members, cfg.sampling_rate, rng,
+                                 sampler=cfg.reference_sampler) for rng in rngs]  # fmt: skip
+        every = list(range(cfg.n_members))
+        computed = [every if self.constant_work else sorted({int(i) for i in s}) for s in subsets]
+        outs = self.lm.next_logprobs_many(list(zip(states, computed)))
+        results = []
+        for (lp0, lps), subset, members, rng in zip(outs, subsets, computed, rngs):
+            lp0, lps = public_transform(lp0.numpy(), lps.numpy(), temperature=temperature,
+                                        top_k=top_k)  # fmt: skip
+            rows = lps[[members.index(int(i)) for i in subset]]
+            token, lam, _ = release_log(rows, lp0, self.calibration, rng)
+            results.append((token, {"subset": subset, "subset_size": len(subset), "lambdas": lam}))
+        return results
 
     def _public_token(self, state: SequenceState, temperature: float, top_k: int | None, rng):
         lp0, _ = self.lm.next_logprobs(state, [])
@@ -121,33 +133,44 @@ class PrivateGenerator:
         top_k: int | None = None,
         truncate: bool = False,
     ) -> list[Generation]:
-        """Extends each tokenised prompt by up to ``max_new_tokens`` tokens.
+        """Extends each tokenised prompt by up to ``max_new_tokens`` tokens, all prompts together.
 
         The whole request is validated first (:class:`~pmixed.deployment.InvalidRequest`, nothing
         spent): prompts must be non-empty token ids of the model's vocabulary and fit its context
         with the new tokens (``truncate=True`` drops their oldest tokens instead, and the result
-        says how many). Every private token then costs one query; a refused prompt stops where the
-        budget ran out.
+        says how many). Each prompt gets its own generator (:meth:`Deployment.streams`), so its
+        tokens are those it would get alone. Each step serves one query per unfinished prompt
+        (:meth:`Deployment.serve_batch`: every query charged, then one forward over all their
+        rows); a refused prompt stops where the budget ran out.
         """
         vocab, ctx = self.lm.vocab_size, self.lm.max_positions
         check_sampling(temperature, top_k, vocab)
         fitted = [check_prompt(p, vocab_size=vocab, max_positions=ctx, new_tokens=max_new_tokens,
                                truncate=truncate) for p in prompts]  # fmt: skip
-        out = []
-        for (prompt, dropped), original in zip(fitted, prompts):
-            state = SequenceState(list(prompt))
-            priv = pub = 0
-            refused = False
-            for _ in range(max_new_tokens):
-                answer = self.deployment.serve(
-                    lambda rng, s=state: self._private_token(s, temperature, top_k, rng),
-                    lambda rng, s=state: self._public_token(s, temperature, top_k, rng),
-                )
+        rngs = self.deployment.streams(len(fitted))
+        states = [SequenceState(list(prompt)) for prompt, _ in fitted]
+        private, public = [0] * len(states), [0] * len(states)
+        refused = [False] * len(states)
+        active = list(range(len(states)))
+        for _ in range(max_new_tokens if active else 0):
+            answers = self.deployment.serve_batch(
+                [rngs[i] for i in active],
+                lambda idx, gens, act=active: self._private_tokens(
+                    [states[act[j]] for j in idx], gens, temperature, top_k),
+                lambda j, gen, act=active: self._public_token(states[act[j]], temperature,
+                                                              top_k, gen),
+            )  # fmt: skip
+            for i, answer in zip(active, answers):
                 if answer.refused:
-                    refused = True
-                    break
-                priv, pub = priv + answer.private, pub + (not answer.private)
-                state.tokens.append(int(answer.value))  # released
-            out.append(Generation(tuple(original), tuple(state.tokens[len(prompt) :]), priv, pub,
-                                  refused, dropped))  # fmt: skip
-        return out
+                    refused[i] = True
+                    continue
+                private[i] += answer.private
+                public[i] += not answer.private
+                states[i].tokens.append(int(answer.value))  # released
+            active = [i for i in active if not refused[i]]
+            if not active:
+                break
+        return [Generation(tuple(original), tuple(state.tokens[len(prompt) :]), private[i],
+                           public[i], refused[i], dropped)
+                for i, ((prompt, dropped), original, state) in
+                enumerate(zip(fitted, prompts, states))]  # fmt: skip

@@ -19,7 +19,7 @@ from accounting import compose, read_ledger, verify
 from pmixed import PMixEDConfig
 from pmixed.deployment import TEMPERATURE_RANGE, Deployment, InvalidRequest
 from pmixed.generator import PrivateGenerator, public_transform
-from tests.pmixed.tiny import tiny_lm, tokenizer
+from tests.pmixed.tiny import computed_rows, tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,14 +46,8 @@ def _generator(path, lm, cfg=CFG, seed=None, **kw):
 def test_budget_pays_exactly_t_private_tokens_then_the_public_model_answers(tmp_path, lm, tok):
     gen, ledger = _generator(tmp_path / "l.jsonl", lm, seed=1)
     prompt = tok("To be")["input_ids"]
-    seen = []
-    handle = lm._lora_layers[0].register_forward_hook(  # what a LoRA layer really receives
-        lambda mod, args, kwargs, out: seen.append(kwargs.get("adapter_names")), with_kwargs=True
-    )
-    try:
+    with computed_rows(lm) as seen:
         (out,) = gen.generate([prompt], 14)
-    finally:
-        handle.remove()
     assert (out.private_steps, out.public_steps, out.refused) == (T, 4, False)
     assert len(out.tokens) == 14
     assert all(names == ["__base__"] for names in seen[T:])  # fallback never touches a member
@@ -68,11 +62,14 @@ def test_budget_pays_exactly_t_private_tokens_then_the_public_model_answers(tmp_
 
 
 def test_refusal_stops_where_the_budget_ends(tmp_path, lm, tok):
+    """The prompts advance together: T = 10 pays five steps of two prompts, then both stop."""
     gen, ledger = _generator(tmp_path / "l.jsonl", lm, seed=2, on_exhausted="refuse")
     a, b = gen.generate([tok("Now is")["input_ids"], tok("the winter")["input_ids"]], 6)
-    assert (a.private_steps, a.refused) == (6, False)
-    assert (b.private_steps, b.public_steps, b.refused) == (4, 0, True)
+    assert (a.private_steps, a.public_steps, a.refused, len(a.tokens)) == (5, 0, True, 5)
+    assert (b.private_steps, b.public_steps, b.refused, len(b.tokens)) == (5, 0, True, 5)
     assert read_ledger(ledger.path).n_queries == T
+    (c,) = gen.generate([tok("Now is")["input_ids"]], 2)
+    assert (c.private_steps, c.refused, c.tokens) == (0, True, ())
 
 
 def test_same_seed_same_tokens_and_restricted_records(tmp_path, lm, tok):
@@ -205,7 +202,7 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[2])
 import warnings; warnings.simplefilter("ignore")
 from tests.pmixed.test_generator import _generator
-from tests.pmixed.tiny import tiny_lm, tokenizer
+from tests.pmixed.tiny import computed_rows, tiny_lm, tokenizer
 tok = tokenizer()
 gen, ledger = _generator(sys.argv[1], tiny_lm(tok), seed=9)
 calls = []
@@ -233,3 +230,31 @@ def test_a_process_killed_between_charge_and_release_left_the_record(tmp_path, k
     contents = read_ledger(path)
     assert contents.n_queries == released + 1  # the unreleased token was already charged
     assert len(path.with_name("ledger.restricted.jsonl").read_text().splitlines()) == kill_at + 1
+
+
+def test_prompts_generated_together_get_the_tokens_they_get_alone(tmp_path, lm, tok):
+    prompts = [tok(t)["input_ids"] for t in ("To be", "Friends, Romans", "Now is the winter")]
+    big = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=64,
+                       orders=tuple(range(2, 17)))  # fmt: skip
+    gen, ledger = _generator(tmp_path / "together.jsonl", lm, cfg=big, seed=4)
+    together = gen.generate(prompts, 5)
+    assert read_ledger(ledger.path).n_queries == 15
+    gen1, _ = _generator(tmp_path / "alone.jsonl", lm, cfg=big, seed=4)
+    alone = [gen1.generate([p], 5)[0] for p in prompts]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert len({g.tokens for g in together}) == 3
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_constant_work_computes_the_same_rows_whatever_the_subset(tmp_path, lm, tok, constant):
+    big = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=64,
+                       orders=tuple(range(2, 17)))  # fmt: skip
+    deployment = Deployment.create(tmp_path / "l.jsonl", big.calibrate(), seed=2)
+    gen = PrivateGenerator(lm, deployment, constant_work=constant)
+    with computed_rows(lm) as seen:
+        gen.generate([tok("To be")["input_ids"], tok("Friends")["input_ids"]], 8)
+    rows = [len(names) for names in seen]
+    lines = deployment.ledger.restricted_path.read_text().splitlines()[1:]
+    sizes = {json.loads(line)["data"]["subset_size"] for line in lines}
+    assert len(sizes) > 1  # the subsets really differed
+    assert (set(rows) == {2 * (1 + 3)}) is constant
