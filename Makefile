@@ -31,7 +31,7 @@ browser:
 	  || echo "chromium could not be installed: the rendering test will be skipped"; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q

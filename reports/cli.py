@@ -442,15 +442,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 EXIT_REFUSED = 3
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Serve prompts from a trained run through its deployment ledger (created on first use)."""
-    from pmixed.deployment import Deployment, check_prompt, check_sampling
-    from pmixed.generator import PrivateGenerator
-    from pmixed.models import EnsembleLM
-    from reports.campaign import load_run
+def _deployment(args: argparse.Namespace, path: Path, cfg: dict):
+    """The run's deployment at ``path``: opened when it exists, else created from the run's
+    config (``args.seed`` only then)."""
+    from pmixed.deployment import Deployment
 
-    path = args.ledger or args.run / "generate.jsonl"
-    if path.exists() and args.seed is not None:
+    if path.exists() and getattr(args, "seed", None) is not None:
         raise InvalidRequest("seed", f"is fixed when a deployment is created; {path} exists",
                              args.seed)  # fmt: skip
     key = None
@@ -458,24 +455,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from accounting.signing import load_private_key
 
         key = load_private_key(args.signing_key)
+    if path.exists():
+        return Deployment.open(path, on_exhausted=args.on_exhausted, signing_key=key)
+    pcfg = PMixEDConfig(n_members=cfg["n_members"], sampling_rate=cfg["sampling_rate"],
+                        epsilon=cfg["epsilon"], delta=cfg["delta"],
+                        query_budget=cfg["query_budget"])  # fmt: skip
+    return Deployment.create(path, pcfg.calibrate(), seed=getattr(args, "seed", None),
+                             on_exhausted=args.on_exhausted, signing_key=key)  # fmt: skip
+
+
+def _load_lm(run: Path):
     from transformers.utils import logging as hf_logging
 
+    from pmixed.models import EnsembleLM
+    from reports.campaign import load_run
+
     hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise on a service
-    cfg, tok, model, members = load_run(args.run)
-    lm = EnsembleLM(model, members, tok.eos_token_id)
+    cfg, tok, model, members = load_run(run)
+    return cfg, tok, EnsembleLM(model, members, tok.eos_token_id)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Serve prompts from a trained run through its deployment ledger (created on first use)."""
+    from pmixed.deployment import check_prompt, check_sampling
+    from pmixed.generator import PrivateGenerator
+
+    path = args.ledger or args.run / "generate.jsonl"
+    if path.exists() and args.seed is not None:
+        raise InvalidRequest("seed", f"is fixed when a deployment is created; {path} exists",
+                             args.seed)  # fmt: skip
+    cfg, tok, lm = _load_lm(args.run)
     prompts = [tok(p)["input_ids"] for p in args.prompt]
     check_sampling(args.temperature, args.top_k, lm.vocab_size)  # before any file is touched
     for p in prompts:
         check_prompt(p, vocab_size=lm.vocab_size, max_positions=lm.max_positions,
                      new_tokens=args.max_new_tokens, truncate=args.truncate_prompt)  # fmt: skip
-    if path.exists():
-        deployment = Deployment.open(path, on_exhausted=args.on_exhausted, signing_key=key)
-    else:
-        pcfg = PMixEDConfig(n_members=cfg["n_members"], sampling_rate=cfg["sampling_rate"],
-                            epsilon=cfg["epsilon"], delta=cfg["delta"],
-                            query_budget=cfg["query_budget"])  # fmt: skip
-        deployment = Deployment.create(path, pcfg.calibrate(), seed=args.seed,
-                                       on_exhausted=args.on_exhausted, signing_key=key)  # fmt: skip
+    deployment = _deployment(args, path, cfg)
     with deployment:
         if deployment.seeded:
             print("audit deployment: its randomness is seeded (reproducible); never serve real "
@@ -495,6 +510,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"ledger {path} ({signed}): epsilon spent {spent.epsilon:.4f} of "
           f"{deployment.filter.budget.epsilon:g} over {spent.steps} tokens")  # fmt: skip
     return EXIT_REFUSED if any(g.refused for g in outs) else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a trained run over HTTP (OpenAI-style completions) through one deployment ledger."""
+    import uvicorn
+
+    from pmixed.generator import PrivateGenerator
+    from pmixed.server import create_app
+
+    if not 1 <= args.port <= 65535:
+        raise InvalidRequest("port", "must be in [1, 65535]", args.port)
+    if args.max_batch < 1:
+        raise InvalidRequest("max_batch", "must be >= 1", args.max_batch)
+    path = args.ledger or args.run / "serve.jsonl"
+    cfg, tok, lm = _load_lm(args.run)
+    with _deployment(args, path, cfg) as deployment:
+        gen = PrivateGenerator(lm, deployment, constant_work=not args.sampled_members_only)
+        app = create_app(gen, tok, model_name=args.run.name, max_batch=args.max_batch)
+        print(f"serving {args.run} on http://{args.host}:{args.port} (ledger {path})",
+              file=sys.stderr)  # fmt: skip
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,6 +627,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", type=Path, default=None,
                    help="deployment ledger (default RUN/generate.jsonl; reused across calls)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (POST /v1/completions)")
+    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--on-exhausted", choices=["public", "refuse"], default="refuse")
+    p.add_argument("--max-batch", type=int, default=32, help="prompts advanced together")
+    p.add_argument("--sampled-members-only", action="store_true",
+                   help="compute only sampled members (faster; step latency then depends on "
+                        "the restricted subset)")  # fmt: skip
+    p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                   help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
+    p.add_argument("--ledger", type=Path, default=None,
+                   help="deployment ledger (default RUN/serve.jsonl; reused across starts)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
