@@ -9,6 +9,7 @@ from accounting.budget import BudgetExhausted, PrivacyBudget, RenyiFilter
 from accounting.curves import burn_down, cost_trace, epsilon_by_order, privacy_profile
 from accounting.dpsgd import (
     DpsgdAccounting,
+    dpsgd_burn_down,
     dpsgd_epsilon,
     dpsgd_event,
     dpsgd_profile,
@@ -52,6 +53,7 @@ __all__ = [
     "compose",
     "cost_trace",
     "curve_at",
+    "dpsgd_burn_down",
     "dpsgd_epsilon",
     "dpsgd_event",
     "dpsgd_profile",

@@ -76,6 +76,37 @@ def dpsgd_epsilon(
     return _epsilon(dpsgd_event(noise_multiplier, sample_rate, steps), delta, accountant)
 
 
+def dpsgd_burn_down(noise_multiplier: float, sample_rate: float, steps: Sequence[int], delta: float,
+                    pld_steps: Sequence[int] = ()) -> list[tuple[float, float | None]]:  # fmt: skip
+    """(ε by RDP, ε by PLD or None) after each number of steps in ``steps`` (PLD only where it is
+    in ``pld_steps``): :func:`dpsgd_epsilon` at every point, with the step's RDP curve and PLD
+    built once (the accountants rebuild them per call; the RDP of k steps is k times one step's,
+    the PLD of k steps one step's self-composed k times, as the accountants compose them)."""
+    dpsgd_event(noise_multiplier, sample_rate, 1)  # validates
+    if not _is_real(delta) or not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
+        raise ValueError(f"steps must be integers >= 0. Found {list(steps)!r}.")
+    one = rdp_privacy_accountant.RdpAccountant().compose(dpsgd_event(noise_multiplier,
+                                                                      sample_rate, 1))  # fmt: skip
+    pld_one = pld_privacy_accountant.PLD.from_gaussian_mechanism(
+        standard_deviation=float(noise_multiplier),
+        value_discretization_interval=PLD_DISCRETIZATION,
+        sampling_prob=float(sample_rate),
+    )
+    start = pld_privacy_accountant.PLD.identity(value_discretization_interval=PLD_DISCRETIZATION)
+    out = []
+    for k in steps:
+        if k == 0:
+            out.append((0.0, 0.0 if k in pld_steps else None))
+            continue
+        rdp = float(rdp_privacy_accountant.compute_epsilon(one.orders, k * one.rdp, delta)[0])
+        pld = (float(start.compose(pld_one.self_compose(k)).get_epsilon_for_delta(delta))
+               if k in pld_steps else None)  # fmt: skip
+        out.append((rdp, pld))
+    return out
+
+
 def dpsgd_profile(noise_multiplier: float, sample_rate: float, steps: int,
                   deltas: Sequence[float]) -> dict[str, list[float]]:  # fmt: skip
     """ε(δ) for each δ in ``deltas`` by both accountants, each composed once:

@@ -138,7 +138,8 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
         return lam
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     search = _Search(as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons)
-    lam[rows] = search.run().cpu().numpy()
+    with torch.inference_mode():
+        lam[rows] = search.run().cpu().numpy()
     return lam
 
 

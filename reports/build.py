@@ -214,11 +214,8 @@ def _dpsgd(run: Path, cfg: dict, privacy: dict) -> dict:
             "epsilon": cfg["epsilon"], "delta": delta, "steps": steps,
             "at_exhaustion": "training stops after the planned steps; the noise was calibrated "
                              "so that the final epsilon does not exceed the target",
-            "burn_down": [{"steps": k,
-                           "epsilon": accounting.dpsgd_epsilon(sigma, q, k, delta, "rdp"),
-                           "epsilon_pld": accounting.dpsgd_epsilon(sigma, q, k, delta, "pld")
-                           if k in pld_grid else None}
-                          for k in grid],
+            "burn_down": [{"steps": k, "epsilon": e, "epsilon_pld": p} for k, (e, p) in
+                          zip(grid, accounting.dpsgd_burn_down(sigma, q, grid, delta, pld_grid))],
         },
     }  # fmt: skip
 

@@ -104,3 +104,16 @@ def test_profile_composes_once_and_matches_the_single_delta_calls():
     assert prof["rdp"][0] < prof["rdp"][1]
     with pytest.raises(ValueError, match="deltas must be in"):
         dpsgd_profile(1.0, 0.01, 10, [0.0])
+
+
+def test_burn_down_builds_each_step_once_and_equals_the_per_point_calls():
+    from accounting import dpsgd_burn_down
+
+    ks = [0, 1, 7, 40]
+    got = dpsgd_burn_down(1.1, 0.02, ks, 1e-5, pld_steps={7, 40})
+    for k, (rdp, pld) in zip(ks, got):
+        assert rdp == dpsgd_epsilon(1.1, 0.02, k, 1e-5, "rdp")
+        assert pld == (dpsgd_epsilon(1.1, 0.02, k, 1e-5, "pld") if k in (7, 40) else None)
+    assert got[1][0] < got[2][0] < got[3][0]
+    with pytest.raises(ValueError, match="steps must be integers"):
+        dpsgd_burn_down(1.1, 0.02, [-1], 1e-5)

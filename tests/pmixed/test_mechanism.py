@@ -89,7 +89,7 @@ def test_step_refuses_an_implicit_random_source():
         step(p, p[0], cal, np.random)
 
 
-@pytest.mark.parametrize("draws", [5000, pytest.param(20000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("draws", [3000, pytest.param(20000, marks=pytest.mark.slow)])
 def test_acceptance_step_frequencies_pass_chi_square_against_the_exact_law(draws):
     """Draws through `step` (20000 under ``make test-all``); subsets never contain duplicates."""
     rng = np.random.default_rng(5)
