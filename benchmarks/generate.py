@@ -9,7 +9,11 @@ architecture, GPT-2 with V = 2048, 4 layers, width 128; ``--model gpt2-small``: 
 * reference: the paper code's loop: every member through ``set_adapter`` and a full forward without
              KV cache, then SciPy ``bisect`` (20 iterations, order 3) per sampled member.
 
-    .venv/bin/python benchmarks/generate.py --out benchmarks/results [--model gpt2-small]
+Then tokens per second of ``generate`` with 1, 8 and 32 prompts advanced together (one forward per
+step over every prompt's rows), with and without ``constant_work``. ``--vocab 50257`` gives GPT-2's
+real vocabulary; ``--threads`` fixes (and the output reports) torch's thread count.
+
+    .venv/bin/python benchmarks/generate.py --out benchmarks/results [--model gpt2-small] [--vocab 50257]
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ N, Q, TOKENS = 16, 0.15, 48
 MODELS = {"demo": (128, 4, 4), "gpt2-small": (768, 12, 12)}
 
 
-def build(seed: int = 0, model: str = "demo"):
+def build(seed: int = 0, model: str = "demo", vocab: int = 2048):
     tok = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 200], 300)
     width, layers, heads = MODELS[model]
-    spec = ModelSpec(vocab_size=2048, block_size=128, n_embd=width, n_layer=layers, n_head=heads)
+    spec = ModelSpec(vocab_size=vocab, block_size=128, n_embd=width, n_layer=layers, n_head=heads)
     public = build_public_model(spec, tok, seed)
     from peft import get_peft_model
 
@@ -129,6 +133,20 @@ def ours(lm: EnsembleLM, prompt: list[int], folder: Path) -> float:
     return elapsed / TOKENS
 
 
+def concurrent(lm: EnsembleLM, prompt: list[int], folder: Path, k: int, constant: bool) -> float:
+    """Tokens per second released by one ``generate`` call over ``k`` prompts."""
+    # 32 prompts x 24 tokens: a larger epsilon pays for 1024 queries (the work per token is the same).
+    cfg = PMixEDConfig(n_members=N, sampling_rate=Q, epsilon=32.0, delta=1e-5, query_budget=1024)
+    name = f"c{k}{'c' if constant else ''}.jsonl"
+    with Deployment.create(folder / name, cfg.calibrate(), seed=0, fsync=False) as deployment:
+        gen = PrivateGenerator(lm, deployment, constant_work=constant)
+        prompts = [[p + i for p in prompt] for i in range(k)]
+        start = time.perf_counter()
+        outs = gen.generate(prompts, TOKENS // 2)
+        elapsed = time.perf_counter() - start
+    return sum(len(o.tokens) for o in outs) / elapsed
+
+
 def main() -> None:
     warnings.simplefilter("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,8 +154,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--model", choices=sorted(MODELS), default="demo")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (GPT-2: 50257)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
-    lm = build(model=args.model)
+    torch.set_num_threads(args.threads)
+    lm = build(model=args.model, vocab=args.vocab)
     prompt = list(range(5, 5 + args.prompt_tokens))
     rows = {"public": [], "ours": [], "reference": []}
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d:
@@ -147,26 +168,38 @@ def main() -> None:
             sub.mkdir()
             rows["ours"].append(ours(lm, prompt, sub))
             rows["reference"].append(reference_loop(lm, prompt, np.random.default_rng(r)))
+        rates = {f"{k}{'+constant' if c else ''}": concurrent(lm, prompt, Path(d), k, c)
+                 for k in (1, 8, 32) for c in (False, True)}  # fmt: skip
     med = {k: float(np.median(v)) for k, v in rows.items()}
     one, all_rows = token_rows_floor(lm)
-    print(f"per-token time, median of {args.repeats} ({args.model} model, N={N}, q={Q}, prompt "
-          f"{args.prompt_tokens}, {TOKENS} tokens):")  # fmt: skip
+    print(f"per-token time, median of {args.repeats} ({args.model} model, V={args.vocab}, N={N}, "
+          f"q={Q}, prompt {args.prompt_tokens}, {TOKENS} tokens, {torch.get_num_threads()} "
+          "torch threads):")  # fmt: skip
     for k in ("public", "ours", "reference"):
         print(f"  {k:<10} {1e3 * med[k]:8.2f} ms")
     print(f"  ours / public    = {med['ours'] / med['public']:.2f}  (target <= 3)")
     print(f"  reference / ours = {med['reference'] / med['ours']:.2f}  (target >= 10)")
     print(f"  floor: a base-only forward of {1 + N} tokens / of 1 token = "
           f"{1e3 * all_rows:.2f} / {1e3 * one:.2f} ms = {all_rows / one:.2f}")  # fmt: skip
+    print(f"  ours / floor ({1 + N} token rows) = {med['ours'] / all_rows:.2f}")
+    print(f"tokens per second, prompts advanced together ({TOKENS // 2} tokens each):")
+    for key, rate in rates.items():
+        print(f"  {key:<12} {rate:8.1f} tok/s  ({rate / rates['1']:.2f}x one prompt)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"meta": {"python": platform.python_version(), "model": args.model,
+                       "vocab": args.vocab, "torch_threads": torch.get_num_threads(),
                        "width_layers_heads": MODELS[args.model], "n_members": N, "q": Q,
                        "tokens": TOKENS, "prompt_tokens": args.prompt_tokens,
-                       "command": f"python benchmarks/generate.py --model {args.model}"},
+                       "command": f"python benchmarks/generate.py --model {args.model} "
+                                  f"--vocab {args.vocab} --threads {args.threads}"},
+              "tokens_per_second": rates,
               "median_seconds_per_token": med,
               "ratios": {"ours_over_public": med["ours"] / med["public"],
                          "reference_over_ours": med["reference"] / med["ours"],
-                         "floor_token_rows": all_rows / one}}  # fmt: skip
+                         "floor_token_rows": all_rows / one,
+                         "ours_over_floor": med["ours"] / all_rows}}  # fmt: skip
     name = "generate.json" if args.model == "demo" else f"generate-{args.model}.json"
+    name = name if args.vocab == 2048 else name.replace(".json", f"-v{args.vocab}.json")
     print(f"wrote {write_json(args.out / name, result)}")
 
 
