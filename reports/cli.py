@@ -444,12 +444,10 @@ EXIT_REFUSED = 3
 
 def _deployment(args: argparse.Namespace, path: Path, cfg: dict):
     """The run's deployment at ``path``: opened when it exists, else created from the run's
-    config (``args.seed`` only then)."""
+    config (with ``args.seed`` if the command has one; callers refuse a seed for an existing
+    ledger before loading anything)."""
     from pmixed.deployment import Deployment
 
-    if path.exists() and getattr(args, "seed", None) is not None:
-        raise InvalidRequest("seed", f"is fixed when a deployment is created; {path} exists",
-                             args.seed)  # fmt: skip
     key = None
     if args.signing_key is not None:
         from accounting.signing import load_private_key
@@ -532,6 +530,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _deployment_args(p: argparse.ArgumentParser, ledger: str) -> None:
+    p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                   help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
+    p.add_argument("--ledger", type=Path, default=None,
+                   help=f"deployment ledger (default RUN/{ledger}; reused across calls)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -622,10 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="audit deployments only, fixed when the ledger is created; default: OS "
                         "entropy")  # fmt: skip
-    p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
-                   help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
-    p.add_argument("--ledger", type=Path, default=None,
-                   help="deployment ledger (default RUN/generate.jsonl; reused across calls)")  # fmt: skip
+    _deployment_args(p, "generate.jsonl")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="serve a trained run over HTTP (POST /v1/completions)")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
@@ -636,10 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampled-members-only", action="store_true",
                    help="compute only sampled members (faster; step latency then depends on "
                         "the restricted subset)")  # fmt: skip
-    p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
-                   help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
-    p.add_argument("--ledger", type=Path, default=None,
-                   help="deployment ledger (default RUN/serve.jsonl; reused across starts)")  # fmt: skip
+    _deployment_args(p, "serve.jsonl")
     p.set_defaults(func=cmd_serve)
     return parser
 
