@@ -13,13 +13,17 @@ order: the chord between two evaluated points, and slope max s (min s) beyond th
 
 **Search** (certified and capped modes), per row and independent of the other rows:
 
-1. *Certify* the current point: evaluate F where the bound does not settle a constraint (the
-   order with the largest bound excess on each side, two per round) until every constraint is
-   settled or one is violated.
-2. A violated constraint becomes the *target*: bracketed Newton on F_λ(θ*) = B·(1 − 2ρ) between
-   0 and the violating point (secant or midpoint when a Newton step leaves the bracket), closed
-   when the bracket is 1e-12 wide or a feasible iterate's Newton step is below 1e-13.
-3. Certify the result; a constraint still violated there becomes the next target.
+1. *Guess* the binding constraint and its λ on a summary of the row: the vocabulary's 16 largest
+   log ratios t = log(p/p0) kept exact, the others pooled into 64 equal-width bins of t (p0 mass
+   and p0-weighted mean of p/p0 − 1 per bin), which is exact in the first moment. Four damped
+   Newton steps for every constraint at once on that summary (a [rows, 254, 80] computation)
+   give each constraint's λ; the smallest names the target. The summary only steers the search.
+2. Bracketed Newton on the target's F_λ(θ*) = B·(1 − 2ρ) from the guess (secant or midpoint when
+   a Newton step leaves the bracket), closed when the bracket is 1e-12 wide or a feasible
+   iterate's Newton step is below 1e-13.
+3. *Certify* the result: evaluate F where the bound does not settle a constraint (the order with
+   the largest bound excess on each side, two per round) until every constraint is settled or one
+   is violated; a violated one becomes the next target, searched between 0 and the result.
 
 The returned λ is certified with a relative margin: F(θ_c) ≤ B_c − max(ρ·B_c, 1e-14) for every c
 (ρ = 1e-11), so rounding in F cannot turn it into an overshoot, and it is within about ρ·λ of the
@@ -51,6 +55,10 @@ TOLERANCE, NEWTON_STOP = 1e-12, 1e-13
 TINY = 1e-300
 #: Up to this many (constraint × vocabulary) entries a certificate evaluates every constraint.
 DENSE_WORK = 2**16
+#: The guess's row summary: this many largest log ratios kept exact, the rest in this many bins.
+SUMMARY_TOP, SUMMARY_BINS, SUMMARY_STEPS = 16, 64, 4
+#: The guess is raised by this factor so that Newton usually starts just above the answer.
+GUESS_BIAS = 1.0 + 1e-3
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,9 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
         lam[rows] = _halvings(lp[rows], lp0[rows], cons)
         return lam
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    summary = map(as_t, _summary(lp[rows], lp0[rows]))
     search = _Search(as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons)
+    search.summary = tuple(summary)
     with torch.inference_mode():
         lam[rows] = search.run().cpu().numpy()
     return lam
@@ -164,6 +174,31 @@ def _halvings(lp: np.ndarray, lp0: np.ndarray, cons: Constraints) -> np.ndarray:
     return np.where(at_cap, cap, lo)
 
 
+def _summary(lp: np.ndarray, lp0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: log p0-mass and mean of u = p/p0 − 1 over the guess's pools (module docstring).
+
+    NumPy on purpose: ``bincount`` sums in a fixed order, so a row's summary, and with it the
+    search path and the returned λ, never depends on the device or on the other rows.
+    """
+    n, v = lp.shape
+    with np.errstate(invalid="ignore"):
+        t = np.where(lp0 > -np.inf, lp - lp0, 0.0)
+    p0 = np.exp(lp0)
+    k, width = min(SUMMARY_TOP, v), SUMMARY_BINS + min(SUMMARY_TOP, v)
+    top = np.argpartition(-t, k - 1, axis=-1)[:, :k]
+    t_lo = t.min(axis=-1, keepdims=True)
+    t_hi = np.take_along_axis(t, top, axis=-1).min(axis=-1, keepdims=True)
+    scale = (SUMMARY_BINS - 1) / np.maximum(t_hi - t_lo, 1e-300)
+    pool = np.clip((t - t_lo) * scale, 0, SUMMARY_BINS - 1).astype(np.int64)
+    np.put_along_axis(pool, top, SUMMARY_BINS + np.arange(k), axis=-1)
+    flat = (pool + width * np.arange(n)[:, None]).ravel()
+    mass = np.bincount(flat, p0.ravel(), n * width).reshape(n, width)
+    um1 = p0 * np.expm1(np.minimum(t, 700.0))
+    mean = np.bincount(flat, um1.ravel(), n * width).reshape(n, width)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(mass), np.where(mass > 0, mean / mass, 0.0)
+
+
 class _Search:
     """The certified search of the module docstring, vectorised over rows that each run alone."""
 
@@ -181,30 +216,47 @@ class _Search:
         self.aim = bound - 2.0 * torch.clamp(MARGIN * bound, min=MARGIN_FLOOR)  # Newton's target
         self.cap = float(cons.lambda_cap)
         self.n_iter = cons.n_iter
+        self.summary: tuple[torch.Tensor, torch.Tensor] = ()  # set by solve_lambdas
 
     def run(self) -> torch.Tensor:
-        """Certify the χ² estimate, then Newton on the constraint found, until certified."""
+        """Newton on the guessed target from the guess, then certify; retarget until certified."""
         n = self.t.shape[0]
         rows = torch.arange(n, device=self.t.device)
-        first = torch.clamp(self.quadratic_guess(), min=1e-6, max=self.cap)
-        ok, c = self.certify(first, rows)
-        lo = torch.where(ok, first, torch.zeros_like(first))
-        hi = torch.where(ok, torch.full_like(first, self.cap), first)
-        lam = first.clone()
-        todo = torch.nonzero(~(ok & (first == self.cap))).flatten()
+        guess, c = self.guess()
+        first = torch.clamp(guess * GUESS_BIAS, min=1e-6, max=self.cap)
+        g, d = self.log_gap(first, rows, c)
+        over = g > 0
+        zero, cap, unknown = (torch.full_like(first, x) for x in (0.0, self.cap, torch.nan))
+        lam = self.newton(rows, c, torch.where(over, zero, first), torch.where(over, first, cap),
+                          at_lo=(torch.where(over, unknown, g), torch.where(over, unknown, d)),
+                          at_hi=(torch.where(over, g, unknown), torch.where(over, d, unknown)))  # fmt: skip
+        todo = rows
         for _ in range(self.n_iter):
+            ok_t, c_t = self.certify(lam[todo], todo)
+            todo, c_t = todo[~ok_t], c_t[~ok_t]
             if todo.numel() == 0:
                 return lam
-            lam[todo] = self.newton(rows[todo], c[todo], lo[todo], hi[todo])
-            ok_t, c[todo] = self.certify(lam[todo], rows[todo])
-            hi[todo[~ok_t]] = lam[todo[~ok_t]]
-            todo = todo[~ok_t]
+            lam[todo] = self.newton(todo, c_t, zero[todo], lam[todo])
         raise ArithmeticError(f"mollifier: no certified lambda after {self.n_iter} targets.")
 
-    def quadratic_guess(self) -> torch.Tensor:
-        """min_c λ with (θ_c(θ_c−1)/2)·χ²(p‖p0)·λ² = aim_c: F's expansion at λ = 0."""
+    def guess(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every constraint's λ on the row summary, from F's quadratic expansion at λ = 0 and
+        damped Newton steps in log λ: the smallest λ (capped at 1) and its constraint, per row."""
+        log_mass, mean = (x[:, None, :] for x in self.summary)  # [R, 1, P]
+        theta = self.theta[None, :, None]  # [1, C, 1]
         per = torch.sqrt(2.0 * self.aim / (self.theta * (self.theta - 1.0)))  # [C]
-        return per.min() / torch.sqrt(self.chi2)
+        lam = torch.clamp(per[None, :] / torch.sqrt(self.chi2)[:, None], max=1.0)  # [R, C]
+        log_aim = torch.log(self.aim)[None, :]
+        for _ in range(SUMMARY_STEPS):
+            ratio = torch.addcmul(torch.ones_like(mean), lam[..., None], mean)
+            terms = torch.addcmul(log_mass, theta, torch.log(ratio))
+            f = torch.clamp(torch.logsumexp(terms, dim=-1), min=TINY)
+            weights = torch.exp(terms - f[..., None])
+            slope = (weights * mean / ratio).sum(dim=-1) * theta[..., 0] * lam / f
+            step = torch.clamp(-(torch.log(f) - log_aim) / slope, -2.0, 2.0)
+            lam = torch.clamp(lam * torch.exp(torch.nan_to_num(step, nan=0.0)), max=1.0)
+        best = lam.argmin(dim=-1)
+        return lam.gather(1, best[:, None])[:, 0], best
 
     # -- F and its λ-derivative -------------------------------------------------------------
 
@@ -246,25 +298,32 @@ class _Search:
 
     # -- the two steps ----------------------------------------------------------------------
 
-    def newton(self, rows, c, lo, hi) -> torch.Tensor:
+    def newton(self, rows, c, lo, hi, at_lo=None, at_hi=None) -> torch.Tensor:
         """Largest λ in [lo, hi] with F_λ(θ_c) ≤ aim_c, to 1e-12 (``lo`` is feasible; ``hi`` is
-        returned when it is feasible too): bracketed Newton on log F against log λ.
+        returned when it is feasible too): bracketed Newton on log F against log λ. ``at_lo`` and
+        ``at_hi`` are :meth:`log_gap` values already known at the ends (NaN where not).
 
         Each step tries Newton from the last point, then from the other end of the bracket (from
         λ = 0, the quadratic guess), then the Illinois secant, then the midpoint: the first that
         lands inside the bracket; when neither the bracket nor |g| halved in two steps, the midpoint.
         """
         lo, hi = lo.clone(), hi.clone()
-        g_hi, d_hi = self.log_gap(hi, rows, c)
+        nan = torch.full_like(lo, torch.nan)
+        g_hi, d_hi = (x.clone() for x in (at_hi or (nan, nan)))
+        need = torch.nonzero(g_hi.isnan()).flatten()
+        if need.numel():
+            g_hi[need], d_hi[need] = self.log_gap(hi[need], rows[need], c[need])
         zero_guess = torch.sqrt(self.aim[c] / (self.theta[c] * (self.theta[c] - 1.0) / 2.0
                                                * self.chi2[rows]))  # fmt: skip
-        g_lo, d_lo = torch.full_like(lo, -torch.inf), torch.ones_like(lo)
-        above = torch.nonzero(lo > 0).flatten()
-        if above.numel():
-            g_lo[above], d_lo[above] = self.log_gap(lo[above], rows[above], c[above])
+        g_lo, d_lo = (x.clone() for x in (at_lo or (nan, nan)))
+        g_lo = torch.where(lo > 0, g_lo, -torch.inf)
+        d_lo = torch.where(lo > 0, d_lo, 1.0)
+        need = torch.nonzero(g_lo.isnan()).flatten()
+        if need.numel():
+            g_lo[need], d_lo[need] = self.log_gap(lo[need], rows[need], c[need])
         done = g_hi <= 0  # the whole bracket is feasible for this constraint
         lo[done] = hi[done]
-        last_hi = torch.ones_like(done)  # which end moved last (for Newton and Illinois)
+        last_hi = g_hi.abs() <= g_lo.abs()  # the end to step from first (then: moved last)
         never = torch.full_like(hi, torch.inf)
         widths = [never, hi - lo]  # bracket widths two and one steps ago
         gaps = [never, g_hi.abs()]  # |g| at the last evaluated points, likewise
