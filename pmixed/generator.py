@@ -1,7 +1,7 @@
 """``PrivateGenerator``: prompts in, tokens out; every private token is paid for before it leaves.
 
 A thin facade (like Opacus's ``PrivacyEngine``): the models (``EnsembleLM``), the mechanism
-(``sample_subset``, ``release_log``) and the deployment (budget, ledger, randomness:
+(``sample_subset``, ``release_log_many``) and the deployment (budget, ledger, randomness:
 :class:`~pmixed.deployment.Deployment`) each do their own part. A request is validated whole
 before anything is spent (prompt ids and length against the model's context, temperature, top-k,
 the member set); then, per generated token, :meth:`Deployment.serve_batch
@@ -26,7 +26,7 @@ import torch
 
 from pmixed._checks import logsumexp
 from pmixed.deployment import Deployment, check_prompt, check_sampling
-from pmixed.mechanism import release_log, sample_subset, sample_token
+from pmixed.mechanism import release_log_many, sample_subset, sample_token
 from pmixed.models import EnsembleLM, SequenceState
 
 __all__ = ["Generation", "PrivateGenerator", "public_transform"]
@@ -108,14 +108,14 @@ class PrivateGenerator:
         every = list(range(cfg.n_members))
         computed = [every if self.constant_work else sorted({int(i) for i in s}) for s in subsets]
         outs = self.lm.next_logprobs_many(list(zip(states, computed)))
-        results = []
-        for (lp0, lps), subset, members, rng in zip(outs, subsets, computed, rngs):
+        queries = []
+        for (lp0, lps), subset, members in zip(outs, subsets, computed):
             lp0, lps = public_transform(lp0.numpy(), lps.numpy(), temperature=temperature,
                                         top_k=top_k)  # fmt: skip
-            rows = lps[[members.index(int(i)) for i in subset]]
-            token, lam, _ = release_log(rows, lp0, self.calibration, rng)
-            results.append((token, {"subset": subset, "subset_size": len(subset), "lambdas": lam}))
-        return results
+            queries.append((lps[[members.index(int(i)) for i in subset]], lp0))
+        released = release_log_many(queries, self.calibration, rngs)
+        return [(token, {"subset": subset, "subset_size": len(subset), "lambdas": lam})
+                for (token, lam, _), subset in zip(released, subsets)]  # fmt: skip
 
     def _public_token(self, state: SequenceState, temperature: float, top_k: int | None, rng):
         lp0, _ = self.lm.next_logprobs(state, [])

@@ -37,6 +37,7 @@ __all__ = [
     "lambdas_by_size",
     "neighbour_divergence",
     "release_log",
+    "release_log_many",
     "released_log_law",
     "sample_subset",
     "sample_token",
@@ -157,13 +158,39 @@ def release_log(
     generator: np.random.Generator,
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Mollify the sampled rows ``[m, V]``, average, draw one token: (token, λ [m], log p̄_S [V])."""
-    lp0 = np.asarray(logp_public, np.float64)
-    if logp_sampled.shape[0] == 0:
-        return sample_token(lp0, generator), np.zeros(0), lp0
-    lam = mollify_log(logp_sampled, lp0, calibration)
-    lpbar = mix_log(logp_sampled, lp0[None, :], lam)
-    lmix = logsumexp(lpbar, axis=0) - math.log(lpbar.shape[0])
-    return sample_token(lmix, generator), lam, lmix
+    return release_log_many([(logp_sampled, logp_public)], calibration, [generator])[0]
+
+
+def release_log_many(
+    queries: list[tuple[np.ndarray, np.ndarray]],
+    calibration: Calibration,
+    generators: list[np.random.Generator],
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """:func:`release_log` for several queries ``(logp_sampled [m_i, V], logp_public [V])``, each
+    drawing from its own generator; the rows of all queries that share a constraint set are
+    mollified in one call. A row's λ does not depend on the rows solved with it (bit for bit), so
+    each query's token is the one :func:`release_log` would draw alone."""
+    lp0s = [np.asarray(lp0, np.float64) for _, lp0 in queries]
+    lams: list[np.ndarray] = [np.zeros(0)] * len(queries)
+    groups: dict[object, list[int]] = {}
+    for i, (lp, _) in enumerate(queries):
+        if lp.shape[0]:
+            groups.setdefault(calibration.constraints(lp.shape[0]), []).append(i)
+    for cons, members in groups.items():
+        rows = np.concatenate([queries[i][0] for i in members])
+        centres = np.concatenate([np.broadcast_to(lp0s[i], queries[i][0].shape) for i in members])
+        ends = np.cumsum([len(queries[i][0]) for i in members])[:-1]
+        for i, lam in zip(members, np.split(solve_lambdas(rows, centres, cons), ends)):
+            lams[i] = lam
+    out = []
+    for (lp, _), lp0, lam, g in zip(queries, lp0s, lams, generators, strict=True):
+        if lp.shape[0] == 0:
+            out.append((sample_token(lp0, g), lam, lp0))
+            continue
+        lpbar = mix_log(lp, lp0[None, :], lam)
+        lmix = logsumexp(lpbar, axis=0) - math.log(lpbar.shape[0])
+        out.append((sample_token(lmix, g), lam, lmix))
+    return out
 
 
 def step(

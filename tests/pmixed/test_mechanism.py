@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest, chisquare
 
 from pmixed import PMixEDConfig, exact_released_law, mollify, neighbour_divergence, step
-from pmixed.mechanism import sample_subset, sample_token
+from pmixed.mechanism import release_log, release_log_many, sample_subset, sample_token
 from pmixed.mollifier import solve_lambdas
 from tests.pmixed.strategies import ensemble, log_uniform
 
@@ -387,3 +387,24 @@ def test_the_sampler_matches_its_law():
     g = np.random.default_rng(11)
     counts = np.bincount([sample_token(np.log(p), g) for _ in range(20000)], minlength=5)
     assert chisquare(counts, 20000 * p).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["certified", "reference"])
+def test_queries_released_together_get_the_token_lambdas_and_law_they_get_alone(mode):
+    """release_log_many solves every query's rows in one mollifier call (per constraint set:
+    reference mode's depends on the subset size) and must not change any query's outcome."""
+    rng = np.random.default_rng(5)
+    cal = config(0.3, mode=mode).calibrate()
+    v = 300
+    queries = []
+    for m in (0, 1, 3, 2, 3):
+        lp0 = logs(rng.dirichlet(np.ones(v)))
+        queries.append((lp0 + rng.normal(0, 1.0, (m, v)), lp0))
+    queries = [(lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True), lp0) for lp, lp0 in queries]
+    together = release_log_many(queries, cal, [np.random.default_rng(i) for i in range(5)])
+    for i, (lp, lp0) in enumerate(queries):
+        token, lam, lmix = release_log(lp, lp0, cal, np.random.default_rng(i))
+        assert together[i][0] == token
+        assert np.array_equal(together[i][1], lam)  # bit for bit
+        assert np.array_equal(together[i][2], lmix)
+    assert len({t for t, _, _ in together}) > 1
