@@ -110,9 +110,9 @@ class PrivateGenerator:
         outs = self.lm.next_logprobs_many(list(zip(states, computed)))
         queries = []
         for (lp0, lps), subset, members in zip(outs, subsets, computed):
-            lp0, lps = public_transform(lp0.numpy(), lps.numpy(), temperature=temperature,
-                                        top_k=top_k)  # fmt: skip
-            queries.append((lps[[members.index(int(i)) for i in subset]], lp0))
+            sampled = lps.numpy()[[members.index(int(i)) for i in subset]]
+            queries.append(public_transform(lp0.numpy(), sampled, temperature=temperature,
+                                            top_k=top_k)[::-1])  # fmt: skip
         released = release_log_many(queries, self.calibration, rngs)
         return [(token, {"subset": subset, "subset_size": len(subset), "lambdas": lam})
                 for (token, lam, _), subset in zip(released, subsets)]  # fmt: skip

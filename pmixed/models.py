@@ -6,12 +6,15 @@ ONE forward over rows ``[public, sampled members...]`` (several contexts: their 
 (:mod:`pmixed.lora_batch`; peft's mixed-batch ``adapter_names`` with ``"__base__"`` for the public
 row where a LoRA variant is not covered). Members that are not sampled are not computed.
 
-KV cache: every row keeps its own cache of the tokens it has processed. The public row is computed at
-every step, so its cache is always one token behind. A member is computed only when sampled, so its
-cache may lag by several tokens; the step feeds each row the tokens it has not seen yet,
-left-padded to a common length, with the caches left-padded to a common length and masked, and
-explicit position ids. After the forward each row's cache is compacted back. The result equals a
-plain forward over the whole context (tested against a ``set_adapter`` loop without cache).
+KV cache: every row keeps its own cache of the tokens it has processed, in one buffer per layer for
+all rows of a context (:class:`SequenceState`). The public row is computed at every step, so its
+cache is always one token behind. A member is computed only when sampled (unless the caller asks
+for every row), so its cache may lag by several tokens; the step feeds each row the tokens it has
+not seen yet, left-padded to a common length, after its cache (padded at the end to a common
+length), with a mask over both paddings and explicit position ids. Building the step's cache is one
+gather per context and layer, and storing the new keys one indexed write, whatever the number of
+rows. The result equals a plain forward over the whole context (tested against a ``set_adapter``
+loop without cache).
 """
 
 from __future__ import annotations
@@ -31,18 +34,37 @@ PUBLIC = "__base__"
 
 @dataclass
 class SequenceState:
-    """One context being extended: its tokens and, per row, the cached keys and values.
+    """One context being extended: its tokens and every row's cached keys and values.
 
-    ``caches[row]`` is a list over layers of ``(keys, values)``, each ``[1, heads, length, dim]``;
-    ``row`` is ``None`` for the public model and the member index otherwise.
+    ``keys[layer]`` and ``values[layer]`` are ``[1 + N, heads, capacity, dim]``: slot 0 is the
+    public model (row ``None``), slot i + 1 member i; ``lengths[row]`` tokens are valid at the
+    front of a row's slot. The capacity doubles when a row needs more.
     """
 
     tokens: list[int]
-    caches: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    lengths: dict[int | None, int] = field(default_factory=dict)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
 
     def cached(self, row: int | None) -> int:
-        cache = self.caches.get(row)
-        return 0 if not cache else cache[0][0].shape[2]
+        return self.lengths.get(row, 0)
+
+    def reserve(self, slots: int, length: int, like: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        """Buffers that hold ``length`` tokens per slot, shaped after ``like`` (per layer)."""
+        cap = self.keys[0].shape[2] if self.keys else 0
+        if cap >= length:
+            return
+        new_cap = max(length, 2 * cap, 16)
+        grown_k, grown_v = [], []
+        for layer, (k, _) in enumerate(like):
+            shape = (slots, k.shape[1], new_cap, k.shape[3])
+            bk, bv = k.new_zeros(shape), k.new_zeros(shape)  # zeros: padding stays finite
+            if cap:
+                bk[:, :, :cap] = self.keys[layer]
+                bv[:, :, :cap] = self.values[layer]
+            grown_k.append(bk)
+            grown_v.append(bv)
+        self.keys, self.values = grown_k, grown_v
 
 
 class EnsembleLM:
@@ -99,9 +121,7 @@ class EnsembleLM:
             self._check(state, members)
             rows += [(state, None), *((state, int(m)) for m in members)]
         for state, r in rows:  # a row with nothing new re-reads its last token
-            n = len(state.tokens)
-            if state.cached(r) >= n:
-                state.caches[r] = [(k[:, :, : n - 1], v[:, :, : n - 1]) for k, v in state.caches[r]]
+            state.lengths[r] = min(state.cached(r), len(state.tokens) - 1)
         lens = [state.cached(r) for state, r in rows]
         new = [len(state.tokens) - c for (state, _), c in zip(rows, lens)]
         c_max, l_max, b = max(lens), max(new), len(rows)
@@ -111,33 +131,58 @@ class EnsembleLM:
         for i, ((state, _), c, m) in enumerate(zip(rows, lens, new)):
             ids[i, l_max - m :] = torch.tensor(state.tokens[c:])
             pos[i, l_max - m :] = torch.arange(c, len(state.tokens))
-            mask[i, c_max - c : c_max] = 1
+            mask[i, :c] = 1
             mask[i, c_max + l_max - m :] = 1
+        # Rows of one context are contiguous: (state, batch rows, their buffer slots).
+        groups: list[tuple[SequenceState, list[int], list[int]]] = []
+        for i, (state, r) in enumerate(rows):
+            if not groups or groups[-1][0] is not state:
+                groups.append((state, [], []))
+            groups[-1][1].append(i)
+            groups[-1][2].append(0 if r is None else r + 1)
         cache = DynamicCache()
         if c_max:
-            some = next(kv for state, _ in rows for kv in state.caches.values() if kv)
-            for layer, (k0, v0) in enumerate(some):
+            like = next(list(zip(st.keys, st.values)) for st, _, _ in groups if st.keys)
+            for layer, (k0, _) in enumerate(like):
                 keys, values = [], []
-                for (state, r), c in zip(rows, lens):
-                    k, v = state.caches[r][layer] if c else (k0[:, :, :0], v0[:, :, :0])
-                    pad = (0, 0, c_max - c, 0)  # left-pad the length axis
+                for state, _, slots in groups:
+                    if not state.keys:
+                        shape = (len(slots), k0.shape[1], c_max, k0.shape[3])
+                        keys.append(k0.new_zeros(shape))
+                        values.append(k0.new_zeros(shape))
+                        continue
+                    index = torch.tensor(slots)
+                    k = state.keys[layer].index_select(0, index)[:, :, :c_max]
+                    v = state.values[layer].index_select(0, index)[:, :, :c_max]
+                    pad = (0, 0, 0, c_max - k.shape[2])  # at the end of the length axis
                     keys.append(torch.nn.functional.pad(k, pad))
                     values.append(torch.nn.functional.pad(v, pad))
                 cache.update(torch.cat(keys), torch.cat(values), layer)
         names = [PUBLIC if r is None else self.members[r] for _, r in rows]
         # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
         # was most of the vocabulary-dependent work of a step.
+        # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
+        # was most of the vocabulary-dependent work of a step.
         out = self._mixed_forward(names, input_ids=ids, attention_mask=mask, position_ids=pos,
                                   cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         logp = torch.log_softmax(out.logits[:, -1, :].double(), dim=-1)  # [rows, V]
-        for i, ((state, r), c, m) in enumerate(zip(rows, lens, new)):
-            state.caches[r] = [
-                (torch.cat([lay.keys[i : i + 1, :, c_max - c : c_max],
-                            lay.keys[i : i + 1, :, c_max + l_max - m :]], dim=2),
-                 torch.cat([lay.values[i : i + 1, :, c_max - c : c_max],
-                            lay.values[i : i + 1, :, c_max + l_max - m :]], dim=2))
-                for lay in out.cache.layers
-            ]  # fmt: skip
+        layers = [(lay.keys, lay.values) for lay in out.cache.layers]
+        for state, batch, slots in groups:  # each row's new keys go after its cached ones
+            src_row, src_pos, dst_slot, dst_pos = [], [], [], []
+            for i, slot in zip(batch, slots):
+                c, m = lens[i], new[i]
+                src_row += [i] * m
+                src_pos += range(c_max + l_max - m, c_max + l_max)
+                dst_slot += [slot] * m
+                dst_pos += range(c, c + m)
+            state.reserve(1 + self.n_members, max(dst_pos) + 1, layers)
+            src = (torch.tensor(src_row), slice(None), torch.tensor(src_pos))
+            dst = (torch.tensor(dst_slot), slice(None), torch.tensor(dst_pos))
+            for layer, (k, v) in enumerate(layers):
+                state.keys[layer][dst] = k[src]
+                state.values[layer][dst] = v[src]
+            for i in batch:
+                state.lengths[rows[i][1]] = lens[i] + new[i]
         results, start = [], 0
         for _, members in requests:
             results.append((logp[start], logp[start + 1 : start + 1 + len(members)]))
