@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/mechanism.py --out benchmarks/results
 	$(PY) benchmarks/ledger.py --out benchmarks/results
 	$(PY) benchmarks/generate.py --out benchmarks/results
+	$(PY) benchmarks/serve.py --out benchmarks/results
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

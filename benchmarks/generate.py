@@ -2,7 +2,8 @@
 
 All three run in this process on the same model (``--model demo``, the default: the full demo's
 architecture, GPT-2 with V = 2048, 4 layers, width 128; ``--model gpt2-small``: 12 layers, width
-768; N = 16 LoRA members with random weights, q = 0.15 so about 2.4 members are sampled per token):
+768; ``--members`` N = 16 LoRA members with random weights, ``--q`` 0.15 so about 2.4 members are
+sampled per token; the paper's setting is ``--members 80 --q 0.03``):
 
 * public:    KV-cached sampling from the public model alone (adapters disabled);
 * ours:      ``PrivateGenerator``, certified mode, ledger fsync'ed per token, budget checked;
@@ -37,12 +38,12 @@ from pmixed.models import EnsembleLM
 from pmixed.train import LoraSpec, ModelSpec, build_public_model, train_tokenizer
 from reports.files import write_json
 
-N, Q, TOKENS = 16, 0.15, 48
+TOKENS = 48
 #: (width, layers, heads) of the public model.
 MODELS = {"demo": (128, 4, 4), "gpt2-small": (768, 12, 12)}
 
 
-def build(seed: int = 0, model: str = "demo", vocab: int = 2048):
+def build(members: int, seed: int = 0, model: str = "demo", vocab: int = 2048):
     tok = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 200], 300)
     width, layers, heads = MODELS[model]
     spec = ModelSpec(vocab_size=vocab, block_size=128, n_embd=width, n_layer=layers, n_head=heads)
@@ -50,14 +51,14 @@ def build(seed: int = 0, model: str = "demo", vocab: int = 2048):
     from peft import get_peft_model
 
     model = get_peft_model(public, LoraSpec().config(), adapter_name="member-00")
-    for i in range(1, N):
+    for i in range(1, members):
         model.add_adapter(f"member-{i:02d}", LoraSpec().config())
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return EnsembleLM(model.eval(), [f"member-{i:02d}" for i in range(N)], 0)
+    return EnsembleLM(model.eval(), [f"member-{i:02d}" for i in range(members)], 0)
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def public_loop(lm: EnsembleLM, prompt: list[int], rng) -> float:
 
 
 @torch.no_grad()
-def reference_loop(lm: EnsembleLM, prompt: list[int], rng) -> float:
+def reference_loop(lm: EnsembleLM, prompt: list[int], rng, q: float) -> float:
     tokens = list(prompt)
     start = time.perf_counter()
     for _ in range(TOKENS):
@@ -86,7 +87,7 @@ def reference_loop(lm: EnsembleLM, prompt: list[int], rng) -> float:
             rows.append(
                 torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].double(), -1).numpy()
             )
-        subset = sample_subset(N, Q, rng)
+        subset = sample_subset(lm.n_members, q, rng)
         if len(subset) == 0:
             tokens.append(sample_token(lp0, rng))
             continue
@@ -119,11 +120,12 @@ def token_rows_floor(lm: EnsembleLM, repeats: int = 30) -> tuple[float, float]:
 
     with lm.model.disable_adapter():
         cache = lm.model(input_ids=torch.arange(5, 45)[None], use_cache=True).cache
-        return step(1, cache), step(1 + N, cache)
+        return step(1, cache), step(1 + lm.n_members, cache)
 
 
-def ours(lm: EnsembleLM, prompt: list[int], folder: Path) -> float:
-    cfg = PMixEDConfig(n_members=N, sampling_rate=Q, epsilon=8.0, delta=1e-5, query_budget=256)
+def ours(lm: EnsembleLM, prompt: list[int], folder: Path, q: float) -> float:
+    cfg = PMixEDConfig(n_members=lm.n_members, sampling_rate=q, epsilon=8.0, delta=1e-5,
+                       query_budget=256)  # fmt: skip
     with Deployment.create(folder / "bench.jsonl", cfg.calibrate(), seed=0) as deployment:
         gen = PrivateGenerator(lm, deployment)
         start = time.perf_counter()
@@ -133,10 +135,11 @@ def ours(lm: EnsembleLM, prompt: list[int], folder: Path) -> float:
     return elapsed / TOKENS
 
 
-def concurrent(lm: EnsembleLM, prompt: list[int], folder: Path, k: int, constant: bool) -> float:
+def concurrent(lm, prompt: list[int], folder: Path, k: int, constant: bool, q: float) -> float:
     """Tokens per second released by one ``generate`` call over ``k`` prompts."""
     # 32 prompts x 24 tokens: a larger epsilon pays for 1024 queries (the work per token is the same).
-    cfg = PMixEDConfig(n_members=N, sampling_rate=Q, epsilon=32.0, delta=1e-5, query_budget=1024)
+    cfg = PMixEDConfig(n_members=lm.n_members, sampling_rate=q, epsilon=32.0, delta=1e-5,
+                       query_budget=1024)  # fmt: skip
     name = f"c{k}{'c' if constant else ''}.jsonl"
     with Deployment.create(folder / name, cfg.calibrate(), seed=0, fsync=False) as deployment:
         gen = PrivateGenerator(lm, deployment, constant_work=constant)
@@ -156,9 +159,14 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (GPT-2: 50257)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--members", type=int, default=16, help="N (default 16; the paper: 80)")
+    parser.add_argument("--q", type=float, default=0.15, help="sampling rate (the paper: 0.03)")
+    parser.add_argument("--prompts", type=lambda x: [int(k) for k in x.split(",")],
+                        default=[1, 8, 32], help="prompts advanced together (default 1,8,32)")  # fmt: skip
     args = parser.parse_args()
+    n, q = args.members, args.q
     torch.set_num_threads(args.threads)
-    lm = build(model=args.model, vocab=args.vocab)
+    lm = build(n, model=args.model, vocab=args.vocab)
     prompt = list(range(5, 5 + args.prompt_tokens))
     rows = {"public": [], "ours": [], "reference": []}
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d:
@@ -166,32 +174,40 @@ def main() -> None:
             rows["public"].append(public_loop(lm, prompt, np.random.default_rng(r)))
             sub = Path(d) / str(r)
             sub.mkdir()
-            rows["ours"].append(ours(lm, prompt, sub))
-            rows["reference"].append(reference_loop(lm, prompt, np.random.default_rng(r)))
-        rates = {f"{k}{'+constant' if c else ''}": concurrent(lm, prompt, Path(d), k, c)
-                 for k in (1, 8, 32) for c in (False, True)}  # fmt: skip
+            rows["ours"].append(ours(lm, prompt, sub, q))
+            rows["reference"].append(reference_loop(lm, prompt, np.random.default_rng(r), q))
+            print(f"  (repeat {r}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in rows.items())
+                  + ")", flush=True)  # fmt: skip
+        rates = {}
+        for k in args.prompts:
+            for c in (False, True):
+                key = f"{k}{'+constant' if c else ''}"
+                rates[key] = concurrent(lm, prompt, Path(d), k, c, q)
+                print(f"  ({key} prompts: {rates[key]:.1f} tok/s)", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     one, all_rows = token_rows_floor(lm)
-    print(f"per-token time, median of {args.repeats} ({args.model} model, V={args.vocab}, N={N}, "
-          f"q={Q}, prompt {args.prompt_tokens}, {TOKENS} tokens, {torch.get_num_threads()} "
+    print(f"per-token time, median of {args.repeats} ({args.model} model, V={args.vocab}, N={n}, "
+          f"q={q}, prompt {args.prompt_tokens}, {TOKENS} tokens, {torch.get_num_threads()} "
           "torch threads):")  # fmt: skip
     for k in ("public", "ours", "reference"):
         print(f"  {k:<10} {1e3 * med[k]:8.2f} ms")
     print(f"  ours / public    = {med['ours'] / med['public']:.2f}  (target <= 3)")
     print(f"  reference / ours = {med['reference'] / med['ours']:.2f}  (target >= 10)")
-    print(f"  floor: a base-only forward of {1 + N} tokens / of 1 token = "
+    print(f"  floor: a base-only forward of {1 + n} tokens / of 1 token = "
           f"{1e3 * all_rows:.2f} / {1e3 * one:.2f} ms = {all_rows / one:.2f}")  # fmt: skip
-    print(f"  ours / floor ({1 + N} token rows) = {med['ours'] / all_rows:.2f}")
+    print(f"  ours / floor ({1 + n} token rows) = {med['ours'] / all_rows:.2f}")
     print(f"tokens per second, prompts advanced together ({TOKENS // 2} tokens each):")
     for key, rate in rates.items():
         print(f"  {key:<12} {rate:8.1f} tok/s  ({rate / rates['1']:.2f}x one prompt)")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"meta": {"python": platform.python_version(), "model": args.model,
                        "vocab": args.vocab, "torch_threads": torch.get_num_threads(),
-                       "width_layers_heads": MODELS[args.model], "n_members": N, "q": Q,
+                       "width_layers_heads": MODELS[args.model], "n_members": n, "q": q,
                        "tokens": TOKENS, "prompt_tokens": args.prompt_tokens,
                        "command": f"python benchmarks/generate.py --model {args.model} "
-                                  f"--vocab {args.vocab} --threads {args.threads}"},
+                                  f"--vocab {args.vocab} --threads {args.threads} "
+                                  f"--members {n} --q {q} "
+                                  f"--prompts {','.join(map(str, args.prompts))}"},
               "tokens_per_second": rates,
               "median_seconds_per_token": med,
               "ratios": {"ours_over_public": med["ours"] / med["public"],
@@ -200,6 +216,7 @@ def main() -> None:
                          "ours_over_floor": med["ours"] / all_rows}}  # fmt: skip
     name = "generate.json" if args.model == "demo" else f"generate-{args.model}.json"
     name = name if args.vocab == 2048 else name.replace(".json", f"-v{args.vocab}.json")
+    name = name if n == 16 else name.replace(".json", f"-n{n}.json")
     print(f"wrote {write_json(args.out / name, result)}")
 
 

@@ -21,13 +21,16 @@ every step, so a step's rows (and its latency) do not reveal the sampled subset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
+import socket
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,7 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from pmixed.deployment import InvalidRequest, check_prompt, check_sampling
 from pmixed.generator import Generation, PrivateGenerator
 
-__all__ = ["CompletionRequest", "create_app"]
+__all__ = ["CompletionRequest", "create_app", "serve_in_thread"]
 
 #: How long the worker waits for more requests to join a batch once one has arrived (seconds).
 BATCH_WINDOW_S = 0.01
@@ -196,3 +199,26 @@ def create_app(generator: PrivateGenerator, tokenizer, *, model_name: str = "pmi
         return body
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", *, start_timeout: float = 60.0):
+    """uvicorn serving ``app`` on ``host`` and a free port, in a daemon thread; yields the base
+    URL and stops the server on exit (tests and benchmarks; ``pmixed serve`` runs uvicorn itself)."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"the server did not start within {start_timeout:g} s.")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

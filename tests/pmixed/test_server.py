@@ -3,48 +3,23 @@ batched into one step loop, every released token charged first, bad input refuse
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 
 from accounting import read_ledger
 from pmixed import PMixEDConfig
 from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
-from pmixed.server import create_app
+from pmixed.server import create_app, serve_in_thread
 from reports.cli import main
 from tests.pmixed.tiny import tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 CFG = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
                    orders=tuple(range(2, 17)))  # fmt: skip
-
-
-@contextlib.contextmanager
-def serving(app):
-    """uvicorn on 127.0.0.1 and a free port, in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +37,7 @@ def test_concurrent_clients_are_batched_charged_first_and_accounted(tmp_path, to
         batches.append(len(prompts)) or generate(prompts, *a, **k)
     )
     app = create_app(gen, tok, max_batch=16)
-    with serving(app) as url, httpx.Client(base_url=url, timeout=300) as client:
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=300) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         for bad, field in [({"temperature": 0}, "temperature"), ({"top_k": 0}, "top_k"),
                            ({"max_tokens": -1}, "max_tokens"), ({"prompt": ""}, "prompt"),
