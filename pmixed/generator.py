@@ -111,8 +111,9 @@ class PrivateGenerator:
         queries = []
         for (lp0, lps), subset, members in zip(outs, subsets, computed):
             sampled = lps.numpy()[[members.index(int(i)) for i in subset]]
-            queries.append(public_transform(lp0.numpy(), sampled, temperature=temperature,
-                                            top_k=top_k)[::-1])  # fmt: skip
+            lp0, sampled = public_transform(lp0.numpy(), sampled, temperature=temperature,
+                                            top_k=top_k)  # fmt: skip
+            queries.append((sampled, lp0))
         released = release_log_many(queries, self.calibration, rngs)
         return [(token, {"subset": subset, "subset_size": len(subset), "lambdas": lam})
                 for (token, lam, _), subset in zip(released, subsets)]  # fmt: skip

@@ -148,9 +148,9 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
         lam[rows] = _halvings(lp[rows], lp0[rows], cons)
         return lam
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-    summary = map(as_t, _summary(lp[rows], lp0[rows]))
-    search = _Search(as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons)
-    search.summary = tuple(summary)
+    summary = tuple(map(as_t, _summary(lp[rows], lp0[rows])))
+    search = _Search(as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons,
+                     summary)  # fmt: skip
     with torch.inference_mode():
         lam[rows] = search.run().cpu().numpy()
     return lam
@@ -205,7 +205,7 @@ def _summary(lp: np.ndarray, lp0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _Search:
     """The certified search of the module docstring, vectorised over rows that each run alone."""
 
-    def __init__(self, lp, lp0, orders, radii, fwd, cons: Constraints):
+    def __init__(self, lp, lp0, orders, radii, fwd, cons: Constraints, summary):
         self.lp0 = lp0
         # t = log(p/p0) on supp p0; entries off supp p0 are inert (s = 0 and weight p0 = 0).
         self.t = torch.where(lp0 > -torch.inf, lp - lp0, torch.zeros_like(lp))
@@ -219,7 +219,7 @@ class _Search:
         self.aim = bound - 2.0 * torch.clamp(MARGIN * bound, min=MARGIN_FLOOR)  # Newton's target
         self.cap = float(cons.lambda_cap)
         self.n_iter = cons.n_iter
-        self.summary: tuple[torch.Tensor, torch.Tensor] = ()  # set by solve_lambdas
+        self.summary = summary  # (log mass, mean) per pool: :func:`_summary`
         # Constraint indices per direction (θ > 1: forward, θ < 0: reverse), sorted by θ and
         # padded with −1; each constraint's direction and rank there.
         sides = [torch.nonzero(side).flatten() for side in (self.theta > 0, self.theta < 0)]
