@@ -186,6 +186,7 @@ def _summary(lp: np.ndarray, lp0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, v = lp.shape
     with np.errstate(invalid="ignore"):
         t = np.where(lp0 > -np.inf, lp - lp0, 0.0)
+    t = np.maximum(t, -750.0)  # p = 0 (t = −inf) pools with the finite t where e^t underflows
     p0 = np.exp(lp0)
     k, width = min(SUMMARY_TOP, v), SUMMARY_BINS + min(SUMMARY_TOP, v)
     top = np.argpartition(-t, k - 1, axis=-1)[:, :k]

@@ -316,3 +316,14 @@ def test_bad_member_distribution_raises_naming_the_parameter():
         mollify([[0.5, 0.6]], [0.5, 0.5], cal)
     with pytest.raises(ValueError, match="p_public must contain probabilities"):
         mollify([[0.5, 0.5]], [np.nan, 1.0], cal)
+
+
+def test_a_member_with_exact_zeros_where_the_public_model_has_mass_is_solved_like_the_oracle():
+    """t = log(p/p0) = −inf there: the guess's summary must pool it, not turn it into NaN."""
+    rng = np.random.default_rng(3)
+    cal = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5,
+                       query_budget=256).calibrate()  # fmt: skip
+    pm, p0 = lm_rows(rng, 4096, 1.0, m=3)
+    pm[:, rng.choice(4096, 500, replace=False)] = 0.0
+    pm /= pm.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(mollify(pm, p0, cal), _oracle(pm, p0, cal), atol=1e-10)
