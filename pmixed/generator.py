@@ -87,9 +87,10 @@ class PrivateGenerator:
         lm: the public model and the members (as many as the deployment's calibration has).
         deployment: where every token is paid for (budget, ledger, randomness).
         constant_work: compute every member at every step (their outputs unused unless sampled),
-            so the rows of a step, and so its time, do not depend on the sampled subset: which
-            members were sampled, and how many, is restricted. Default off (only sampled members
-            are computed; a member catches up on the tokens it missed when next sampled).
+            so the rows of a step's forward do not depend on the sampled subset: which members
+            were sampled, and how many, is restricted (the mollifier's work still grows with how
+            many). Default off (only sampled members are computed; a member catches up on the
+            tokens it missed when next sampled).
     """
 
     def __init__(self, lm: EnsembleLM, deployment: Deployment, *, constant_work: bool = False):

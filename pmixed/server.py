@@ -15,7 +15,8 @@ Concurrency: requests wait in a queue; one worker thread owns the generator and 
 waiting request with the same sampling parameters in one :meth:`PrivateGenerator.generate` call
 (all prompts advance together, one forward per step), so one ledger and one budget cover the whole
 deployment. The generator runs with ``constant_work`` by default: every member is computed at
-every step, so a step's rows (and its latency) do not reveal the sampled subset.
+every step, so a step's forward rows do not reveal the sampled subset (the mollifier's work still
+grows with the number of sampled members: not yet constant).
 """
 
 from __future__ import annotations
