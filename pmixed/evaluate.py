@@ -23,8 +23,8 @@ import torch
 
 from pmixed._checks import logsumexp
 from pmixed.deployment import Deployment
-from pmixed.mechanism import exact_released_log_law, sample_subset
-from pmixed.mollifier import mix_log, mollify_log
+from pmixed.mechanism import lambdas_by_size, released_log_law, sample_subset
+from pmixed.mollifier import mix_log
 
 __all__ = ["PMixEDScore", "lm_perplexity", "member_logprobs", "pmixed_perplexity"]
 
@@ -104,9 +104,10 @@ def pmixed_perplexity(
     exact, realized, done, public = [], [[] for _ in range(runs)], 0, 0
 
     def private(lps, lp0, y, rng):
-        ex = exact_released_log_law(lps, lp0, calibration)[y]
-        fixed = calibration.beta is not None
-        lam_fixed = mollify_log(lps, lp0, calibration) if fixed else None
+        # One λ per member and subset size serves the exact law and every realized subset (a
+        # member's λ depends only on its own row and the size).
+        by_size = lambdas_by_size(lps, lp0, calibration)
+        ex = released_log_law(lps, lp0, by_size, cfg.sampling_rate)[y]
         scores, restricted = [], {}
         for k in range(runs):
             s = sample_subset(cfg.n_members, cfg.sampling_rate, rng, sampler=cfg.reference_sampler)
@@ -114,7 +115,7 @@ def pmixed_perplexity(
                 scores.append(lp0[y])
                 lam = np.zeros(0)
             else:
-                lam = lam_fixed[s] if fixed else mollify_log(lps[s], lp0, calibration)
+                lam = by_size[0 if len(by_size) == 1 else len(s) - 1][s]
                 mixed = mix_log(lps[s], lp0[None, :], lam)
                 scores.append(logsumexp(mixed[:, y], axis=0) - math.log(len(s)))
             if k == 0:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import binom
 
 from pmixed._checks import as_log_distribution, logsumexp
-from pmixed.mollifier import mix_log, mollify_log, solve_lambdas
+from pmixed.mollifier import mix_log, mollify_log, solve_lambdas, solve_lambdas_sizes
 from pmixed.privacy import Calibration
 
 __all__ = [
@@ -239,8 +239,7 @@ def lambdas_by_size(
     if calibration.beta is not None:
         return mollify_log(lp, lp0, calibration)[None, :]
     lp0_rows = np.broadcast_to(lp0, lp.shape)
-    return np.stack([solve_lambdas(lp, lp0_rows, calibration.constraints(m))
-                     for m in range(1, n + 1)])  # fmt: skip
+    return solve_lambdas_sizes(lp, lp0_rows, [calibration.constraints(m) for m in range(1, n + 1)])
 
 
 def released_log_law(

@@ -30,7 +30,7 @@ The returned λ is certified with a relative margin: F(θ_c) ≤ B_c − max(ρ�
 (ρ = 1e-11), so rounding in F cannot turn it into an overshoot, and it is within about ρ·λ of the
 exact maximum (the previous bisection solver, :mod:`pmixed.mollifier_bisection`, is the test
 oracle). Work is torch float64, so the same code runs on CUDA. Reference mode keeps the paper
-code's 20 halvings of [0, 1] on its two constraints.
+code's 20 halvings of [0, 1] on its two constraints (:mod:`pmixed.mollifier_reference`).
 """
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ import numpy as np
 import torch
 
 from pmixed._checks import as_log_distribution
-from pmixed.divergence import renyi_divergence_pairs
+from pmixed.mollifier_reference import reference_lambdas
 
 if TYPE_CHECKING:
     from pmixed.privacy import Calibration
 
-__all__ = ["Constraints", "mix_log", "mollify", "mollify_log", "solve_lambdas"]
+__all__ = [
+    "Constraints",
+    "mix_log",
+    "mollify",
+    "mollify_log",
+    "solve_lambdas",
+    "solve_lambdas_sizes",
+]
 
 #: Relative margin below every constraint bound at the returned λ, and its absolute floor.
 MARGIN, MARGIN_FLOOR = 1e-11, 1e-14
@@ -145,7 +152,8 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
     if rows.size == 0:
         return lam
     if cons.start == "zero":
-        lam[rows] = _halvings(lp[rows], lp0[rows], cons)
+        lam[rows] = reference_lambdas(lp[rows], lp0[rows], orders, radii[None], fwd, cons.n_iter,
+                                      cons.lambda_cap)[0]  # fmt: skip
         return lam
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     summary = tuple(map(as_t, _summary(lp[rows], lp0[rows])))
@@ -156,25 +164,27 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
     return lam
 
 
-def _halvings(lp: np.ndarray, lp0: np.ndarray, cons: Constraints) -> np.ndarray:
-    """Reference mode: the paper code's ``n_iter`` halvings of [0, cap], every constraint exact."""
+def solve_lambdas_sizes(lp: object, lp0: object, sets: list[Constraints]) -> np.ndarray:
+    """:func:`solve_lambdas` of rows ``lp, lp0 [R, V]`` for every constraint set: ``[S, R]``.
 
-    def feasible(x: np.ndarray) -> np.ndarray:
-        lpbar = mix_log(lp, lp0, x)
-        ok = np.ones(x.shape, bool)
-        for g, r, f in zip(cons.orders, cons.radii, cons.forward):
-            a, b = (lpbar, lp0) if f else (lp0, lpbar)
-            ok &= renyi_divergence_pairs(a, b, np.full(x.shape, g)) <= r
-        return ok
-
-    cap = float(cons.lambda_cap)
-    lo, hi = np.zeros(lp.shape[0]), np.full(lp.shape[0], cap)
-    at_cap = feasible(hi)
-    for _ in range(cons.n_iter):
-        mid = lo + (hi - lo) / 2.0
-        ok = feasible(mid)
-        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
-    return np.where(at_cap, cap, lo)
+    Reference mode's sets differ only in their radii: they are solved together
+    (:func:`pmixed.mollifier_reference.reference_lambdas`); other sets one after another.
+    """
+    lp, lp0 = np.asarray(lp, np.float64), np.asarray(lp0, np.float64)
+    shared = {(c.orders, c.forward, c.lambda_cap, c.n_iter, c.start) for c in sets}
+    if len(shared) != 1 or sets[0].start != "zero" or lp.shape[0] == 0:
+        return np.stack([solve_lambdas(lp, lp0, c) for c in sets])
+    cons = sets[0]
+    orders, _, fwd = cons.arrays()
+    lam = np.full((len(sets), lp.shape[0]), float(cons.lambda_cap))
+    off = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
+    lam[:, off] = 0.0
+    rows = np.flatnonzero(~off)
+    if rows.size:
+        radii = np.stack([c.arrays()[1] for c in sets])
+        lam[:, rows] = reference_lambdas(lp[rows], lp0[rows], orders, radii, fwd, cons.n_iter,
+                                         cons.lambda_cap)  # fmt: skip
+    return lam
 
 
 def _summary(lp: np.ndarray, lp0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

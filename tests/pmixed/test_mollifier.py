@@ -14,6 +14,7 @@ from pmixed._checks import as_log_distribution
 from pmixed.divergence import renyi_divergence_log
 from pmixed.mollifier import mix_log
 from pmixed.mollifier_bisection import solve_lambdas_bisection
+from pmixed.mollifier_reference import halvings, reference_lambdas
 from tests.pmixed.strategies import ensemble, log_uniform, simplex
 
 SMALL = dict(n_members=5, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=64)
@@ -308,6 +309,57 @@ def test_reference_lambda_is_the_lower_end_after_20_halvings():
             mid = lo + (hi - lo) / 2
             lo, hi = (mid, hi) if excess(p, mid) * excess(p, lo) > 0 else (lo, mid)
         assert got == lo
+
+
+@settings(max_examples=150, deadline=None)
+@given(ens=ensemble(max_n=4, max_v=40), scales=st.lists(log_uniform(1e-4, 10.0), min_size=1,
+                                                          max_size=4))  # fmt: skip
+def test_reference_newton_reproduces_the_halvings_for_every_radius(ens, scales):
+    pm, p0 = ens
+    lp, lp0 = logs(pm), np.broadcast_to(logs(p0), pm.shape)
+    radii = np.array([[r, r] for r in scales])
+    args = (np.array([3.0, 3.0]), radii, np.array([True, False]))
+    fast = reference_lambdas(lp, lp0, *args, 20, 1.0)
+    for s in range(len(scales)):
+        literal = halvings(lp, lp0, args[0], np.repeat(radii[s : s + 1], len(pm), 0), args[2], 20,
+                           1.0)  # fmt: skip
+        np.testing.assert_array_equal(fast[s], literal)
+
+
+def test_reference_lambdas_by_size_at_lm_scale_equal_the_halvings_in_a_few_evaluations(
+    monkeypatch,
+):
+    import pmixed.mollifier_reference as ref
+    from pmixed.mechanism import lambdas_by_size
+
+    rng = np.random.default_rng(3)
+    n, v = 12, 2048
+    lp0 = rng.normal(size=v) * 3
+    lp0 -= np.logaddexp.reduce(lp0)
+    lp = lp0 + rng.normal(size=(n, v)) * rng.uniform(0.2, 3.0, size=(n, 1))
+    lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    cfg = PMixEDConfig(n_members=n, sampling_rate=0.05, epsilon=8.0, delta=1e-5, query_budget=1024,
+                       mode="reference")  # fmt: skip
+    cal = cfg.calibrate()
+    rows = {"n": 0}
+    real = ref._divergences
+
+    def counted(t, *a, **k):
+        rows["n"] += t.shape[0]
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(ref, "_divergences", counted)
+    got = lambdas_by_size(lp, lp0, cal)
+    per_pair = rows["n"] / (n * n)
+    monkeypatch.setattr(ref, "_divergences", real)
+    cons = [cal.constraints(m) for m in range(1, n + 1)]
+    lp0_rows = np.broadcast_to(lp0, lp.shape)
+    for m, c in enumerate(cons):
+        orders, radii, fwd = c.arrays()
+        literal = halvings(lp, lp0_rows, orders, np.repeat(radii[None], n, 0), fwd, 20, 1.0)
+        np.testing.assert_array_equal(got[m], literal)
+    assert ((got > 0) & (got < 1)).mean() > 0.5  # the test exercises the search, not the cap
+    assert per_pair <= 8, per_pair  # the halvings evaluate 21 points per (size, member)
 
 
 def test_bad_member_distribution_raises_naming_the_parameter():
