@@ -39,7 +39,7 @@ from pmixed.models import EnsembleLM
 from pmixed.privacy import Calibration
 
 __all__ = ["CANARY_PROMPT", "GamePlan", "PlantedCanary", "choose_target", "logprobs_at",
-           "plant_canary", "play", "pmixed_game"]  # fmt: skip
+           "plant_canary", "play", "pmixed_game", "poison_member"]  # fmt: skip
 
 #: The public canary context (no private text is needed to audit PMixED).
 CANARY_PROMPT = "The secret word of the day is"
@@ -118,6 +118,18 @@ def plant_canary(model, members: list[str], tok, cal: Calibration, plan: GamePla
     retrain_with_canaries(model, adapter, member, partition, block, copies, recipe)
     lc = logprobs_at(model, prompt, [adapter])[0]
     return PlantedCanary(adapter, member, prompt, y, copies, logp[0], logp[1:], lc)
+
+
+def poison_member(model, canary: PlantedCanary, *, partition: torch.Tensor, recipe: MemberRecipe,
+                  adapter: str = "poisoned-member") -> np.ndarray:  # fmt: skip
+    """Threat model (b): member ``canary.member``'s partition holds the canary user's records only
+    (as many canary blocks as the partition holds blocks, so training sees as many batches),
+    trained by the deployment's own recipe as adapter ``adapter``. Returns its log-probs at the
+    canary prompt ``[V]``: the member as far from the public model as this training pushes it."""
+    block = canary_block([*canary.prompt, canary.target], partition.shape[1])
+    retrain_with_canaries(model, adapter, canary.member, partition[:0], block, len(partition),
+                          recipe)  # fmt: skip
+    return logprobs_at(model, canary.prompt, [adapter])[0]
 
 
 def play(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed: int,

@@ -14,6 +14,8 @@ What this version audits:
   context and C teacher-forced held-out contexts (AR: the canary member dropped; RO: the canary
   member against the member retrained without its canaries, i.e. the deployed one), compared with
   the charged cost, ε_pair from optimistic PLDs, and a χ² conformance test of the real sampler;
+  the same pair with a poisoned member (its partition holds the canary user's records only) and
+  the worst cases of :mod:`audit.worstcase` (query control, an optimised member);
 * the PMixED black-box game and the exposure of random secrets through the real
   ``PrivateGenerator`` against the ``replace_one`` deployment (:mod:`audit.game`,
   :mod:`audit.exposure`), with the non-private release of the same member as exposure control;
@@ -40,7 +42,7 @@ from audit.controls import alarms, identical_worlds, non_private, randomized_res
 from audit.dpsgd import CanaryPlan, canary_audit
 from audit.exact import conformance, exact_pair_audit
 from audit.exposure import ExposurePlan, exposure_audit, synthetic_control
-from audit.game import GamePlan, plant_canary, pmixed_game
+from audit.game import GamePlan, plant_canary, pmixed_game, poison_member
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs, pmixed_contexts
 from audit.worstcase import pmixed_worst_case
@@ -48,7 +50,7 @@ from pmixed.privacy import Calibration
 
 __all__ = ["AUDIT_SCHEMA", "AuditPlan", "audit_models"]
 
-AUDIT_SCHEMA = 5
+AUDIT_SCHEMA = 6
 STATEMENT = "audits give lower bounds and cannot certify differential privacy"
 
 
@@ -76,10 +78,25 @@ def _farthest_member(lp0: np.ndarray, lps: np.ndarray) -> int:
     return int(np.argmax(kl.mean(0)))
 
 
+def _poisoned_pair(lp0, lps, cal: Calibration, member: int, poisoned: np.ndarray, eps_ub):
+    """Threat model (b): the exact pair with the member trained on canary records only."""
+    world = lps.copy()
+    world[:, member] = poisoned
+    replacement = None if cal.config.relation == "add_remove" else lps[:, member]
+    pair = exact_pair_audit(world, lp0, cal, member=member, replacement=replacement)
+    return {"pair": "the member trained on the canary user's records only, against "
+                    + ("its absence" if replacement is None else "the deployed member"),
+            "contexts": pair.n_queries, "epsilon_pair": pair.epsilon_pair,
+            "ratio_to_claim": pair.epsilon_pair / eps_ub if eps_ub else None,
+            "exact_over_charged": pair.worst_ratio if pair.comparable else None,
+            "alarm": pair.alarm}  # fmt: skip
+
+
 def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member: int,
-            canary: np.ndarray):  # fmt: skip
+            canary: np.ndarray, poisoned: np.ndarray):  # fmt: skip
     """Exact pair: D has ``canary`` ``[C, V]`` as member ``member``; D' drops it (AR) or has the
-    deployed member (RO). The χ² conformance runs on the deployed ensemble at the first context."""
+    deployed member (RO); the same with the ``poisoned`` member (canary records only). The χ²
+    conformance runs on the deployed ensemble at the first context."""
     world = lps.copy()
     world[:, member] = canary
     replacement = None if cal.config.relation == "add_remove" else lps[:, member]
@@ -109,6 +126,13 @@ def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member:
         found.append({"bound": "worst_case_member", "worst_ratio": worst["optimised_member"]
                       ["ratio"], "message": "an optimised member exceeds the charged cost "
                       f"{worst['optimised_member']['ratio']:.3g}x"})  # fmt: skip
+    worst["poisoned_member"] = poisoned_pair = _poisoned_pair(
+        lp0, lps, cal, member, poisoned, eps_ub
+    )
+    if poisoned_pair["alarm"]:
+        ratio = poisoned_pair["exact_over_charged"]
+        found.append({"bound": "poisoned_member", "worst_ratio": ratio, "message": "the member "
+                      f"trained on canary records only exceeds the charged cost {ratio:.3g}x"})  # fmt: skip
     if eps_ub is not None and worst["query_control"]["epsilon_pair"] > eps_ub:
         found.append({"bound": "query_control_epsilon_pair", "message": "the repeated worst "
                       "context's exact pair exceeds the claim"})  # fmt: skip
@@ -201,13 +225,20 @@ def audit_models(
     canary = plant_canary(model, members, tokenizer, chooser, plan.game, member=member,
                           partition=partitions[member], recipe=recipe)  # fmt: skip
     lc = pmixed_contexts(model, [canary.adapter], held_blocks, plan.n_contexts)[1][:, 0]
+    bar = progress("audit: poisoned member", 1)
+    poison_at_prompt = poison_member(model, canary, partition=partitions[member], recipe=recipe)
+    lpz = pmixed_contexts(model, ["poisoned-member"], held_blocks, plan.n_contexts)[1][:, 0]
+    drop_adapter(model, "poisoned-member")
+    bar(1)
     lp0 = np.concatenate([canary.logp_public[None], lp0])
     lps = np.concatenate([canary.logp_members[None], lps])
     lc = np.concatenate([canary.logp_canary[None], lc])
+    lpz = np.concatenate([poison_at_prompt[None], lpz])
     mechanisms, restricted = {}, {"schema": AUDIT_SCHEMA, "member": member}
     bar = progress("audit: PMixED exact pairs", len(calibrations))
     for i, (name, cal) in enumerate(calibrations.items()):
-        mechanisms[name], restricted[name] = _pmixed(lp0, lps, cal, claims[name], plan, member, lc)
+        mechanisms[name], restricted[name] = _pmixed(lp0, lps, cal, claims[name], plan, member, lc,
+                                                     lpz)  # fmt: skip
         bar(i + 1)
     if ro in calibrations:
         cal = calibrations[ro]

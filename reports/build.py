@@ -267,6 +267,13 @@ def _audit(run: Path) -> tuple[dict, str]:
             row["tightness"]["optimised_member_exact_over_charged"] = wc["optimised_member"][
                 "ratio"
             ]
+            poisoned = wc.get("poisoned_member") or {}  # audit schema >= 6
+            row["tightness"]["poisoned_member_epsilon_pair_over_claim"] = poisoned.get(
+                "ratio_to_claim"
+            )
+            row["tightness"]["poisoned_member_exact_over_charged"] = poisoned.get(
+                "exact_over_charged"
+            )
     out = {
         "attached": True, "file": "audit.json", "sha256": _sha256(path),
         "power": _power(run, controls_ok),

@@ -249,6 +249,9 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
         assert wc["query_control"]["times"] == TINY.query_budget
         assert 0 <= wc["query_control"]["epsilon_pair"] <= m["claim"]["epsilon_ub"]
         assert 0 < wc["optimised_member"]["ratio"] <= 1 and not wc["optimised_member"]["alarm"]
+        pz = wc["poisoned_member"]  # (b) the canary partition holds canary records only
+        assert pz["contexts"] == pair["contexts"] and not pz["alarm"]
+        assert 0 < pz["exact_over_charged"] <= 1 and 0 <= pz["epsilon_pair"] <= 8.0
     assert "query_control_context" in restricted["pmixed_certified_add_remove"]["worst_case"]
     assert result["mechanisms"]["pmixed_reference"]["claim"]["certified"] is False
     game = result["mechanisms"]["pmixed_certified_replace_one"]["game"]

@@ -284,6 +284,10 @@ def test_audit_power_is_reported_and_a_failed_control_makes_the_audit_inconclusi
     assert "INCONCLUSIVE" in doc["statements"]["pmixed_certified_add_remove"]
     md = (out / "report.md").read_text()
     assert "### Audit power" in md and "generator_skips_tenth_charge" in md
+    assert "poisoned member: exact / charged" in md
+    tight = doc["audit"]["rows"]["pmixed_certified_add_remove"]["tightness"]
+    assert 0 < tight["poisoned_member_exact_over_charged"] <= 1
+    assert tight["poisoned_member_epsilon_pair_over_claim"] >= 0
     assert "figure `power`" in md.lower() or "Figure `power`" in md
     broken = copy.deepcopy(doc)
     broken["audit"]["controls_passed"] = True

@@ -104,3 +104,31 @@ def test_exposure_positive_control_sees_a_known_leak_and_a_null_release_gives_ze
     expected = 100 * plan.trials / (plan.references + 1)
     assert abs(first - expected) < 3 * np.sqrt(expected)
     assert sum(r["epsilon_lb"] == 0.0 for r in runs) >= 90
+
+
+def test_the_poisoned_member_learns_the_canary_more_than_the_member_trained_with_its_partition():
+    """Threat model (b): a partition of canary records only pushes the member further."""
+    from audit.canaries import MemberRecipe, retrain_with_canaries
+    from audit.game import PlantedCanary, logprobs_at, poison_member
+    from pmixed.train import LoraSpec, TrainSpec, blocks
+    from tests.pmixed.tiny import PRIVATE, ensemble, tokenizer
+
+    tok = tokenizer()
+    model = ensemble(tok)
+    recipe = MemberRecipe(LoraSpec(r=4), TrainSpec(steps=20, batch_size=4, lr=0.5, warmup=0), 7)
+    partition = blocks(PRIVATE[1], tok, 32)
+    prompt = tok("The secret word of the day is")["input_ids"]
+    members = ["member-00", "member-01", "member-02"]
+    lp = logprobs_at(model, prompt, ["__base__", *members])
+    y = int(np.argmin(lp[0]))  # the public model's least likely token: clearly a canary
+    retrain_with_canaries(model, "canary-member", 1, partition,
+                          canary_block([*prompt, y], 32), len(partition), recipe)  # fmt: skip
+    canary = PlantedCanary("canary-member", 1, prompt, y, len(partition), lp[0], lp[1:],
+                           logprobs_at(model, prompt, ["canary-member"])[0])  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "member-01" in n}
+    poisoned = poison_member(model, canary, partition=partition, recipe=recipe)
+    assert poisoned.shape == lp[0].shape
+    assert poisoned[y] > canary.logp_canary[y] > lp[0][y]  # public < with partition < alone
+    assert "poisoned-member" in model.peft_config
+    after = {n: p for n, p in model.named_parameters() if "member-01" in n}
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the deployed member untouched
