@@ -119,9 +119,8 @@ def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member:
         # reference mode mollifies every member at every subset size: a quarter of the budget
         evaluations=plan.worst_case_evaluations // (1 if cal.beta is not None else 4),
     )  # fmt: skip
-    worst["query_control"]["ratio_to_claim"] = (
-        worst["query_control"]["epsilon_pair"] / eps_ub if eps_ub else None
-    )
+    for case in ("query_control", "optimised_member"):
+        worst[case]["ratio_to_claim"] = worst[case]["epsilon_pair"] / eps_ub if eps_ub else None
     if worst["optimised_member"]["alarm"]:
         found.append({"bound": "worst_case_member", "worst_ratio": worst["optimised_member"]
                       ["ratio"], "message": "an optimised member exceeds the charged cost "

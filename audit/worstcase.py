@@ -25,7 +25,7 @@ from pmixed.divergence import renyi_divergence_log
 from pmixed.mechanism import lambdas_by_size, released_log_law
 from pmixed.privacy import Calibration
 
-__all__ = ["WorstCase", "ar_divergence", "ar_ratio", "pmixed_worst_case", "worst_member"]
+__all__ = ["WorstCase", "ar_divergence", "ar_laws", "ar_ratio", "pmixed_worst_case", "worst_member"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class WorstCase:
                 "evaluations": self.evaluations}  # fmt: skip
 
 
-def ar_divergence(others: np.ndarray, member: np.ndarray, lp0: np.ndarray,
-                  mechanism: Calibration, *, unmollified: bool = False) -> np.ndarray:  # fmt: skip
-    """Exact max(D(P‖P'), D(P'‖P)) at the mechanism's orders for E = others + member vs others."""
+def ar_laws(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: Calibration,
+            *, unmollified: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(log P, log P') ``[V]`` of E = others + member and of E' = others (the AR pair)."""
     lp = np.vstack([others, member[None]])
     n, j = lp.shape[0], lp.shape[0] - 1
     lam = lambdas_by_size(lp, lp0, mechanism)
@@ -56,6 +56,13 @@ def ar_divergence(others: np.ndarray, member: np.ndarray, lp0: np.ndarray,
     law = released_log_law(lp, lp0, lam, q)
     sizes = lam if lam.shape[0] == 1 else lam[: max(1, n - 1)]
     other = released_log_law(others, lp0, sizes[:, :j], q) if j else lp0.copy()
+    return law, other
+
+
+def ar_divergence(others: np.ndarray, member: np.ndarray, lp0: np.ndarray,
+                  mechanism: Calibration, *, unmollified: bool = False) -> np.ndarray:  # fmt: skip
+    """Exact max(D(P‖P'), D(P'‖P)) at the mechanism's orders for E = others + member vs others."""
+    law, other = ar_laws(others, member, lp0, mechanism, unmollified=unmollified)
     orders = np.asarray(mechanism.orders, np.float64)
     return np.maximum(
         renyi_divergence_log(law, other, orders), renyi_divergence_log(other, law, orders)
@@ -133,7 +140,8 @@ def pmixed_worst_case(lp0: np.ndarray, world: np.ndarray, cal: Calibration, *, m
     itself T times (the adversary repeats its best prompt), next to the composition over the
     distinct contexts; (c) **the accountant's own worst case**: at the ``contexts`` worst
     contexts, the real public model and the real other members fixed, the member distribution that
-    maximises exact/charged (``add_remove``: the AR curve), with the per-order ratio curve.
+    maximises exact/charged (``add_remove``: the AR curve), with the per-order ratio curve and
+    the ε_pair of that member's pair asked T times.
     """
     from audit.exact import pair_laws, repeated_pair_epsilon
 
@@ -152,13 +160,18 @@ def pmixed_worst_case(lp0: np.ndarray, world: np.ndarray, cal: Calibration, *, m
     c_best, best = max(found, key=lambda f: f[1].ratio)
     others = np.delete(world[c_best], member, axis=0)
     curve = _ratio_curve(others, best.member, lp0[c_best], cal, charged)
+    # The adversary's best member at its best context, asked T times: (c)'s ε_pair.
+    eps_best = repeated_pair_epsilon(*ar_laws(others, best.member, lp0[c_best], cal), t,
+                                     pair.delta)  # fmt: skip
     public = {
         "query_control": {"times": t, "epsilon_pair": eps_repeat,
                           "epsilon_pair_distinct_contexts": pair.epsilon_pair,
                           "ratio_to_claim": None},
         "optimised_member": {**best.to_json(), "contexts_searched": len(found),
                              "relation": "add_remove (the member against its absence)",
-                             "per_order_ratio": curve, "alarm": best.ratio > 1.0},
+                             "per_order_ratio": curve, "epsilon_pair": eps_best,
+                             "epsilon_pair_times": t, "ratio_to_claim": None,
+                             "alarm": best.ratio > 1.0},
     }  # fmt: skip
     restricted = {"query_control_context": worst, "optimised_context": c_best}
     return public, restricted

@@ -267,6 +267,9 @@ def _audit(run: Path) -> tuple[dict, str]:
             row["tightness"]["optimised_member_exact_over_charged"] = wc["optimised_member"][
                 "ratio"
             ]
+            row["tightness"]["optimised_member_epsilon_pair_over_claim"] = wc[
+                "optimised_member"
+            ].get("ratio_to_claim")
             poisoned = wc.get("poisoned_member") or {}  # audit schema >= 6
             row["tightness"]["poisoned_member_epsilon_pair_over_claim"] = poisoned.get(
                 "ratio_to_claim"

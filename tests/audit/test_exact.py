@@ -198,4 +198,6 @@ def test_the_worst_case_report_of_a_certified_deployment_stays_within_its_claim(
     assert 0 < om["ratio"] <= 1 and not om["alarm"]
     assert len(om["per_order_ratio"]) == len(cal.orders)
     assert max(r for r in om["per_order_ratio"] if r is not None) == pytest.approx(om["ratio"])
+    # (c)'s ε_pair: the optimised member's pair asked T times, within the certified claim
+    assert om["epsilon_pair_times"] == 64 and 0 < om["epsilon_pair"] <= cal.config.epsilon
     assert set(restricted) == {"query_control_context", "optimised_context"}
