@@ -366,16 +366,19 @@ def _make_fixed(cfg: PMixEDConfig, beta: float) -> Calibration:
     )
 
 
+def _infeasible(cfg: PMixEDConfig, beta: float) -> InfeasibleBudget:
+    why = "the Poisson amplification floor" if cfg.mode == "certified" else (
+        "the amplification floor and the lambda_max term")  # fmt: skip
+    return InfeasibleBudget(
+        f"mode={cfg.mode!r}: even beta={beta:.3g} spends epsilon={_epsilon_of(cfg, beta):.4g} > "
+        f"{cfg.epsilon} over query_budget={cfg.query_budget} at sampling_rate="
+        f"{cfg.sampling_rate} ({why}); lower sampling_rate or query_budget, or raise epsilon."
+    )
+
+
 def _calibrate_fixed(cfg: PMixEDConfig) -> Calibration:
     if _epsilon_of(cfg, 1e-12) > cfg.epsilon:
-        floor = _epsilon_of(cfg, 1e-12)
-        why = "the Poisson amplification floor" if cfg.mode == "certified" else (
-            "the amplification floor and the lambda_max term")  # fmt: skip
-        raise InfeasibleBudget(
-            f"mode={cfg.mode!r}: even beta=1e-12 spends epsilon={floor:.4g} > {cfg.epsilon} over "
-            f"query_budget={cfg.query_budget} at sampling_rate={cfg.sampling_rate} ({why}); "
-            "lower sampling_rate or query_budget, or raise epsilon."
-        )
+        raise _infeasible(cfg, 1e-12)
     lo, hi = 0.0, 1.0
     while _epsilon_of(cfg, hi) <= cfg.epsilon:
         lo, hi = hi, hi * 2.0
@@ -396,6 +399,8 @@ def _calibrate_fixed(cfg: PMixEDConfig) -> Calibration:
         cal = _make_fixed(cfg, lo)
         b = rdp_budget(cfg.epsilon, cfg.delta, np.array([cal.planned_order]))[0]
         k = cfg.orders.index(cal.planned_order)
+        if b <= 0:  # ε ≤ target only through the (0, δ) route of a vanishing charge: no budget
+            raise _infeasible(cfg, hi)  # the filter can hold, so the floor is hit above lo
         if cal.planned_epsilon <= cfg.epsilon and cal.total_rdp()[k] <= b:
             return cal
         lo = math.nextafter(lo, 0.0) if lo < 1e-300 else lo * (1 - 1e-12)

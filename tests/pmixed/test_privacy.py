@@ -204,6 +204,15 @@ def test_infeasible_settings_raise_with_a_reason(override):
         PMixEDConfig(**{**DEFAULTS, **override}).calibrate()
 
 
+def test_a_floor_reached_only_by_a_vanishing_charge_is_infeasible_not_an_arithmetic_error():
+    """β ≈ 1e-12 meets ε through the (0, δ) route (the order-2 charge rounds to almost nothing)
+    while every useful β spends 8.25 > 8: no budget the filter can hold exists, so the one-line
+    InfeasibleBudget names the floor (was ArithmeticError: the re-check could never pass)."""
+    cfg = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5, query_budget=1024)
+    with pytest.raises(InfeasibleBudget, match=r"spends epsilon=8\.2\d* > 8\.0 .*sampling_rate"):
+        cfg.calibrate()
+
+
 def test_reference_beta_by_size_reproduces_the_paper_code():
     """Acceptance: n = 1..6 at α = 3 gives the main-branch per-size β to 1e-3 (here 1e-4)."""
     cal = PMixEDConfig(**DEFAULTS, mode="reference").calibrate()
