@@ -145,8 +145,7 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
     lam = np.full(lp.shape[0], float(cons.lambda_cap))
     if lp.shape[0] == 0 or orders.size == 0:
         return lam
-    # supp p ⊄ supp p0: every forward divergence is +inf for λ > 0, so λ* = 0.
-    off = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
+    off = _outside_support(lp, lp0, fwd)
     lam[off] = 0.0
     rows = np.flatnonzero(~off)
     if rows.size == 0:
@@ -164,6 +163,11 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
     return lam
 
 
+def _outside_support(lp: np.ndarray, lp0: np.ndarray, fwd: np.ndarray) -> np.ndarray:
+    """Rows with supp p ⊄ supp p0: every forward divergence is +inf for λ > 0, so λ* = 0."""
+    return np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
+
+
 def solve_lambdas_sizes(lp: object, lp0: object, sets: list[Constraints]) -> np.ndarray:
     """:func:`solve_lambdas` of rows ``lp, lp0 [R, V]`` for every constraint set: ``[S, R]``.
 
@@ -177,7 +181,7 @@ def solve_lambdas_sizes(lp: object, lp0: object, sets: list[Constraints]) -> np.
     cons = sets[0]
     orders, _, fwd = cons.arrays()
     lam = np.full((len(sets), lp.shape[0]), float(cons.lambda_cap))
-    off = np.any((lp > -np.inf) & (lp0 == -np.inf), axis=-1) & fwd.any()
+    off = _outside_support(lp, lp0, fwd)
     lam[:, off] = 0.0
     rows = np.flatnonzero(~off)
     if rows.size:

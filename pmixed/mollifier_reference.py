@@ -14,8 +14,8 @@ for bit; a row whose check fails runs the halvings literally (:func:`halvings`, 
 oracle). Both use one predicate, :func:`_divergences`, in torch float64.
 
 Vectorised over member rows and over radii: the exact law needs every member's λ at every subset
-size, and the sizes differ only in τ. Cost at N = 32, V = 2 048 (32 sizes): about 5 evaluations of
-the 1 024 (size, member) rows instead of 21.
+size, and the sizes differ only in τ. Cost at N = 32, V = 2 048 (32 sizes): about 6 evaluations per
+(size, member) row, counting the shared table, instead of 21 (0.8 s instead of 3.5 s per query).
 """
 
 from __future__ import annotations
