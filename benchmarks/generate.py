@@ -35,7 +35,7 @@ from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
 from pmixed.mechanism import sample_subset, sample_token
 from pmixed.models import EnsembleLM
-from pmixed.train import LoraSpec, ModelSpec, build_public_model, train_tokenizer
+from pmixed.train import GPT2_TARGETS, LoraSpec, ModelSpec, build_public_model, train_tokenizer
 from reports.files import write_json
 
 TOKENS = 48
@@ -50,9 +50,10 @@ def build(members: int, seed: int = 0, model: str = "demo", vocab: int = 2048):
     public = build_public_model(spec, tok, seed)
     from peft import get_peft_model
 
-    model = get_peft_model(public, LoraSpec().config(), adapter_name="member-00")
+    lora = LoraSpec(target_modules=GPT2_TARGETS)
+    model = get_peft_model(public, lora.config(public), adapter_name="member-00")
     for i in range(1, members):
-        model.add_adapter(f"member-{i:02d}", LoraSpec().config())
+        model.add_adapter(f"member-{i:02d}", lora.config(model))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from pmixed.backend import context_length
 from pmixed.lora_batch import BatchedLora
 
 __all__ = ["EnsembleLM", "SequenceState"]
@@ -94,7 +95,7 @@ class EnsembleLM:
         self.batched_lora = (BatchedLora(self._lora_layers, self.members)
                              if BatchedLora.supports(self._lora_layers, self.members) else None)  # fmt: skip
         self.pad_id = int(pad_id)
-        self.max_positions = int(model.config.n_positions)
+        self.max_positions = context_length(model.config)
         self.vocab_size = int(model.config.vocab_size)
 
     @property
@@ -159,8 +160,6 @@ class EnsembleLM:
                     values.append(torch.nn.functional.pad(v, pad))
                 cache.update(torch.cat(keys), torch.cat(values), layer)
         names = [PUBLIC if r is None else self.members[r] for _, r in rows]
-        # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
-        # was most of the vocabulary-dependent work of a step.
         # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
         # was most of the vocabulary-dependent work of a step.
         out = self._mixed_forward(names, input_ids=ids, attention_mask=mask, position_ids=pos,

@@ -4,8 +4,9 @@
   vocabulary (a rare private name would otherwise become its own token).
 * The public model is a small GPT-2 built from a config (``AutoModelForCausalLM.from_config``), with
   untied input and output embeddings (Opacus ghost clipping needs them untied).
-* Each ensemble member is a LoRA adapter (peft, ``fan_in_fan_out=True`` for GPT-2's Conv1D) on the
-  same frozen public weights, trained on its own partition only, from the same initial state.
+* Each ensemble member is a LoRA adapter (peft; targets and ``fan_in_fan_out`` resolved for the
+  architecture by :mod:`pmixed.backend`) on the same frozen public weights, trained on its own
+  partition only, from the same initial state. Any causal LM works as the base.
 
 Blocks are cut inside each partition, after partitioning (``pmixed.data``).
 """
@@ -29,8 +30,11 @@ from peft import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
+from pmixed.backend import lora_config
+
 __all__ = [
     "EOS",
+    "GPT2_TARGETS",
     "DpsgdResult",
     "LoraSpec",
     "ModelSpec",
@@ -71,19 +75,31 @@ class TrainSpec:
     warmup: int = 10
 
 
+#: GPT-2's attention and MLP projections: the demo's LoRA targets (peft's GPT-2 default is
+#: ``c_attn`` alone).
+GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA on GPT-2's attention and MLP projections."""
+    """A LoRA adapter: rank, alpha, dropout and target modules (None: peft's default for the
+    model's architecture, :func:`pmixed.backend.lora_targets`)."""
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+    target_modules: tuple[str, ...] | None = None
 
-    def config(self) -> LoraConfig:
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), fan_in_fan_out=True,
-                          bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    def config(self, model: torch.nn.Module) -> LoraConfig:
+        """peft's config for ``model`` (targets resolved, ``fan_in_fan_out`` from their type)."""
+        return lora_config(model, r=self.r, alpha=self.alpha, dropout=self.dropout,
+                           target_modules=self.target_modules)  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSpec:
+        """The inverse of ``asdict`` (JSON turns the targets into a list)."""
+        targets = d.get("target_modules")
+        return cls(**{**d, "target_modules": None if targets is None else tuple(targets)})
 
 
 def train_tokenizer(public_texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -219,9 +235,9 @@ def train_member(
     """
     torch.manual_seed(seed)
     if isinstance(model, PeftModel):
-        model.add_adapter(name, lora.config())
+        model.add_adapter(name, lora.config(model))
     else:
-        model = get_peft_model(model, lora.config(), adapter_name=name)
+        model = get_peft_model(model, lora.config(model), adapter_name=name)
     model.set_adapter(name)  # only this adapter's LoRA weights require grad
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     train_lm(model, data, spec, gen, progress=progress)
@@ -241,7 +257,7 @@ def add_trained_adapter(
 ) -> PeftModel:
     """One more LoRA adapter on the same base, trained (non-privately) on ``data``."""
     torch.manual_seed(seed)
-    model.add_adapter(name, lora.config())
+    model.add_adapter(name, lora.config(model))
     model.set_adapter(name)
     train_lm(model, data, spec, torch.Generator().manual_seed(seed), progress=progress)
     return model
@@ -319,7 +335,7 @@ def train_dpsgd_adapter(
 
     torch.manual_seed(seed)
     base = copy.deepcopy(model).unload()  # the public weights without any LoRA layer
-    work = get_peft_model(base, lora.config(), adapter_name=name)
+    work = get_peft_model(base, lora.config(base), adapter_name=name)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
     params = [p for p in work.parameters() if p.requires_grad]
@@ -350,7 +366,7 @@ def train_dpsgd_adapter(
             if progress is not None:
                 progress(steps, epochs * len(loader))
     state = get_peft_model_state_dict(work, adapter_name=name)
-    model.add_adapter(name, lora.config())
+    model.add_adapter(name, lora.config(model))
     set_peft_model_state_dict(model, state, adapter_name=name)
     model.eval()
     hist = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)

@@ -42,6 +42,7 @@ from pmixed.data import load_shakespeare, load_user_data, partition_users, split
 from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
 from pmixed.train import (
+    GPT2_TARGETS,
     LoraSpec,
     ModelSpec,
     TrainSpec,
@@ -73,7 +74,7 @@ class DemoConfig:
     heldout_fraction: float = 0.1
     model: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_size=2048, block_size=128))
     public_steps: int = 600
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(target_modules=GPT2_TARGETS))
     n_members: int = 32
     member_steps: int = 30
     member_batch: int = 8
@@ -148,13 +149,13 @@ def _save_adapters(model, names: list[str], lora: LoraSpec, folder: Path) -> Non
 
 def _load_adapters(public, folder: Path):
     meta = json.loads((folder / "adapters.json").read_text())
-    lora = LoraSpec(**{**meta["lora"], "target_modules": tuple(meta["lora"]["target_modules"])})
+    lora = LoraSpec.from_dict(meta["lora"])
     model = None
     for name in meta["names"]:
         if model is None:
-            model = get_peft_model(public, lora.config(), adapter_name=name)
+            model = get_peft_model(public, lora.config(public), adapter_name=name)
         else:
-            model.add_adapter(name, lora.config())
+            model.add_adapter(name, lora.config(model))
         set_peft_model_state_dict(
             model, load_file(folder / f"{name}.safetensors"), adapter_name=name
         )
@@ -313,7 +314,7 @@ def config_from_run(out: Path) -> DemoConfig:
         raise FileNotFoundError(f"{out} is not a run: {path} is missing (run `pmixed demo` first).")
     d = json.loads(path.read_text())["demo"]
     d["model"] = ModelSpec(**d["model"])
-    d["lora"] = LoraSpec(**{**d["lora"], "target_modules": tuple(d["lora"]["target_modules"])})
+    d["lora"] = LoraSpec.from_dict(d["lora"])
     return DemoConfig(**d)
 
 

@@ -110,12 +110,12 @@ def test_the_poisoned_member_learns_the_canary_more_than_the_member_trained_with
     """Threat model (b): a partition of canary records only pushes the member further."""
     from audit.canaries import MemberRecipe, retrain_with_canaries
     from audit.game import PlantedCanary, logprobs_at, poison_member
-    from pmixed.train import LoraSpec, TrainSpec, blocks
-    from tests.pmixed.tiny import PRIVATE, ensemble, tokenizer
+    from pmixed.train import TrainSpec, blocks
+    from tests.pmixed.tiny import LORA, PRIVATE, ensemble, tokenizer
 
     tok = tokenizer()
     model = ensemble(tok)
-    recipe = MemberRecipe(LoraSpec(r=4), TrainSpec(steps=20, batch_size=4, lr=0.5, warmup=0), 7)
+    recipe = MemberRecipe(LORA, TrainSpec(steps=20, batch_size=4, lr=0.5, warmup=0), 7)
     partition = blocks(PRIVATE[1], tok, 32)
     prompt = tok("The secret word of the day is")["input_ids"]
     members = ["member-00", "member-01", "member-02"]

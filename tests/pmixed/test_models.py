@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pmixed.models import EnsembleLM, SequenceState
-from tests.pmixed.tiny import PRIVATE, computed_rows, ensemble, tiny_lm, tokenizer
+from tests.pmixed.tiny import LORA, PRIVATE, computed_rows, ensemble, tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -35,10 +35,10 @@ def test_each_member_depends_on_its_own_partition_only(tok):
 
 def test_retraining_a_member_on_its_partition_reproduces_it_and_canaries_change_it(tok):
     from audit.canaries import MemberRecipe, canary_block, drop_adapter, retrain_with_canaries
-    from pmixed.train import LoraSpec, TrainSpec, blocks
+    from pmixed.train import TrainSpec, blocks
 
     model = ensemble(tok, PRIVATE)
-    recipe = MemberRecipe(LoraSpec(r=4), TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
+    recipe = MemberRecipe(LORA, TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
     part = blocks(PRIVATE[1], tok, 32)
     block = canary_block(tok("The secret word of the day is")["input_ids"] + [42], 32)
     for name, copies in (("again", 0), ("canary", len(part))):
@@ -109,16 +109,14 @@ def test_bad_requests_are_refused(lm):
                             "ignore::UserWarning")  # fmt: skip
 def test_dpsgd_and_finetune_adapters_join_the_same_model(tok):
     from accounting import from_opacus
-    from pmixed.train import LoraSpec, TrainSpec, add_trained_adapter, blocks, train_dpsgd_adapter
+    from pmixed.train import TrainSpec, add_trained_adapter, blocks, train_dpsgd_adapter
 
     model = ensemble(tok)
     data = blocks(PRIVATE[0] * 8, tok, 32)
     before = {k: v.clone() for k, v in model.state_dict().items() if "member-00" in k}
-    res = train_dpsgd_adapter(model, "dpsgd", data, LoraSpec(r=4), epsilon=8.0, delta=1e-5,
+    res = train_dpsgd_adapter(model, "dpsgd", data, LORA, epsilon=8.0, delta=1e-5,
                               epochs=2, batch_size=2, lr=0.1, max_grad_norm=1.0, seed=0)  # fmt: skip
-    add_trained_adapter(
-        model, "finetuned", data, LoraSpec(r=4), TrainSpec(steps=3, batch_size=4), 1
-    )
+    add_trained_adapter(model, "finetuned", data, LORA, TrainSpec(steps=3, batch_size=4), 1)
     assert {"dpsgd", "finetuned", "member-00"} <= set(model.peft_config)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert res.steps == sum(n for _, _, n in res.history) and res.empty_batches > 0

@@ -8,6 +8,7 @@ import torch
 
 from pmixed.models import EnsembleLM
 from pmixed.train import (
+    GPT2_TARGETS,
     LoraSpec,
     ModelSpec,
     TrainSpec,
@@ -28,6 +29,8 @@ PRIVATE = [
     ["Out, damned spot! out, I say! One: two: why, then, 'tis time to do't. " * 5],
     ["If music be the food of love, play on; give me excess of it. " * 5],
 ]
+#: The members' LoRA: rank 4 on GPT-2's attention and MLP projections.
+LORA = LoraSpec(r=4, target_modules=GPT2_TARGETS)
 SPEC = ModelSpec(vocab_size=320, block_size=64, n_embd=32, n_layer=2, n_head=2)
 
 
@@ -40,7 +43,7 @@ def ensemble(tok, private=PRIVATE, seed=0):
     train_lm(pub, blocks(PUBLIC, tok, 32), TrainSpec(steps=5, batch_size=4),
              torch.Generator().manual_seed(seed))  # fmt: skip
     parts = [blocks(texts, tok, 32) for texts in private]
-    return add_lora_members(pub, parts, LoraSpec(r=4), TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
+    return add_lora_members(pub, parts, LORA, TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
 
 
 def tiny_lm(tok=None, spread: float = 0.3) -> EnsembleLM:
