@@ -177,6 +177,18 @@ def cmd_account(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_ledger_export(args: argparse.Namespace) -> int:
+    """One verified row per ledger record as CSV (restricted columns only with --restricted)."""
+    from accounting.frames import export_csv
+
+    if not args.csv.parent.is_dir():
+        raise ValueError(f"--csv {args.csv}: the folder {args.csv.parent} does not exist.")
+    rows = export_csv(args.ledger, args.csv, restricted=args.restricted)
+    kind = "with restricted columns, mode 0600" if args.restricted else "public columns"
+    print(f"wrote {args.csv}: {rows} records ({kind})")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """An Ed25519 key pair for signing a deployment's ledger."""
     from accounting.signing import fingerprint, generate_keypair
@@ -576,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the deployment's Ed25519 public key (PEM): every record must be signed "
                         "by it")  # fmt: skip
     p.set_defaults(func=cmd_verify_ledger)
+    p = sub.add_parser("ledger", help="ledger tables (pandas): export")
+    ledger_sub = p.add_subparsers(dest="ledger_command", required=True)
+    p = ledger_sub.add_parser("export", help="one verified row per record, as CSV")
+    p.add_argument("ledger", type=Path)
+    p.add_argument("--csv", type=Path, required=True, metavar="FILE")
+    p.add_argument("--restricted", action="store_true",
+                   help="add the restricted sibling's columns (subsets, lambdas, seed); the CSV "
+                        "is then mode 0600")  # fmt: skip
+    p.set_defaults(func=cmd_ledger_export)
     p = sub.add_parser("keygen", help="an Ed25519 key pair that signs a deployment's ledger")
     p.add_argument("--out", type=Path, default=Path("deployment"),
                    help="writes OUT.key (mode 0600) and OUT.pub")  # fmt: skip
