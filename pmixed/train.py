@@ -43,6 +43,7 @@ __all__ = [
     "add_trained_adapter",
     "blocks",
     "build_public_model",
+    "dpsgd_state",
     "train_dpsgd_adapter",
     "train_lm",
     "train_member",
@@ -246,7 +247,7 @@ def train_member(
 
 
 def add_trained_adapter(
-    model: PeftModel,
+    model: torch.nn.Module,
     name: str,
     data: torch.Tensor,
     lora: LoraSpec,
@@ -255,9 +256,13 @@ def add_trained_adapter(
     *,
     progress: object | None = None,
 ) -> PeftModel:
-    """One more LoRA adapter on the same base, trained (non-privately) on ``data``."""
+    """One more LoRA adapter on the same base, trained (non-privately) on ``data`` (``model`` may
+    be the bare base or a PeftModel: the same weights either way)."""
     torch.manual_seed(seed)
-    model.add_adapter(name, lora.config(model))
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, lora.config(model))
+    else:
+        model = get_peft_model(model, lora.config(model), adapter_name=name)
     model.set_adapter(name)
     train_lm(model, data, spec, torch.Generator().manual_seed(seed), progress=progress)
     return model
@@ -312,6 +317,23 @@ def train_dpsgd_adapter(
     name: str,
     data: torch.Tensor,
     lora: LoraSpec,
+    **settings: object,
+) -> DpsgdResult:
+    """A LoRA adapter trained with Opacus DP-SGD (:func:`dpsgd_state`, keyword ``settings``) on a
+    copy of ``model``'s base, then added to ``model`` as ``name``."""
+    base = copy.deepcopy(model).unload()  # the public weights without any LoRA layer
+    state, result = dpsgd_state(base, name, data, lora, **settings)
+    model.add_adapter(name, lora.config(model))
+    set_peft_model_state_dict(model, state, adapter_name=name)
+    model.eval()
+    return result
+
+
+def dpsgd_state(
+    base: torch.nn.Module,
+    name: str,
+    data: torch.Tensor,
+    lora: LoraSpec,
     *,
     epsilon: float,
     delta: float,
@@ -321,20 +343,18 @@ def train_dpsgd_adapter(
     max_grad_norm: float,
     seed: int,
     progress: object | None = None,
-) -> DpsgdResult:
-    """A LoRA adapter trained with Opacus DP-SGD at (ε, δ), added to ``model`` as ``name``.
+) -> tuple[dict, DpsgdResult]:
+    """(LoRA state dict, run record) of an adapter trained with Opacus DP-SGD at (ε, δ) on the bare
+    ``base`` (which gains the LoRA layers).
 
     Record level (one block is one record), Poisson sampling with expected batch ``batch_size``,
     noise calibrated with dp-accounting for ``epochs`` (:func:`noise_for_epsilon`); an empty
     Poisson batch skips the forward, gets a zero-size ``grad_sample`` and still takes a
-    (noise-only) step. Training runs on a copy of the
-    base; the trained LoRA weights are then loaded into ``model``. ``progress(step, expected)`` is
-    called after every step.
+    (noise-only) step. ``progress(step, expected)`` is called after every step.
     """
     from opacus import PrivacyEngine
 
     torch.manual_seed(seed)
-    base = copy.deepcopy(model).unload()  # the public weights without any LoRA layer
     work = get_peft_model(base, lora.config(base), adapter_name=name)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size,
                                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
@@ -366,12 +386,9 @@ def train_dpsgd_adapter(
             if progress is not None:
                 progress(steps, epochs * len(loader))
     state = get_peft_model_state_dict(work, adapter_name=name)
-    model.add_adapter(name, lora.config(model))
-    set_peft_model_state_dict(model, state, adapter_name=name)
-    model.eval()
     hist = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
-    return DpsgdResult(float(opt.noise_multiplier), float(dp_loader.sample_rate), steps, empty,
-                       max_grad_norm, hist, float(engine.get_epsilon(delta)))  # fmt: skip
+    return state, DpsgdResult(float(opt.noise_multiplier), float(dp_loader.sample_rate), steps,
+                              empty, max_grad_norm, hist, float(engine.get_epsilon(delta)))  # fmt: skip
 
 
 def spec_dict(*specs: object) -> dict:

@@ -27,8 +27,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import compose, from_opacus
@@ -41,19 +41,18 @@ from pmixed import PMixEDConfig
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
 from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
+from pmixed.executor import Job, LocalExecutor
 from pmixed.train import (
     GPT2_TARGETS,
     LoraSpec,
     ModelSpec,
     TrainSpec,
-    add_lora_members,
-    add_trained_adapter,
     blocks,
     build_public_model,
-    train_dpsgd_adapter,
     train_lm,
     train_tokenizer,
 )
+from pmixed.train_jobs import dpsgd_job, finetune_job, member_job
 from reports.audit_stage import run_audit_stage
 from reports.files import write_json
 from reports.report import write_report
@@ -138,15 +137,6 @@ def _commit(tmp: Path, stage: Path, key: str) -> None:
     tmp.rename(stage)
 
 
-def _save_adapters(model, names: list[str], lora: LoraSpec, folder: Path) -> None:
-    folder.mkdir(parents=True)
-    for name in names:
-        save_file(
-            get_peft_model_state_dict(model, adapter_name=name), folder / f"{name}.safetensors"
-        )
-    (folder / "adapters.json").write_text(json.dumps({"names": names, "lora": asdict(lora)}))
-
-
 def _load_adapters(public, folder: Path):
     meta = json.loads((folder / "adapters.json").read_text())
     lora = LoraSpec.from_dict(meta["lora"])
@@ -181,12 +171,19 @@ def _texts(records) -> list[str]:
 
 
 def run_demo(
-    cfg: DemoConfig, out: Path, progress: Progress, *, evaluate: bool = True, audit: bool = True
+    cfg: DemoConfig,
+    out: Path,
+    progress: Progress,
+    *,
+    evaluate: bool = True,
+    audit: bool = True,
+    executor: object | None = None,
 ) -> dict | None:
     """Runs (or resumes) the campaign in ``out``; returns the metrics written to ``metrics.json``.
 
     ``evaluate=False`` stops after training (``pmixed train``); ``audit=False`` after evaluation;
     otherwise the audit runs and the report (``report.json``/``.md``/``.html``) is written last.
+    ``executor`` (:mod:`pmixed.executor`, default local) runs the ensemble stage's training jobs.
     """
     out.mkdir(parents=True, exist_ok=True)
     if (cfg.public_dir is None) != (cfg.private_jsonl is None):
@@ -232,29 +229,8 @@ def run_demo(
                               cfg.member_lr, cfg.finetune_steps, cfg.dpsgd_epochs, cfg.dpsgd_batch,
                               cfg.dpsgd_lr, cfg.dpsgd_clip, cfg.epsilon, cfg.delta])  # fmt: skip
     if not _cached(out / "ensemble", keys["ensemble"]):
-        member_data = [blocks(_texts(p), tok, t) for p in parts]
-        spec = _member_spec(cfg)
-        bar = progress("ensemble members", cfg.n_members)
-        done = lambda i, step, _loss: bar(i + 1) if step == spec.steps - 1 else None  # noqa: E731
-        model = add_lora_members(public, member_data, cfg.lora, spec, cfg.seed, progress=done)
-        all_private = blocks(_texts(train_recs), tok, t)
-        bar = progress("non-private fine-tune", cfg.finetune_steps)
-        add_trained_adapter(model, "finetuned", all_private, cfg.lora,
-                            TrainSpec(steps=cfg.finetune_steps, batch_size=16, lr=cfg.member_lr),
-                            cfg.seed + 1, progress=lambda step, _loss: bar(step + 1))  # fmt: skip
-        expected = cfg.dpsgd_epochs * -(-len(all_private) // cfg.dpsgd_batch)
-        bar = progress("DP-SGD (Opacus)", expected)
-        dp = train_dpsgd_adapter(
-            model, "dpsgd", all_private, cfg.lora, epsilon=cfg.epsilon, delta=cfg.delta,
-            epochs=cfg.dpsgd_epochs, batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr,
-            max_grad_norm=cfg.dpsgd_clip, seed=cfg.seed + 2,
-            progress=lambda step, _total: bar(min(step, expected)),
-        )  # fmt: skip
-        tmp = Path(tempfile.mkdtemp(dir=out))
-        _save_adapters(model, [*members, "finetuned", "dpsgd"], cfg.lora, tmp / "adapters")
-        (tmp / "dpsgd.json").write_text(json.dumps(asdict(dp)))
-        _commit(tmp, out / "ensemble", keys["ensemble"])
-        public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
+        _train_ensemble(cfg, out, keys["ensemble"], parts, train_recs, tok,
+                        executor or LocalExecutor(), progress)  # fmt: skip
     model = _load_adapters(public, out / "ensemble" / "adapters")
     dp_run = json.loads((out / "ensemble" / "dpsgd.json").read_text())
     write_json(out / "dpsgd.json", dp_run)
@@ -342,6 +318,36 @@ def pmixed_runs(cfg: DemoConfig) -> dict[str, tuple[str, PMixEDConfig]]:
                                          PMixEDConfig(**common, relation="replace_one")),
         "pmixed_reference": ("ledger-reference.jsonl", PMixEDConfig(**common, mode="reference")),
     }  # fmt: skip
+
+
+def _train_ensemble(cfg: DemoConfig, out: Path, key: str, parts, train_recs, tok, executor,
+                    progress: Progress) -> None:  # fmt: skip
+    """Members, the non-private fine-tune and DP-SGD as independent jobs on ``executor``, each
+    writing its adapter into the stage folder, then the stage is committed under ``key``. The
+    files are the same under any executor: each job seeds itself."""
+    t, lora, base = cfg.model.block_size, cfg.lora, out / "public"
+    members = [f"member-{i:02d}" for i in range(cfg.n_members)]
+    tmp = Path(tempfile.mkdtemp(dir=out))
+    folder = tmp / "adapters"
+    folder.mkdir()
+    all_private = blocks(_texts(train_recs), tok, t)
+    finetune = TrainSpec(steps=cfg.finetune_steps, batch_size=16, lr=cfg.member_lr)
+    dpsgd = dict(epsilon=cfg.epsilon, delta=cfg.delta, epochs=cfg.dpsgd_epochs,
+                 batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr, max_grad_norm=cfg.dpsgd_clip,
+                 seed=cfg.seed + 2)  # fmt: skip
+    # The longest job (DP-SGD) first, so a cluster runs it while the members train beside it.
+    jobs = [Job(dpsgd_job, (base, "dpsgd", all_private, lora, folder / "dpsgd.safetensors", dpsgd)),
+            Job(finetune_job, (base, "finetuned", all_private, lora, finetune, cfg.seed + 1,
+                               folder / "finetuned.safetensors"))]  # fmt: skip
+    jobs += [Job(member_job, (base, name, i, blocks(_texts(p), tok, t), lora, _member_spec(cfg),
+                              cfg.seed, folder / f"{name}.safetensors"))
+             for i, (name, p) in enumerate(zip(members, parts))]  # fmt: skip
+    bar = progress(f"ensemble, fine-tune, DP-SGD ({executor.name} executor)", len(jobs))
+    dp = executor.map(jobs, progress=bar)[0]
+    names = [*members, "finetuned", "dpsgd"]
+    (folder / "adapters.json").write_text(json.dumps({"names": names, "lora": asdict(lora)}))
+    (tmp / "dpsgd.json").write_text(json.dumps(asdict(dp)))
+    _commit(tmp, out / "ensemble", key)
 
 
 def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -> dict:

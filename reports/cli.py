@@ -22,6 +22,7 @@ import numpy as np
 import accounting
 from pmixed import InfeasibleBudget, PMixEDConfig, neighbour_divergence
 from pmixed.deployment import InvalidRequest
+from pmixed.executor import EXECUTORS, make_executor
 from reports.files import write_json
 
 PAPER = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
@@ -259,8 +260,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from reports.campaign import run_demo
 
     cfg = _campaign_config(args)
+    executor = make_executor(args.executor, args.ray_address)
     with _fresh_folder(args.out):
-        run_demo(cfg, args.out, _bars, evaluate=False)
+        run_demo(cfg, args.out, _bars, evaluate=False, executor=executor)
     print(f"trained run in {args.out}")
     return 0
 
@@ -291,8 +293,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     audit = getattr(args, "audit", False)
     cfg = _campaign_config(args)
+    executor = make_executor(args.executor, args.ray_address)
     with _fresh_folder(args.out):
-        metrics = run_demo(cfg, args.out, _bars, audit=audit)
+        metrics = run_demo(cfg, args.out, _bars, audit=audit, executor=executor)
     _print_table(metrics)
     print(f"wrote {args.out / 'metrics.json'}")
     if audit:
@@ -638,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ensemble members N (one per user partition); default 32, quick 8")  # fmt: skip
         p.add_argument("--salt", default=None,
                        help="the public salt of the user partition hash (fixed before training)")  # fmt: skip
+        p.add_argument("--executor", choices=EXECUTORS, default="local",
+                       help="where the training jobs (members, fine-tune, DP-SGD) run: here, one "
+                            "after another, or as Ray tasks (pip install 'pmixed-audit[ray]'); "
+                            "the same files either way")  # fmt: skip
+        p.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="--executor ray: join this cluster (auto, ray://host:10001) instead "
+                            "of starting a local one")  # fmt: skip
         p.set_defaults(func=func)
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
     p.add_argument("--run", type=Path, default=Path("runs/demo"))

@@ -33,3 +33,14 @@ def tiny_run(tmp_path_factory):
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         return out, run_demo(TINY, out, quiet)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the test session: 2 CPUs, a 128 MiB object store (a small
+    /dev/shm must not stop it), no dashboard."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra pmixed-audit[ray]")
+    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    yield ray
+    ray.shutdown()
