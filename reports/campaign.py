@@ -3,13 +3,18 @@ DP-SGD -> evaluation, each stage cached in the run directory under a hash of its
 
 Run directory::
 
-    config.json                 resolved config, library versions, stage hashes
+    config.json                 resolved config, library versions, stage hashes, the base
     tokenizer/ public/          public-only BPE tokenizer; the public GPT-2 (safetensors)
     ensemble/                   one LoRA adapter per member, plus "finetuned" and "dpsgd"
+    adapters/                   with --base: the members as peft folders (``--adapters``)
     dpsgd.json                  the Opacus run: noise, sample rate, steps, accountant history
     ledger.jsonl (+ .restricted.jsonl)          certified, add_remove: the main deployment
     ledger-replace_one.jsonl, ledger-reference.jsonl (+ restricted siblings)
     metrics.json                perplexity table and the epsilon of every mechanism
+
+With ``base`` (``pmixed train --base PATH``) the user's model folder replaces ``tokenizer/`` and
+``public/``: its tokenizer and weights are the public side, its fingerprint keys the later stages,
+and the LoRA targets default to peft's for its architecture.
 
 A stage whose ``stage.json`` carries the same hash is loaded instead of recomputed, so a re-run
 resumes. Every artefact is written to a temporary name and renamed into place.
@@ -38,6 +43,7 @@ from audit.exposure import ExposurePlan
 from audit.game import GamePlan
 from audit.runner import AuditPlan
 from pmixed import PMixEDConfig
+from pmixed.backend import base_fingerprint, context_length, load_base, save_adapters
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
 from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
@@ -94,6 +100,9 @@ class DemoConfig:
     max_private_records: int | None = None
     public_dir: str | None = None
     private_jsonl: str | None = None
+    #: A base model folder of the user's own (``save_pretrained``): its tokenizer and weights are
+    #: the public side, replacing the tokenizer and public-model stages (``pmixed train --base``).
+    base: str | None = None
 
 
 FULL = DemoConfig()
@@ -186,9 +195,11 @@ def run_demo(
     ``executor`` (:mod:`pmixed.executor`, default local) runs the ensemble stage's training jobs.
     """
     out.mkdir(parents=True, exist_ok=True)
-    if (cfg.public_dir is None) != (cfg.private_jsonl is None):
-        raise ValueError("public_dir and private_jsonl must be given together.")
-    if cfg.public_dir is None:
+    if cfg.base is None and (cfg.public_dir is None) != (cfg.private_jsonl is None):
+        raise ValueError("--public-dir and --private-jsonl must be given together.")
+    if cfg.base is not None and cfg.private_jsonl is None:
+        raise ValueError("--base needs --private-jsonl: the records its members are trained on.")
+    if cfg.private_jsonl is None:
         corpus = load_shakespeare()
     else:
         corpus = load_user_data(cfg.public_dir, cfg.private_jsonl)
@@ -202,40 +213,33 @@ def run_demo(
         )
     }
 
-    # Tokenizer: public text only.
-    keys["tokenizer"] = _hash([keys["data"], cfg.model.vocab_size])
-    if not _cached(out / "tokenizer", keys["tokenizer"]):
-        tmp = Path(tempfile.mkdtemp(dir=out))
-        train_tokenizer(corpus.public, cfg.model.vocab_size).save_pretrained(tmp)
-        _commit(tmp, out / "tokenizer", keys["tokenizer"])
-    tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-    t = cfg.model.block_size
-
-    # Public model.
-    keys["public"] = _hash([keys["tokenizer"], asdict(cfg.model), cfg.public_steps, cfg.seed])
-    if not _cached(out / "public", keys["public"]):
-        model = build_public_model(cfg.model, tok, cfg.seed)
-        data = blocks(corpus.public, tok, t)
-        bar = progress("public model", cfg.public_steps)
-        train_lm(model, data, TrainSpec(steps=cfg.public_steps), torch.Generator().manual_seed(cfg.seed),
-                 progress=lambda step, _loss: bar(step + 1))  # fmt: skip
-        tmp = Path(tempfile.mkdtemp(dir=out))
-        model.save_pretrained(tmp)
-        _commit(tmp, out / "public", keys["public"])
-    public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
+    if cfg.base is None:
+        tok, base_dir = _public_stages(cfg, out, corpus, keys, progress)
+        t, base_info = cfg.model.block_size, None
+        public = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    else:  # the user's base: its fingerprint keys every later stage
+        tok, public = load_base(cfg.base)
+        base_info = {"path": str(Path(cfg.base).resolve()), **base_fingerprint(public),
+                     "context": context_length(public.config, tok),
+                     "layers": getattr(public.config, "num_hidden_layers", None)}  # fmt: skip
+        base_dir, t = Path(cfg.base), min(cfg.model.block_size, base_info["context"])
+        keys["tokenizer"] = keys["public"] = _hash([base_info["sha256"], len(tok), t])
 
     # Ensemble (one adapter per partition), non-private fine-tune, DP-SGD: adapters on one base.
     keys["ensemble"] = _hash([keys["public"], asdict(cfg.lora), cfg.member_steps, cfg.member_batch,
                               cfg.member_lr, cfg.finetune_steps, cfg.dpsgd_epochs, cfg.dpsgd_batch,
                               cfg.dpsgd_lr, cfg.dpsgd_clip, cfg.epsilon, cfg.delta])  # fmt: skip
     if not _cached(out / "ensemble", keys["ensemble"]):
-        _train_ensemble(cfg, out, keys["ensemble"], parts, train_recs, tok,
+        _train_ensemble(cfg, out, keys["ensemble"], base_dir, t, parts, train_recs, tok,
                         executor or LocalExecutor(), progress)  # fmt: skip
     model = _load_adapters(public, out / "ensemble" / "adapters")
+    if cfg.base is not None:
+        _export_adapters(model, members, out, keys["ensemble"])
     dp_run = json.loads((out / "ensemble" / "dpsgd.json").read_text())
     write_json(out / "dpsgd.json", dp_run)
 
-    config = {"demo": asdict(cfg), "stage_hashes": keys, "corpus": corpus.name,
+    config = {"demo": asdict(cfg), "stage_hashes": keys, "corpus": corpus.name, "base": base_info,
+              "block_size": t,
               "users": {"train": len({r.user for r in train_recs}),
                         "heldout": len({r.user for r in held_recs})},
               "versions": _versions()}  # fmt: skip
@@ -253,7 +257,7 @@ def run_demo(
     ):
         metrics = json.loads(metrics_path.read_text())
     else:
-        metrics = _evaluate(cfg, out, model, members, tok, held_recs, dp_run, keys["evaluate"],
+        metrics = _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, keys["evaluate"],
                             progress)  # fmt: skip
     if audit:
         cals = {name: pcfg.calibrate() for name, (_, pcfg) in pmixed_runs(cfg).items()}
@@ -301,9 +305,17 @@ def load_run(out: Path):
         raise FileNotFoundError(
             f"{out} is not a trained run: run `pmixed train --out {out}` first."
         )
-    cfg = json.loads(config_path.read_text())["demo"]
-    tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-    public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
+    config = json.loads(config_path.read_text())
+    cfg = config["demo"]
+    if cfg.get("base") is not None:
+        tok, public = load_base(cfg["base"])
+        if base_fingerprint(public) != {k: config["base"][k] for k in ("model_type", "vocab_size",
+                                                                        "sha256")}:  # fmt: skip
+            raise ValueError(f"the base {cfg['base']} has changed since {out} was trained "
+                             "(its fingerprint differs): retrain or restore it.")  # fmt: skip
+    else:
+        tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+        public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
     model = _load_adapters(public, out / "ensemble" / "adapters")
     return cfg, tok, model, [f"member-{i:02d}" for i in range(cfg["n_members"])]
 
@@ -320,12 +332,47 @@ def pmixed_runs(cfg: DemoConfig) -> dict[str, tuple[str, PMixEDConfig]]:
     }  # fmt: skip
 
 
-def _train_ensemble(cfg: DemoConfig, out: Path, key: str, parts, train_recs, tok, executor,
-                    progress: Progress) -> None:  # fmt: skip
+def _export_adapters(model, members: list[str], out: Path, key: str) -> None:
+    """The members as peft folders in ``out/adapters`` (``--base B --adapters DIR``), once per
+    ensemble stage. An export from an earlier ensemble is never replaced: deployment ledgers may
+    sit beside it, calibrated for those members."""
+    folder, marker = out / "adapters", "ensemble-stage.txt"
+    if folder.exists():
+        if (folder / marker).is_file() and (folder / marker).read_text() == key:
+            return
+        raise ValueError(f"{folder} holds members of an earlier training of this run (and perhaps "
+                         "their deployment ledgers): move it away to export the new ones.")  # fmt: skip
+    save_adapters(model, members, folder, extra={marker: key})
+
+
+def _public_stages(cfg: DemoConfig, out: Path, corpus, keys: dict, progress: Progress):
+    """(tokenizer, public model folder): the BPE tokenizer and the GPT-2 trained on public text
+    only, each a cached stage of ``out``."""
+    keys["tokenizer"] = _hash([keys["data"], cfg.model.vocab_size])
+    if not _cached(out / "tokenizer", keys["tokenizer"]):
+        tmp = Path(tempfile.mkdtemp(dir=out))
+        train_tokenizer(corpus.public, cfg.model.vocab_size).save_pretrained(tmp)
+        _commit(tmp, out / "tokenizer", keys["tokenizer"])
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    keys["public"] = _hash([keys["tokenizer"], asdict(cfg.model), cfg.public_steps, cfg.seed])
+    if not _cached(out / "public", keys["public"]):
+        model = build_public_model(cfg.model, tok, cfg.seed)
+        data = blocks(corpus.public, tok, cfg.model.block_size)
+        bar = progress("public model", cfg.public_steps)
+        train_lm(model, data, TrainSpec(steps=cfg.public_steps), torch.Generator().manual_seed(cfg.seed),
+                 progress=lambda step, _loss: bar(step + 1))  # fmt: skip
+        tmp = Path(tempfile.mkdtemp(dir=out))
+        model.save_pretrained(tmp)
+        _commit(tmp, out / "public", keys["public"])
+    return tok, out / "public"
+
+
+def _train_ensemble(cfg: DemoConfig, out: Path, key: str, base: Path, t: int, parts, train_recs,
+                    tok, executor, progress: Progress) -> None:  # fmt: skip
     """Members, the non-private fine-tune and DP-SGD as independent jobs on ``executor``, each
     writing its adapter into the stage folder, then the stage is committed under ``key``. The
     files are the same under any executor: each job seeds itself."""
-    t, lora, base = cfg.model.block_size, cfg.lora, out / "public"
+    lora = cfg.lora
     members = [f"member-{i:02d}" for i in range(cfg.n_members)]
     tmp = Path(tempfile.mkdtemp(dir=out))
     folder = tmp / "adapters"
@@ -350,8 +397,7 @@ def _train_ensemble(cfg: DemoConfig, out: Path, key: str, parts, train_recs, tok
     _commit(tmp, out / "ensemble", key)
 
 
-def _evaluate(cfg, out, model, members, tok, held_recs, dp_run, key, progress) -> dict:
-    t = cfg.model.block_size
+def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress) -> dict:
     held = blocks(_texts(held_recs), tok, t)
     n = cfg.query_budget  # every model is scored on the same T predictions as PMixED
     models = (("public", None), ("finetuned", "finetuned"), ("dpsgd", "dpsgd"))

@@ -230,15 +230,23 @@ def _campaign_config(args: argparse.Namespace):
         if not args.salt:
             raise InvalidRequest("salt", "must be a non-empty string", args.salt)
         cfg = replace(cfg, salt=args.salt)
-    if args.public_dir is not None or args.private_jsonl is not None:
+    for flag, path in (("--public-dir", args.public_dir), ("--private-jsonl", args.private_jsonl),
+                       ("--base", args.base)):  # fmt: skip
+        if path is not None and not path.exists():
+            raise ValueError(f"{flag} {path} does not exist.")
+    if args.base is not None:  # a model of the user's own: no public text needed
+        if args.private_jsonl is None:
+            raise ValueError("--base needs --private-jsonl: the records its members learn from.")
+        targets = None if args.lora_targets is None else tuple(args.lora_targets.split(","))
+        cfg = replace(cfg, base=str(args.base), private_jsonl=str(args.private_jsonl),
+                      public_dir=None if args.public_dir is None else str(args.public_dir),
+                      lora=replace(cfg.lora, target_modules=targets),
+                      max_private_records=None)  # fmt: skip
+    elif args.lora_targets is not None:
+        raise ValueError("--lora-targets needs --base (the demo's GPT-2 targets are fixed).")
+    elif args.public_dir is not None or args.private_jsonl is not None:
         if args.public_dir is None or args.private_jsonl is None:
             raise ValueError("--public-dir and --private-jsonl must be given together.")
-        for flag, path in (
-            ("--public-dir", args.public_dir),
-            ("--private-jsonl", args.private_jsonl),
-        ):
-            if not path.exists():
-                raise ValueError(f"{flag} {path} does not exist.")
         cfg = replace(cfg, public_dir=str(args.public_dir), private_jsonl=str(args.private_jsonl),
                       max_private_records=None)  # fmt: skip
     return cfg
@@ -471,9 +479,9 @@ EXIT_REFUSED = 3
 
 
 def _deployment(args: argparse.Namespace, path: Path, cfg: dict):
-    """The run's deployment at ``path``: opened when it exists, else created from the run's
-    config (with ``args.seed`` if the command has one; callers refuse a seed for an existing
-    ledger before loading anything)."""
+    """The deployment at ``path``: opened when it exists, else created from ``cfg`` (the run's
+    config, or the --base/--adapters flags; with ``args.seed`` if the command has one; callers
+    refuse a seed for an existing ledger before loading anything)."""
     from pmixed.deployment import Deployment
 
     key = None
@@ -490,15 +498,43 @@ def _deployment(args: argparse.Namespace, path: Path, cfg: dict):
                              on_exhausted=args.on_exhausted, signing_key=key)  # fmt: skip
 
 
-def _load_lm(run: Path):
+#: Deployment settings a --base/--adapters deployment takes from flags (a run has its own).
+DEPLOYMENT_FLAGS = ("sampling_rate", "epsilon", "delta", "query_budget")
+
+
+def _load_lm(args: argparse.Namespace, ledger: str):
+    """(deployment settings, tokenizer, EnsembleLM, name, default ledger path) of ``--run`` or of
+    ``--base PATH --adapters DIR``; every mismatch is an error here, before any ledger exists."""
     from transformers.utils import logging as hf_logging
 
     from pmixed.models import EnsembleLM
-    from reports.campaign import load_run
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise on a service
-    cfg, tok, model, members = load_run(run)
-    return cfg, tok, EnsembleLM(model, members, tok.eos_token_id)
+    given = [f"--{f.replace('_', '-')}" for f in DEPLOYMENT_FLAGS if getattr(args, f) is not None]
+    if (args.base is None) != (args.adapters is None):
+        raise ValueError("--base and --adapters must be given together.")
+    if args.base is None:
+        from reports.campaign import load_run
+
+        if given:
+            raise ValueError(f"{', '.join(given)}: a run's deployment settings are its own "
+                             "(only with --base/--adapters).")  # fmt: skip
+        run = args.run or Path("runs/demo")
+        cfg, tok, model, members = load_run(run)
+        name, folder = run.name, run
+    else:
+        from pmixed.backend import load_adapters, load_base
+        from reports.campaign import FULL
+
+        if args.run is not None:
+            raise ValueError("--run or --base/--adapters: not both.")
+        tok, base = load_base(args.base)
+        model, members = load_adapters(base, args.adapters)
+        cfg = {f: getattr(args, f) if getattr(args, f) is not None else getattr(FULL, f)
+               for f in DEPLOYMENT_FLAGS} | {"n_members": len(members)}  # fmt: skip
+        name, folder = args.base.name, args.adapters
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return cfg, tok, EnsembleLM(model, members, pad), name, args.ledger or folder / ledger
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -506,11 +542,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pmixed.deployment import check_prompt, check_sampling
     from pmixed.generator import PrivateGenerator
 
-    path = args.ledger or args.run / "generate.jsonl"
+    cfg, tok, lm, _, path = _load_lm(args, "generate.jsonl")
     if path.exists() and args.seed is not None:
         raise InvalidRequest("seed", f"is fixed when a deployment is created; {path} exists",
                              args.seed)  # fmt: skip
-    cfg, tok, lm = _load_lm(args.run)
     prompts = [tok(p)["input_ids"] for p in args.prompt]
     check_sampling(args.temperature, args.top_k, lm.vocab_size)  # before any file is touched
     for p in prompts:
@@ -549,22 +584,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequest("port", "must be in [1, 65535]", args.port)
     if args.max_batch < 1:
         raise InvalidRequest("max_batch", "must be >= 1", args.max_batch)
-    path = args.ledger or args.run / "serve.jsonl"
-    cfg, tok, lm = _load_lm(args.run)
+    cfg, tok, lm, name, path = _load_lm(args, "serve.jsonl")
     with _deployment(args, path, cfg) as deployment:
         gen = PrivateGenerator(lm, deployment, constant_work=not args.sampled_members_only)
-        app = create_app(gen, tok, model_name=args.run.name, max_batch=args.max_batch)
-        print(f"serving {args.run} on http://{args.host}:{args.port} (ledger {path})",
+        app = create_app(gen, tok, model_name=name, max_batch=args.max_batch)
+        print(f"serving {name} on http://{args.host}:{args.port} (ledger {path})",
               file=sys.stderr)  # fmt: skip
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def _deployment_args(p: argparse.ArgumentParser, ledger: str) -> None:
+    p.add_argument("--run", type=Path, default=None, help="a trained run (default runs/demo)")
+    p.add_argument("--base", type=Path, default=None, metavar="PATH",
+                   help="instead of --run: a base model folder (with --adapters)")  # fmt: skip
+    p.add_argument("--adapters", type=Path, default=None, metavar="DIR",
+                   help="a folder of peft LoRA adapter folders on --base, one per member, in "
+                        "name order (pmixed train --base writes RUN/adapters)")  # fmt: skip
+    for flag, what in (("sampling-rate", "q"), ("epsilon", "epsilon"), ("delta", "delta"),
+                       ("query-budget", "T")):  # fmt: skip
+        kind = int if flag == "query-budget" else float
+        p.add_argument(f"--{flag}", type=kind, default=None,
+                       help=f"--base/--adapters: the new deployment's {what} (default: the "
+                            "demo's)")  # fmt: skip
     p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
                    help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
     p.add_argument("--ledger", type=Path, default=None,
-                   help=f"deployment ledger (default RUN/{ledger}; reused across calls)")  # fmt: skip
+                   help=f"deployment ledger (default RUN/{ledger} or ADAPTERS/{ledger}; reused "
+                        "across calls)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ensemble members N (one per user partition); default 32, quick 8")  # fmt: skip
         p.add_argument("--salt", default=None,
                        help="the public salt of the user partition hash (fixed before training)")  # fmt: skip
+        p.add_argument("--base", type=Path, default=None, metavar="PATH",
+                       help="your base model folder (save_pretrained of model and tokenizer): "
+                            "members are LoRA adapters on it; needs --private-jsonl")  # fmt: skip
+        p.add_argument("--lora-targets", default=None, metavar="A,B",
+                       help="--base: the modules LoRA adapts (default: peft's for the "
+                            "architecture)")  # fmt: skip
         p.add_argument("--executor", choices=EXECUTORS, default="local",
                        help="where the training jobs (members, fine-tune, DP-SGD) run: here, one "
                             "after another, or as Ray tasks (pip install 'pmixed-audit[ray]'); "
@@ -664,7 +717,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("generate", help="generate text privately from a trained run")
-    p.add_argument("--run", type=Path, default=Path("runs/demo"))
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -678,7 +730,6 @@ def build_parser() -> argparse.ArgumentParser:
     _deployment_args(p, "generate.jsonl")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="serve a trained run over HTTP (POST /v1/completions)")
-    p.add_argument("--run", type=Path, default=Path("runs/demo"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--on-exhausted", choices=["public", "refuse"], default="refuse")

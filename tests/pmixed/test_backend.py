@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from accounting import read_ledger
 from audit.attacks import loss
@@ -18,18 +17,10 @@ from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
 from pmixed.models import EnsembleLM, SequenceState
 from pmixed.train import LoraSpec, TrainSpec, add_lora_members, blocks
-from tests.pmixed.tiny import PRIVATE, tokenizer
+from tests.pmixed.tiny import ARCHS, PRIVATE, save_base, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 V, CONTEXT = 320, 48
-SMALL = dict(vocab_size=V, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-ARCHS = {
-    "gpt2": dict(n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=False),
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=CONTEXT),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=CONTEXT),
-}  # fmt: skip
 MEMBERS = ["member-00", "member-01", "member-02"]
 
 
@@ -39,10 +30,7 @@ def tok():
 
 
 def _save_base(kind: str, folder, tok) -> None:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **SMALL, **ARCHS[kind]))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_base(kind, folder, tok, CONTEXT)
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))

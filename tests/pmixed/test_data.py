@@ -105,8 +105,11 @@ def test_user_supplied_data_and_its_errors(tmp_path):
     priv.write_text('{"user": "ann"}\n')
     with pytest.raises(ValueError, match=r"priv.jsonl:1"):
         load_user_data(tmp_path / "pub", priv)
-    with pytest.raises(FileNotFoundError, match="public_dir"):
+    with pytest.raises(FileNotFoundError, match="--public-dir must be a folder"):
         load_user_data(tmp_path / "nope", priv)
+    priv.write_text(json.dumps({"user": "bo", "text": "x"}) + "\n")
+    c = load_user_data(None, priv)  # a base model of one's own: no public text needed
+    assert c.public == () and c.name == "user:priv.jsonl" and len(c.private) == 1
 
 
 def test_missing_corpus_names_the_fix(monkeypatch):

@@ -73,3 +73,25 @@ def computed_rows(lm: EnsembleLM):
         yield seen
     finally:
         del lm._mixed_forward
+
+
+#: Tiny random architectures other than the demo's GPT-2 (any causal LM is a base).
+ARCHS = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=False),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+}  # fmt: skip
+
+
+def save_base(kind: str, folder, tok, context: int = 48) -> None:
+    """A randomly initialised ``kind`` model and ``tok`` saved to ``folder`` (``save_pretrained``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = dict(vocab_size=len(tok), bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    length = {"n_positions": context} if kind == "gpt2" else {"max_position_embeddings": context}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, **ids, **length, **ARCHS[kind])
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
