@@ -18,10 +18,15 @@ theorem turns the correct guesses into ε_lb at the claim's δ, at confidence 1 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from accounting import from_opacus
 from audit.attacks import lira_offline, loss, reference_calibrated
@@ -29,7 +34,9 @@ from audit.bounds import one_run_epsilon
 from audit.canaries import child_rng, drop_adapter, model_canaries, poisson_inclusion
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs
-from pmixed.train import LoraSpec, TrainSpec, add_trained_adapter, train_dpsgd_adapter
+from pmixed.executor import Job, LocalExecutor
+from pmixed.train import LoraSpec, TrainSpec
+from pmixed.train_jobs import dpsgd_job, finetune_job
 
 __all__ = ["CanaryPlan", "OneRunPlan", "canary_audit", "canary_result", "one_run_audit",
            "one_run_guesses"]  # fmt: skip
@@ -116,37 +123,43 @@ def _audit_set(model, private_blocks: torch.Tensor, m: int, seed: int, path: str
 
 def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora: LoraSpec,
                  epsilon: float, delta: float, batch_size: int, lr: float, max_grad_norm: float,
-                 seed: int, vocab: int, progress) -> tuple[dict, dict]:  # fmt: skip
+                 seed: int, vocab: int, progress, base: str | os.PathLike,
+                 executor=None) -> tuple[dict, dict]:  # fmt: skip
     """(public, restricted) results of the DP-SGD target and the non-private positive control.
 
     Both train on the same audit set: the included canaries plus as many private blocks (the first
     ones), so each canary is one record of a few hundred; the DP-SGD adapter at (ε, δ) for
     ``dpsgd_epochs`` epochs with the demo's batch, learning rate and clipping; the control without
     noise or clipping for ``control_steps`` steps. Each shadow repeats both on its own fresh audit
-    set. The adapters are removed afterwards.
+    set. The runs are independent jobs on ``executor`` (default local; :mod:`pmixed.executor`),
+    each loading the public base from the folder ``base`` and seeding itself, so the adapters do
+    not depend on where they ran; they are added to ``model`` and removed afterwards.
     """
     m = plan.one_run.m
     if plan.shadows == 1 or plan.shadows < 0:
         raise ValueError(f"shadows must be 0 or >= 2. Found {plan.shadows}.")
-    runs = []
-
-    def train(tag: str, data: torch.Tensor, offset: int) -> None:
-        expected = plan.dpsgd_epochs * -(-len(data) // batch_size)
-        bar = progress(f"audit: DP-SGD with canaries{tag}", expected)
-        runs.append(train_dpsgd_adapter(
-            model, f"audit-dpsgd{tag}", data, lora, epsilon=epsilon, delta=delta,
-            epochs=plan.dpsgd_epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
-            seed=seed + 11 + offset, progress=lambda step, _total: bar(min(step, expected))))  # fmt: skip
-        bar = progress(f"audit: non-private control{tag}", plan.control_steps)
-        add_trained_adapter(model, f"audit-finetuned{tag}", data, lora,
-                            TrainSpec(steps=plan.control_steps, batch_size=16, lr=plan.control_lr),
-                            seed + 12 + offset, progress=lambda step, _loss: bar(step + 1))  # fmt: skip
-
     canaries, inclusion, data = _audit_set(model, private_blocks, m, seed, "canary", vocab)
-    train("", data, 0)
-    for k in range(plan.shadows):  # own data and own seeds: independent runs of the procedure
-        train(f"-shadow{k}", _audit_set(model, private_blocks, m, seed, f"canary/shadow/{k}",
-                                        vocab)[2], 100 * (k + 1))  # fmt: skip
+    sets = [("", data, 0)] + [(f"-shadow{k}", _audit_set(model, private_blocks, m, seed,
+                                                         f"canary/shadow/{k}", vocab)[2],
+                               100 * (k + 1)) for k in range(plan.shadows)]  # fmt: skip
+    control = TrainSpec(steps=plan.control_steps, batch_size=16, lr=plan.control_lr)
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs, names = [], []
+        for tag, d, offset in sets:
+            dp = dict(epsilon=epsilon, delta=delta, epochs=plan.dpsgd_epochs,
+                      batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
+                      seed=seed + 11 + offset)  # fmt: skip
+            names += [f"audit-dpsgd{tag}", f"audit-finetuned{tag}"]
+            jobs += [Job(dpsgd_job, (base, names[-2], d, lora, Path(tmp) / names[-2], dp)),
+                     Job(finetune_job, (base, names[-1], d, lora, control, seed + 12 + offset,
+                                        Path(tmp) / names[-1]))]  # fmt: skip
+        bar = progress(f"audit: DP-SGD and control runs ({len(sets)} sets)", len(jobs))
+        results = (executor or LocalExecutor()).map(jobs, progress=bar)
+        for name in names:
+            model.add_adapter(name, lora.config(model))
+            set_peft_model_state_dict(model, load_file(Path(tmp) / name), adapter_name=name)
+    model.eval()
+    runs = results[0::2]  # the DP-SGD run records, target first
     reference = block_logprobs(model, None, canaries)
     public, restricted = {}, {"inclusion": inclusion.tolist()}
     for name in ("audit-dpsgd", "audit-finetuned"):

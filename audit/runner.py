@@ -30,6 +30,7 @@ What this version audits:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -201,14 +202,19 @@ def audit_models(
     recipe: MemberRecipe,
     tokenizer,
     dpsgd: Mapping | None = None,
+    base: str | os.PathLike | None = None,
+    executor: object | None = None,
 ) -> tuple[dict, dict]:
     """(public audit result, restricted annex) for one trained run.
 
     ``partitions``: each member's training blocks, and ``recipe`` how the members were trained (the
     canary member is retrained with them). ``dpsgd``: the demo's DP-SGD settings (``lora``,
     ``epsilon``, ``delta``, ``batch_size``, ``lr``, ``max_grad_norm``, ``vocab``) for the canary
-    audit; None skips it.
+    audit, whose training runs load the public model from the folder ``base`` and run on
+    ``executor`` (default local); None skips it.
     """
+    if dpsgd is not None and base is None:
+        raise ValueError("base (the public model's folder) is needed for the DP-SGD canary audit.")
     if len(partitions) != len(members):
         raise ValueError(f"partitions must hold one tensor per member ({len(members)}).")
     budget = min(c.config.query_budget for c in calibrations.values())
@@ -284,8 +290,9 @@ def audit_models(
                 non_private(1000, delta=1e-5, seed=plan.seed)]  # fmt: skip
     if dpsgd is not None:
         canary, restricted["canaries"] = canary_audit(
-            model, train_blocks, plan.canaries, seed=plan.seed, progress=progress, **dpsgd
-        )
+            model, train_blocks, plan.canaries, seed=plan.seed, progress=progress, base=base,
+            executor=executor, **dpsgd,
+        )  # fmt: skip
         target, control = canary["audit-dpsgd"], canary["audit-finetuned"]
         found = alarms({"one_run": target["one_run"]["epsilon_lb"]},
                        target["claim"]["epsilon_ub"])  # fmt: skip

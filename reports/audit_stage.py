@@ -52,8 +52,13 @@ def run_audit_stage(
     tokenizer,
     partitions: Sequence[torch.Tensor],
     recipe: MemberRecipe,
+    *,
+    base: Path,
+    executor: object | None = None,
 ) -> dict:
-    """The public audit result, computed or read back from ``out / "audit.json"``."""
+    """The public audit result, computed or read back from ``out / "audit.json"``; ``base`` is the
+    public model's folder and ``executor`` runs the DP-SGD audit's training (neither changes the
+    result, so neither is in its key)."""
     settings = {k: asdict(v) if is_dataclass(v) else v for k, v in dpsgd.items()}
     key = hashlib.sha256(
         json.dumps([eval_key, asdict(plan), settings, asdict(recipe), AUDIT_SCHEMA]).encode()
@@ -66,7 +71,7 @@ def run_audit_stage(
     public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
                                       metrics["privacy"], plan, progress, dpsgd=dpsgd,
                                       tokenizer=tokenizer, partitions=partitions,
-                                      recipe=recipe)  # fmt: skip
+                                      recipe=recipe, base=base, executor=executor)  # fmt: skip
     public = {"hash": key, **public}
     write_restricted_json(out / "audit.restricted.json", restricted)
     write_json(path, public)

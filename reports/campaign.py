@@ -282,7 +282,8 @@ def run_demo(
                      vocab=len(tok))  # fmt: skip
         run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
                         blocks(_texts(held_recs), tok, t), cals, metrics, plan, progress,
-                        dpsgd, tok, partitions, recipe)  # fmt: skip
+                        dpsgd, tok, partitions, recipe, base=base_dir,
+                        executor=executor)  # fmt: skip
         write_report(out)  # the last stage: rebuilt from the files above every time (seconds)
     return metrics
 

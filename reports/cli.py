@@ -413,8 +413,36 @@ def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_repo
     return 0 if mutants["all_detected"] and mutants["twins_clean"] else 1
 
 
+def _run_of(args: argparse.Namespace) -> Path:
+    """``--run``, or the run whose ensemble ``--adapters`` are (exported by ``pmixed train
+    --base``): an audit needs the records and the recipe behind the adapters, which a run holds."""
+    if args.base is None and args.adapters is None:
+        return args.run or Path("runs/demo")
+    if (args.base is None) != (args.adapters is None):
+        raise ValueError("--base and --adapters must be given together.")
+    if args.run is not None:
+        raise ValueError("--run or --base/--adapters: not both.")
+    from pmixed.backend import base_fingerprint, load_base
+
+    marker, run = args.adapters / "ensemble-stage.txt", args.adapters.parent
+    config = run / "config.json"
+    if not marker.is_file() or not config.is_file():
+        raise ValueError(f"--adapters {args.adapters} was not exported by `pmixed train --base`: "
+                         "an audit needs the private records and the recipe behind the adapters "
+                         "(train them with pmixed train --base PATH --private-jsonl FILE).")  # fmt: skip
+    config = json.loads(config.read_text())
+    if config["stage_hashes"].get("ensemble") != marker.read_text():
+        raise ValueError(f"--adapters {args.adapters} are not the members of {run} (another "
+                         "training): audit that run with --run.")  # fmt: skip
+    base = base_fingerprint(load_base(args.base)[1])
+    if config.get("base") is None or base["sha256"] != config["base"]["sha256"]:
+        raise ValueError(f"--base {args.base} is not the base {run} was trained on.")
+    return run
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Audit a trained run: resumes every cached stage, then writes audit.json."""
+    args.run = _run_of(args)
     if args.mutants:
         return cmd_power(args)
     from reports.campaign import config_from_run, run_demo
@@ -465,6 +493,7 @@ def _print_report(run: Path, doc: dict) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild the report of a run from its files (no training, no audit)."""
+    args.run = _run_of(args)
     for name in ("config.json", "metrics.json"):
         if not (args.run / name).exists():
             raise FileNotFoundError(f"{args.run / name} is missing: run `pmixed demo --out "
@@ -594,13 +623,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deployment_args(p: argparse.ArgumentParser, ledger: str) -> None:
+def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, default=None, help="a trained run (default runs/demo)")
     p.add_argument("--base", type=Path, default=None, metavar="PATH",
                    help="instead of --run: a base model folder (with --adapters)")  # fmt: skip
     p.add_argument("--adapters", type=Path, default=None, metavar="DIR",
                    help="a folder of peft LoRA adapter folders on --base, one per member, in "
                         "name order (pmixed train --base writes RUN/adapters)")  # fmt: skip
+
+
+def _deployment_args(p: argparse.ArgumentParser, ledger: str) -> None:
+    _source_args(p)
     for flag, what in (("sampling-rate", "q"), ("epsilon", "epsilon"), ("delta", "delta"),
                        ("query-budget", "T")):  # fmt: skip
         kind = int if flag == "query-budget" else float
@@ -703,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "of starting a local one")  # fmt: skip
         p.set_defaults(func=func)
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
-    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    _source_args(p)
     p.add_argument("--mutants", action="store_true",
                    help="audit power instead: planted violations with their sound twins and the "
                         "DP-SGD test beds; writes RUN/power.json (the report shows it)")  # fmt: skip
@@ -714,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="--mutants: the audit's root seed")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("report", help="rebuild report.json/.md/.html of a run from its files")
-    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    _source_args(p)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("generate", help="generate text privately from a trained run")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")

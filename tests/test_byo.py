@@ -116,3 +116,21 @@ def test_train_flags_for_a_base_are_checked(byo, tmp_path, capsys):
                  "nope", "--members", "2", "--quick", "--out", str(out)]) == 2  # fmt: skip
     assert "--lora-targets nope match no module" in capsys.readouterr().err
     assert not out.exists()  # nothing half-made
+
+
+def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them(byo, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    import shutil
+
+    base, _, run = byo
+    # The run is found and checked; this one was only trained, so the report has no metrics yet.
+    assert main(["report", "--base", str(base), "--adapters", str(run / "adapters")]) == 2
+    assert f"{run / 'metrics.json'} is missing" in capsys.readouterr().err
+    shutil.copytree(run / "adapters", tmp_path / "foreign")
+    (tmp_path / "foreign" / "ensemble-stage.txt").unlink()
+    assert main(["audit", "--base", str(base), "--adapters", str(tmp_path / "foreign")]) == 2
+    assert "was not exported by `pmixed train --base`" in capsys.readouterr().err
+    save_base("llama", tmp_path / "other", train_tokenizer(["other words " * 80], 320), context=96)
+    assert main(["audit", "--base", str(tmp_path / "other"), "--adapters",
+                 str(run / "adapters")]) == 2  # fmt: skip
+    assert "is not the base" in capsys.readouterr().err

@@ -50,12 +50,13 @@ def test_base_and_adapters_train_audit_report_generate_and_serve(tmp_path, kind)
     proc = _pmixed("train", "--quick", "--base", str(base), "--private-jsonl",
                    str(tmp_path / "private.jsonl"), "--members", "4", "--out", str(run))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = _pmixed("audit", "--run", str(run))  # resumes: evaluation, then the audit
+    # The deployment's audit: the run that trained --adapters on --base is found and checked.
+    proc = _pmixed("audit", "--base", str(base), "--adapters", str(adapters))
     assert proc.returncode == 0, proc.stderr[-2000:]
     audit = json.loads((run / "audit.json").read_text())
     assert audit["controls_passed"]
     assert not [a for a in audit["alarms"] if a["mechanism"] != "pmixed_reference"]
-    proc = _pmixed("report", "--run", str(run))
+    proc = _pmixed("report", "--base", str(base), "--adapters", str(adapters))
     assert proc.returncode in (0, 1), proc.stderr[-2000:]  # a FAIL verdict exits 1; a crash 2
     report = json.loads((run / "report.json").read_text())
     assert f"the base model at {base.resolve()} ({kind}" in report["identity"]["public_model"]
