@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from accounting import read_ledger
 from audit.attacks import loss
@@ -15,9 +14,9 @@ from pmixed import PMixEDConfig
 from pmixed.backend import BackendError, load_adapters, load_base, lora_targets, save_adapters
 from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
-from pmixed.models import EnsembleLM, SequenceState
+from pmixed.models import EnsembleLM
 from pmixed.train import LoraSpec, TrainSpec, add_lora_members, blocks
-from tests.pmixed.tiny import ARCHS, PRIVATE, save_base, tokenizer
+from tests.pmixed.tiny import ARCHS, PRIVATE, cached_vs_loop, save_base, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 V, CONTEXT = 320, 48
@@ -60,19 +59,7 @@ def test_context_length_and_default_targets_come_from_the_architecture(deployed)
 
 
 def test_batched_cached_forward_equals_the_per_adapter_loop(deployed, tok):
-    _, _, lm = deployed
-    rng = torch.Generator().manual_seed(0)
-    state = SequenceState(tok("Friends, Romans")["input_ids"])
-    worst, gap = 0.0, 0.0
-    for _ in range(12):
-        members = [i for i in range(3) if torch.rand(1, generator=rng).item() < 0.5]
-        lp0, lps = lm.next_logprobs(state, members)
-        worst = max(worst, (lp0 - lm.reference_logprobs(state.tokens, None)).abs().max().item())
-        for j, m in enumerate(members):
-            ref = lm.reference_logprobs(state.tokens, m)
-            worst = max(worst, (lps[j] - ref).abs().max().item())
-            gap = max(gap, (ref - lp0).abs().max().item())
-        state.tokens.append(int(torch.multinomial(lp0.exp(), 1, generator=rng)))
+    worst, gap = cached_vs_loop(deployed[2], tok("Friends, Romans")["input_ids"], 12, 0.5)
     assert worst < 1e-6
     assert gap > 1e-2  # the trained adapters were loaded back, not fresh zero-B ones
 

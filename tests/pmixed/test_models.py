@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from pmixed.models import EnsembleLM, SequenceState
-from tests.pmixed.tiny import LORA, PRIVATE, computed_rows, ensemble, tiny_lm, tokenizer
+from tests.pmixed.tiny import (
+    LORA,
+    PRIVATE,
+    cached_vs_loop,
+    computed_rows,
+    ensemble,
+    tiny_lm,
+    tokenizer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -66,19 +74,7 @@ def lm(tok):
 
 
 def test_batched_cached_forward_equals_the_set_adapter_loop(lm, tok):
-    rng = torch.Generator().manual_seed(0)
-    state = SequenceState(tok("Friends, Romans")["input_ids"])
-    worst, gap = 0.0, 0.0
-    for _ in range(20):
-        members = [i for i in range(3) if torch.rand(1, generator=rng).item() < 0.4]
-        lp0, lps = lm.next_logprobs(state, members)
-        assert lps.shape == (len(members), 320) and lp0.dtype == torch.float64
-        worst = max(worst, (lp0 - lm.reference_logprobs(state.tokens, None)).abs().max().item())
-        for j, m in enumerate(members):
-            ref = lm.reference_logprobs(state.tokens, m)
-            worst = max(worst, (lps[j] - ref).abs().max().item())
-            gap = max(gap, (ref - lp0).abs().max().item())
-        state.tokens.append(int(torch.multinomial(lp0.exp(), 1, generator=rng)))
+    worst, gap = cached_vs_loop(lm, tok("Friends, Romans")["input_ids"], 20, 0.4)
     assert worst < 1e-6
     assert gap > 0.1  # the members really differ from the public model
 

@@ -58,6 +58,27 @@ def tiny_lm(tok=None, spread: float = 0.3) -> EnsembleLM:
     return EnsembleLM(model, ["member-00", "member-01", "member-02"], tok.eos_token_id)
 
 
+def cached_vs_loop(lm: EnsembleLM, prompt: list[int], steps: int, p: float) -> tuple[float, float]:
+    """(worst |batched cached forward − ``set_adapter`` loop without cache|, largest member−public
+    gap) over a ``steps``-token walk, each member computed at a step with probability ``p``."""
+    from pmixed.models import SequenceState
+
+    rng = torch.Generator().manual_seed(0)
+    state = SequenceState(list(prompt))
+    worst, gap = 0.0, 0.0
+    for _ in range(steps):
+        members = [i for i in range(lm.n_members) if torch.rand(1, generator=rng).item() < p]
+        lp0, lps = lm.next_logprobs(state, members)
+        assert lps.shape == (len(members), lm.vocab_size) and lp0.dtype == torch.float64
+        worst = max(worst, (lp0 - lm.reference_logprobs(state.tokens, None)).abs().max().item())
+        for j, m in enumerate(members):
+            ref = lm.reference_logprobs(state.tokens, m)
+            worst = max(worst, (lps[j] - ref).abs().max().item())
+            gap = max(gap, (ref - lp0).abs().max().item())
+        state.tokens.append(int(torch.multinomial(lp0.exp(), 1, generator=rng)))
+    return worst, gap
+
+
 @contextlib.contextmanager
 def computed_rows(lm: EnsembleLM):
     """Records the adapter of every row of every ensemble forward (``"__base__"``: public)."""
