@@ -3,7 +3,7 @@
 * :func:`audit_frame`: one row per lower bound or exact measurement of ``audit.json`` (public):
   ``mechanism``, ``relation``, ``kind`` (``exact`` / ``worst_case`` / ``empirical``), ``target``,
   ``method``, ``attack``, ``epsilon`` (the exact ε_pair or the empirical ε lower bound), ``delta``,
-  ``confidence`` (empirical only), ``claim`` (the mechanism's ε upper bound; <NA> where there is
+  ``confidence`` (empirical only), ``claim`` (the mechanism's ε upper bound; NaN where there is
   none), ``ratio`` (epsilon / claim) and ``alarm`` (the audit's own verdict for that row).
 * :func:`scores_frame`: one row per example and attack of the membership-inference signals
   (``model``, ``attack``, ``member``, ``score``). These are restricted (per-example scores of

@@ -122,7 +122,7 @@ def save_adapters(model: torch.nn.Module, names: Sequence[str], folder: str | os
     name); ``folder`` appears whole (written beside it, then renamed) and must not exist yet."""
     folder = Path(folder)
     if folder.exists():
-        raise BackendError(f"--out {folder} exists: adapters are never overwritten.")
+        raise BackendError(f"{folder} exists: adapters are never overwritten.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:

@@ -413,15 +413,20 @@ def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_repo
     return 0 if mutants["all_detected"] and mutants["twins_clean"] else 1
 
 
+def _by_path(args: argparse.Namespace) -> bool:
+    """True for ``--base PATH --adapters DIR``, False for ``--run`` (or its default)."""
+    if (args.base is None) != (args.adapters is None):
+        raise ValueError("--base and --adapters must be given together.")
+    if args.base is not None and args.run is not None:
+        raise ValueError("--run or --base/--adapters: not both.")
+    return args.base is not None
+
+
 def _run_of(args: argparse.Namespace) -> Path:
     """``--run``, or the run whose ensemble ``--adapters`` are (exported by ``pmixed train
     --base``): an audit needs the records and the recipe behind the adapters, which a run holds."""
-    if args.base is None and args.adapters is None:
+    if not _by_path(args):
         return args.run or Path("runs/demo")
-    if (args.base is None) != (args.adapters is None):
-        raise ValueError("--base and --adapters must be given together.")
-    if args.run is not None:
-        raise ValueError("--run or --base/--adapters: not both.")
     from pmixed.backend import base_fingerprint, load_base
 
     marker, run = args.adapters / "ensemble-stage.txt", args.adapters.parent
@@ -519,6 +524,9 @@ def _deployment(args: argparse.Namespace, path: Path, cfg: dict):
 
         key = load_private_key(args.signing_key)
     if path.exists():
+        if _deployment_flags(args):
+            raise ValueError(f"{', '.join(_deployment_flags(args))}: fixed when a deployment is "
+                             f"created; {path} exists.")  # fmt: skip
         return Deployment.open(path, on_exhausted=args.on_exhausted, signing_key=key)
     pcfg = PMixEDConfig(n_members=cfg["n_members"], sampling_rate=cfg["sampling_rate"],
                         epsilon=cfg["epsilon"], delta=cfg["delta"],
@@ -531,6 +539,11 @@ def _deployment(args: argparse.Namespace, path: Path, cfg: dict):
 DEPLOYMENT_FLAGS = ("sampling_rate", "epsilon", "delta", "query_budget")
 
 
+def _deployment_flags(args: argparse.Namespace) -> list[str]:
+    """The deployment-setting flags given on this command line."""
+    return [f"--{f.replace('_', '-')}" for f in DEPLOYMENT_FLAGS if getattr(args, f) is not None]
+
+
 def _load_lm(args: argparse.Namespace, ledger: str):
     """(deployment settings, tokenizer, EnsembleLM, name, default ledger path) of ``--run`` or of
     ``--base PATH --adapters DIR``; every mismatch is an error here, before any ledger exists."""
@@ -539,10 +552,8 @@ def _load_lm(args: argparse.Namespace, ledger: str):
     from pmixed.models import EnsembleLM
 
     hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise on a service
-    given = [f"--{f.replace('_', '-')}" for f in DEPLOYMENT_FLAGS if getattr(args, f) is not None]
-    if (args.base is None) != (args.adapters is None):
-        raise ValueError("--base and --adapters must be given together.")
-    if args.base is None:
+    given = _deployment_flags(args)
+    if not _by_path(args):
         from reports.campaign import load_run
 
         if given:
@@ -555,8 +566,6 @@ def _load_lm(args: argparse.Namespace, ledger: str):
         from pmixed.backend import load_adapters, load_base
         from reports.campaign import FULL
 
-        if args.run is not None:
-            raise ValueError("--run or --base/--adapters: not both.")
         tok, base = load_base(args.base)
         model, members = load_adapters(base, args.adapters)
         cfg = {f: getattr(args, f) if getattr(args, f) is not None else getattr(FULL, f)

@@ -63,6 +63,11 @@ def test_generate_from_base_and_adapters_by_path(byo, tmp_path, capsys):
     assert contents.n_queries == 4
     assert contents.header["calibration"]["n_members"] == TINY.n_members
     assert contents.header["calibration"]["query_budget"] == 8
+    before = ledger.read_bytes()
+    assert main([*args, "--epsilon", "3"]) == 2  # the ledger's settings are fixed at creation
+    err = capsys.readouterr().err
+    assert "--epsilon, --query-budget: fixed when a deployment is created" in err
+    assert ledger.read_bytes() == before
 
 
 @pytest.mark.parametrize(
