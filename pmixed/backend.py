@@ -8,9 +8,10 @@ transposed). Models load through ``AutoConfig`` / ``AutoModelForCausalLM`` / ``A
 with ``local_files_only``: a deployment never reaches a hub.
 
 A member folder is peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``),
-one folder per member; members are the folder's sub-folders in name order. ``base.json`` beside
-them fingerprints the base they were trained on, so adapters loaded onto another base are refused
-even where every tensor shape happens to fit.
+one folder per member; members are the folder's sub-folders in name order, or in the order of
+``members.json`` beside them, which also makes a missing or extra member an error. ``base.json``
+fingerprints the base they were trained on, so adapters loaded onto another base are refused even
+where every tensor shape happens to fit.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ __all__ = [
 
 #: Written beside the adapter folders: the fingerprint of the base they were trained on.
 BASE_FILE = "base.json"
+#: Written beside the adapter folders: the member names, in member order.
+MEMBERS_FILE = "members.json"
 #: ``model_max_length`` above this is transformers' "unknown" sentinel, not a real limit.
 _UNKNOWN_LENGTH = 10**9
 
@@ -136,6 +139,7 @@ def save_adapters(model: torch.nn.Module, names: Sequence[str], folder: str | os
                 _move_top(tmp / ".peft", tmp / name)
             shutil.rmtree(tmp / ".peft", ignore_errors=True)
         (tmp / BASE_FILE).write_text(json.dumps(base_fingerprint(model), indent=2) + "\n")
+        (tmp / MEMBERS_FILE).write_text(json.dumps(list(names)) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         tmp.rename(folder)
@@ -182,6 +186,15 @@ def load_adapters(base: torch.nn.Module, folder: str | os.PathLike) -> tuple[obj
         raise BackendError(f"--adapters {folder} holds no peft adapter folder "
                            "(<name>/adapter_config.json).")  # fmt: skip
     kind = getattr(base.config, "model_type", None)
+    if (folder / MEMBERS_FILE).is_file():
+        listed = json.loads((folder / MEMBERS_FILE).read_text())
+        missing = [m for m in listed if m not in names]
+        if missing or len(names) != len(listed):
+            raise BackendError(f"--adapters {folder} lists {len(listed)} members in "
+                               f"{MEMBERS_FILE} and holds {len(names)}: missing "
+                               f"{missing or 'none'}, extra "
+                               f"{[n for n in names if n not in listed] or 'none'}.")  # fmt: skip
+        names = list(listed)
     if (folder / BASE_FILE).is_file():
         want, have = json.loads((folder / BASE_FILE).read_text()), base_fingerprint(base)
         if want != have:

@@ -4,6 +4,7 @@ JSONL of private records; members trained by the campaign from that base, served
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -49,7 +50,7 @@ def test_the_run_trains_members_on_the_users_base(byo):
     assert members == [f"member-{i:02d}" for i in range(TINY.n_members)]
     assert sorted(model.peft_config[members[0]].target_modules) == ["q_proj", "v_proj"]
     exported = sorted(p.name for p in (run / "adapters").iterdir())
-    assert exported == ["base.json", "ensemble-stage.txt", *members]
+    assert exported == ["base.json", "ensemble-stage.txt", *members, "members.json"]
 
 
 def test_generate_from_base_and_adapters_by_path(byo, tmp_path, capsys):
@@ -76,7 +77,8 @@ def test_generate_from_base_and_adapters_by_path(byo, tmp_path, capsys):
      (["--base", "{other}", "--adapters", "{adapters}"], "was trained on another base"),
      (["--base", "{base}", "--adapters", "{empty}"], "holds no peft adapter"),
      (["--run", "{run}", "--base", "{base}", "--adapters", "{adapters}"], "not both"),
-     (["--run", "{run}", "--epsilon", "2"], "--epsilon: a run's deployment settings")],
+     (["--run", "{run}", "--epsilon", "2"], "--epsilon: a run's deployment settings"),
+     (["--base", "{base}", "--adapters", "{partial}"], "missing ['member-02']")],
 )  # fmt: skip
 def test_a_mismatched_deployment_is_refused_before_any_ledger_exists(byo, tmp_path, capsys,
                                                                      extra, message):  # fmt: skip
@@ -84,8 +86,10 @@ def test_a_mismatched_deployment_is_refused_before_any_ledger_exists(byo, tmp_pa
     tok = train_tokenizer(["another public text entirely, for another base " * 50], 320)
     save_base("llama", tmp_path / "other", tok, context=96)
     (tmp_path / "empty").mkdir()
+    shutil.copytree(run / "adapters", tmp_path / "partial")
+    shutil.rmtree(tmp_path / "partial" / "member-02")
     paths = dict(base=base, other=tmp_path / "other", adapters=run / "adapters", run=run,
-                 empty=tmp_path / "empty")  # fmt: skip
+                 empty=tmp_path / "empty", partial=tmp_path / "partial")  # fmt: skip
     ledger = tmp_path / "never.jsonl"
     argv = ["generate", *[a.format(**paths) for a in extra], "--prompt", "To be",
             "--ledger", str(ledger)]  # fmt: skip
@@ -96,8 +100,6 @@ def test_a_mismatched_deployment_is_refused_before_any_ledger_exists(byo, tmp_pa
 
 
 def test_a_changed_base_is_refused_when_the_run_is_loaded(byo, tmp_path):
-    import shutil
-
     run = byo[2]
     moved = tmp_path / "run"
     shutil.copytree(run, moved)
@@ -125,8 +127,6 @@ def test_train_flags_for_a_base_are_checked(byo, tmp_path, capsys):
 
 def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them(byo, tmp_path,
                                                                                  capsys):  # fmt: skip
-    import shutil
-
     base, _, run = byo
     # The run is found and checked; this one was only trained, so the report has no metrics yet.
     assert main(["report", "--base", str(base), "--adapters", str(run / "adapters")]) == 2
