@@ -452,7 +452,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return cmd_power(args)
     from reports.campaign import config_from_run, run_demo
 
-    run_demo(config_from_run(args.run), args.run, _bars, audit=True)
+    executor = make_executor(args.executor, args.ray_address)
+    run_demo(config_from_run(args.run), args.run, _bars, audit=True, executor=executor)
     result = json.loads((args.run / "audit.json").read_text())
     _print_audit(result)
     print(f"wrote {args.run / 'audit.json'} (+ audit.restricted.json, mode 0600)")
@@ -632,6 +633,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where the training jobs (members, fine-tune, DP-SGD, the DP-SGD audit's "
+                        "runs) run: here, one after another, or as Ray tasks (pip install "
+                        "'pmixed-audit[ray]'); the same files either way")  # fmt: skip
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--executor ray: join this cluster (auto, ray://host:10001) instead of "
+                        "starting a local one")  # fmt: skip
+
+
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, default=None, help="a trained run (default runs/demo)")
     p.add_argument("--base", type=Path, default=None, metavar="PATH",
@@ -736,16 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lora-targets", default=None, metavar="A,B",
                        help="--base: the modules LoRA adapts (default: peft's for the "
                             "architecture)")  # fmt: skip
-        p.add_argument("--executor", choices=EXECUTORS, default="local",
-                       help="where the training jobs (members, fine-tune, DP-SGD) run: here, one "
-                            "after another, or as Ray tasks (pip install 'pmixed-audit[ray]'); "
-                            "the same files either way")  # fmt: skip
-        p.add_argument("--ray-address", default=None, metavar="ADDR",
-                       help="--executor ray: join this cluster (auto, ray://host:10001) instead "
-                            "of starting a local one")  # fmt: skip
+        _executor_args(p)
         p.set_defaults(func=func)
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
     _source_args(p)
+    _executor_args(p)
     p.add_argument("--mutants", action="store_true",
                    help="audit power instead: planted violations with their sound twins and the "
                         "DP-SGD test beds; writes RUN/power.json (the report shows it)")  # fmt: skip

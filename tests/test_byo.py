@@ -139,3 +139,6 @@ def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them
     assert main(["audit", "--base", str(tmp_path / "other"), "--adapters",
                  str(run / "adapters")]) == 2  # fmt: skip
     assert "is not the base" in capsys.readouterr().err
+    # The audit's DP-SGD runs take an executor as training does; its flags are checked first.
+    assert main(["audit", "--run", str(run), "--ray-address", "auto"]) == 2
+    assert "--ray-address needs --executor ray" in capsys.readouterr().err
