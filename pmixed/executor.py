@@ -104,7 +104,12 @@ class RayExecutor:
         pending, done = list(refs), 0
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)  # a failed job raises here, with its traceback
+            try:
+                ray.get(ready)  # a failed job raises here, with its traceback
+            except BaseException:
+                for ref in pending:  # the others would only write files nobody commits
+                    ray.cancel(ref, force=True)
+                raise
             done += 1
             if progress is not None:
                 progress(done)

@@ -373,9 +373,17 @@ def _train_ensemble(cfg: DemoConfig, out: Path, key: str, base: Path, t: int, pa
     """Members, the non-private fine-tune and DP-SGD as independent jobs on ``executor``, each
     writing its adapter into the stage folder, then the stage is committed under ``key``. The
     files are the same under any executor: each job seeds itself."""
+    tmp = Path(tempfile.mkdtemp(dir=out))
+    try:
+        _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, progress, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed job leaves nothing half-written
+        raise
+
+
+def _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, progress, tmp) -> None:
     lora = cfg.lora
     members = [f"member-{i:02d}" for i in range(cfg.n_members)]
-    tmp = Path(tempfile.mkdtemp(dir=out))
     folder = tmp / "adapters"
     folder.mkdir()
     all_private = blocks(_texts(train_recs), tok, t)

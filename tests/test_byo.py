@@ -123,6 +123,11 @@ def test_train_flags_for_a_base_are_checked(byo, tmp_path, capsys):
                  "nope", "--members", "2", "--quick", "--out", str(out)]) == 2  # fmt: skip
     assert "--lora-targets nope match no module" in capsys.readouterr().err
     assert not out.exists()  # nothing half-made
+    out.mkdir()  # an existing run folder: the failed stage leaves no temporary folder in it
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "--base", str(base), "--private-jsonl", str(private), "--lora-targets",
+                 "nope", "--members", "2", "--quick", "--out", str(out)]) == 2  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them(byo, tmp_path,
