@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dp_accounting import dp_event
 
-from accounting._records import Fault, unseal
+from accounting._records import Fault
 from accounting.events import curve_at
 from accounting.ledger import (
     LedgerContents,
@@ -66,10 +66,10 @@ def ledger_frame(path: str | os.PathLike, *, restricted: bool = False):
     contents, rows, digests, spent = LedgerContents(), [], [], None
     for i, line in enumerate(lines, start=1):
         try:
-            rec, _ = unseal(line)
-            digest = contents.feed(line)
+            digest = contents.feed(line)  # unseals and checks the line
         except Fault as fault:
             raise LedgerCorrupt(i, str(fault), path) from None
+        rec = json.loads(line)  # verified above: only its fields are read here
         digests.append(digest)
         if spent is None:  # the header: the monitored orders fix the rdp@k columns
             budget = contents.header.get("budget") or {}
@@ -110,7 +110,7 @@ def _restricted_columns(path: Path, digests: list[str]):
         raise LedgerCorrupt(fault[0], fault[1], rpath)
     rows = []
     for line in _split(rpath.read_bytes())[0]:
-        rec, _ = unseal(line)
+        rec = json.loads(line)  # _verify_restricted unsealed and linked every line
         data = {"seed": rec.get("seed")} if rec["kind"] == "header" else rec.get("data") or {}
         rows.append({"seq": rec["seq"], **{RESTRICTED_PREFIX + k: v for k, v in data.items()}})
     frame = pd.DataFrame(rows)

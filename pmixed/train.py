@@ -192,6 +192,15 @@ def train_lm(
     return losses
 
 
+def _with_adapter(model: torch.nn.Module, name: str, lora: LoraSpec) -> PeftModel:
+    """``model`` with a fresh LoRA adapter ``name`` (a bare base is wrapped; the initialisation
+    draws from torch's global generator, which callers seed)."""
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, lora.config(model))
+        return model
+    return get_peft_model(model, lora.config(model), adapter_name=name)
+
+
 def add_lora_members(
     public: torch.nn.Module,
     parts: Sequence[torch.Tensor],
@@ -235,10 +244,7 @@ def train_member(
     "member retrained with its canaries" (``model`` may be the bare public model or a PeftModel).
     """
     torch.manual_seed(seed)
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, lora.config(model))
-    else:
-        model = get_peft_model(model, lora.config(model), adapter_name=name)
+    model = _with_adapter(model, name, lora)
     model.set_adapter(name)  # only this adapter's LoRA weights require grad
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     train_lm(model, data, spec, gen, progress=progress)
@@ -259,10 +265,7 @@ def add_trained_adapter(
     """One more LoRA adapter on the same base, trained (non-privately) on ``data`` (``model`` may
     be the bare base or a PeftModel: the same weights either way)."""
     torch.manual_seed(seed)
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, lora.config(model))
-    else:
-        model = get_peft_model(model, lora.config(model), adapter_name=name)
+    model = _with_adapter(model, name, lora)
     model.set_adapter(name)
     train_lm(model, data, spec, torch.Generator().manual_seed(seed), progress=progress)
     return model
