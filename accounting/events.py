@@ -7,7 +7,9 @@ event never reaches a ledger or an accountant.
 Three events are defined here:
 
 * :class:`PMixEDQueryEvent`: one PMixED next-token query (mode, sampling rate, β, orders, per-order
-  cost). Reference-mode events carry ``certified=False`` and ``status="UNCERTIFIED"``.
+  cost). An unproven claim (the reference mode's) carries ``certified=False`` and
+  ``status="UNCERTIFIED"``. Which fields a mode sets is the mechanism's business (``pmixed.modes``);
+  accounting checks types, ranges, the curve and the status, and composes the curve.
 * :class:`RdpCurveEvent`: any mechanism given by its per-order RDP curve.
 * :class:`PublicStepEvent`: a step served from the public model alone, decided from public counters
   before any private computation (PMIXED_MATH.md §9): zero cost, a ``NoOpDpEvent``.
@@ -19,6 +21,7 @@ registry of type names: decoding never imports a module named in the data.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import attr
@@ -35,10 +38,8 @@ __all__ = [
     "event_to_json",
 ]
 
-MODES = ("certified", "capped", "reference")
 RELATIONS = ("add_remove", "replace_one")
 AMPLIFICATIONS = ("general", "tight")
-GRIDS = ("all", "coarse", "single")
 STATUSES = ("certified", "conditional", "UNCERTIFIED")
 
 
@@ -51,6 +52,14 @@ def _is_real(x: object) -> bool:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def _check_name(name: str, value: object) -> None:
+    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
+        raise ValueError(f"{name} must be a lower-case name ({_NAME.pattern}). Found {value!r}.")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -133,12 +142,13 @@ class PMixEDQueryEvent(dp_event.DpEvent):
     the query. Nothing restricted belongs here: no subset, subset size, λ, or size-dependent β.
 
     Attributes:
-        mode: ``"certified"``, ``"capped"`` or ``"reference"``.
+        mode: the mechanism's mode name (``"certified"``, ``"capped"``, ``"reference"``, or one
+            registered with ``pmixed.modes``).
         relation: ``"add_remove"`` (member level) or ``"replace_one"`` (user level).
         n_members: N, the number of ensemble members.
         sampling_rate: q, the Poisson inclusion probability, in (0, 1].
-        beta: the fixed β of certified and capped modes; None in reference mode (β_n by size lives
-            in the ledger header's calibration).
+        beta: the fixed β of a fixed-β mode (certified, capped); None when β depends on the subset
+            size (reference mode: β_n by size lives in the ledger header's calibration).
         lambda_max: capped mode's λ cap in (0, 1); None otherwise.
         amplification: the Zhu–Wang form used, ``"general"`` or ``"tight"`` (reference mode: tight).
         constraint_grid: ``"all"`` or ``"coarse"`` (certified), ``"all"`` (capped), ``"single"``
@@ -147,7 +157,7 @@ class PMixEDQueryEvent(dp_event.DpEvent):
         orders: integer accounting orders >= 2, strictly increasing.
         rdp: the charged cost at each order, in [0, +inf].
         status: ``"certified"``, ``"conditional"`` (tight amplification) or ``"UNCERTIFIED"``.
-        certified: False exactly in reference mode.
+        certified: False exactly when ``status`` is ``"UNCERTIFIED"``.
     """
 
     mode: str
@@ -165,10 +175,10 @@ class PMixEDQueryEvent(dp_event.DpEvent):
     certified: bool
 
     def __attrs_post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
+        _check_name("mode", self.mode)
         _check_choice("relation", self.relation, RELATIONS)
         _check_choice("amplification", self.amplification, AMPLIFICATIONS)
-        _check_choice("constraint_grid", self.constraint_grid, GRIDS)
+        _check_name("constraint_grid", self.constraint_grid)
         _check_choice("status", self.status, STATUSES)
         if not _is_int(self.n_members) or self.n_members < 1:
             raise ValueError(f"n_members must be an integer >= 1. Found {self.n_members!r}.")
@@ -178,56 +188,26 @@ class PMixEDQueryEvent(dp_event.DpEvent):
         object.__setattr__(self, "rdp", rdp)
         object.__setattr__(self, "n_members", int(self.n_members))
         object.__setattr__(self, "sampling_rate", float(self.sampling_rate))
-        reference = self.mode == "reference"
-        if reference:
-            if self.beta is not None:
-                raise ValueError(f"beta must be None in reference mode. Found {self.beta!r}.")
-            if not _is_int(self.reference_alpha) or self.reference_alpha not in orders:
-                raise ValueError(
-                    f"reference_alpha must be one of the orders. Found {self.reference_alpha!r}."
-                )
-            if self.constraint_grid != "single" or self.amplification != "tight":
-                raise ValueError(
-                    "reference mode has constraint_grid='single' and amplification='tight'. "
-                    f"Found {self.constraint_grid!r}, {self.amplification!r}."
-                )
-            if self.relation != "add_remove":
-                raise ValueError("relation must be 'add_remove' in reference mode.")
-        else:
+        if self.beta is not None:
             if not _is_real(self.beta) or not math.isfinite(self.beta) or self.beta < 0:
-                raise ValueError(f"beta must be finite and >= 0. Found {self.beta!r}.")
+                raise ValueError(f"beta must be None or finite and >= 0. Found {self.beta!r}.")
             object.__setattr__(self, "beta", float(self.beta))
-            if self.reference_alpha is not None:
-                raise ValueError("reference_alpha applies to mode 'reference' only.")
-            if self.constraint_grid == "single" or (
-                self.constraint_grid == "coarse" and self.mode != "certified"
-            ):
-                raise ValueError(
-                    f"constraint_grid={self.constraint_grid!r} is not valid in mode {self.mode!r}."
-                )
-        if self.mode == "capped":
+        if self.lambda_max is not None:
             if not _is_real(self.lambda_max) or not 0 < self.lambda_max < 1:
                 raise ValueError(
-                    f"lambda_max must be in (0, 1) in capped mode. Found {self.lambda_max!r}."
+                    f"lambda_max must be None or in (0, 1). Found {self.lambda_max!r}."
                 )
             object.__setattr__(self, "lambda_max", float(self.lambda_max))
-        elif self.lambda_max is not None:
+        if self.reference_alpha is not None and (
+            not _is_int(self.reference_alpha) or self.reference_alpha not in orders
+        ):
             raise ValueError(
-                f"lambda_max applies to mode 'capped' only. Found {self.lambda_max!r}."
+                f"reference_alpha must be None or one of the orders. Found {self.reference_alpha!r}."
             )
-        expected = (
-            "UNCERTIFIED"
-            if reference
-            else ("conditional" if self.amplification == "tight" else "certified")
-        )
-        if self.status != expected:
+        if self.certified is not (self.status != "UNCERTIFIED"):
             raise ValueError(
-                f"status must be {expected!r} for mode={self.mode!r}, "
-                f"amplification={self.amplification!r}. Found {self.status!r}."
-            )
-        if self.certified is not (not reference):
-            raise ValueError(
-                f"certified must be {not reference} in mode {self.mode!r}. Found {self.certified!r}."
+                f"certified must be {self.status != 'UNCERTIFIED'} with status {self.status!r}. "
+                f"Found {self.certified!r}."
             )
 
 

@@ -366,7 +366,8 @@ class Ledger:
     ) -> Ledger:
         """Creates the public ledger and its 0600 restricted sibling; refuses to overwrite either.
 
-        ``calibration`` is the public summary (keys from ``_records.CALIBRATION_KEYS``); ``budget``
+        ``calibration`` is the mechanism's public summary (lower-case keys it chooses, scalar or
+        list values; the mechanism vouches that each is data-independent); ``budget``
         is ``{"epsilon", "delta", "monitored_orders"}`` when a Rényi filter guards the ledger;
         ``seed`` goes to the restricted header only, ``seeded`` to the public one. With an Ed25519
         ``signing_key`` (``accounting.signing.load_private_key``) the header names its public key

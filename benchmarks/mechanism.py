@@ -77,11 +77,15 @@ def main() -> None:
     for v in (4096, 50257):
         for m in (1, 3, 8):
             lp, lp0 = distributions(v, m, seed=v + m)
-            t_cert = timed(lambda lp=lp, lp0=lp0: mollify_log(lp, lp0, cert), args.repeats)
+            t_cert = timed(
+                lambda lp=lp, lp0=lp0: mollify_log(lp, lp0, cert.constraints), args.repeats
+            )
             cons, rows0 = cert.constraints(m), np.broadcast_to(lp0, lp.shape)
             t_old = timed(lambda lp=lp, r=rows0, c=cons: solve_lambdas_bisection(lp, r, c),
                           args.repeats)  # fmt: skip
-            same = np.abs(mollify_log(lp, lp0, cert) - solve_lambdas_bisection(lp, rows0, cons))
+            same = np.abs(
+                mollify_log(lp, lp0, cert.constraints) - solve_lambdas_bisection(lp, rows0, cons)
+            )
             tau = ref.beta_for(m) * 3
             t_ref = timed(
                 lambda lp=lp, lp0=lp0, tau=tau: reference_scalar(lp, lp0, tau), args.repeats

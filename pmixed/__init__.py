@@ -15,22 +15,32 @@ from pmixed.mechanism import (
     sample_subset,
     step,
 )
+from pmixed.modes import Mode, get_mode, mode_names, register_mode
 from pmixed.mollifier import mollify, mollify_log
-from pmixed.privacy import Calibration, InfeasibleBudget, PMixEDConfig
+from pmixed.privacy import Calibration, FixedBetaMode, InfeasibleBudget, PMixEDConfig
+from pmixed.standard_modes import CappedMode, CertifiedMode, ReferenceMode  # registers the three
 
 __all__ = [
     "Calibration",
+    "CappedMode",
+    "CertifiedMode",
     "EnsembleLM",
+    "FixedBetaMode",
     "InfeasibleBudget",
+    "Mode",
     "NeighbourDivergence",
     "PMixEDConfig",
     "PrivateGenerator",
+    "ReferenceMode",
     "StepResult",
     "exact_released_law",
     "exact_released_log_law",
+    "get_mode",
+    "mode_names",
     "mollify",
     "mollify_log",
     "neighbour_divergence",
+    "register_mode",
     "renyi_divergence",
     "renyi_divergence_log",
     "sample_subset",

@@ -11,15 +11,22 @@ from collections.abc import Mapping
 
 from accounting import Ledger, PMixEDQueryEvent
 from pmixed.mechanism import SAMPLER, SAMPLER_TV_PER_QUERY
-from pmixed.privacy import Calibration
+from pmixed.modes import get_mode
+from pmixed.privacy import Calibration, PMixEDConfig
 
-__all__ = ["create_ledger", "public_calibration", "query_event"]
+__all__ = ["CALIBRATION_KEYS", "create_ledger", "public_calibration", "query_event"]
+
+#: The public header's calibration keys: the config's fields and the calibration's public values
+#: (all data-independent). The mechanism supplies them; accounting only checks their shape.
+CALIBRATION_KEYS = frozenset(PMixEDConfig.__dataclass_fields__) | {
+    "status", "beta", "beta_by_size", "per_query_rdp", "planned_epsilon", "planned_order",
+    "sampler", "sampler_tv_per_query",
+}  # fmt: skip
 
 
 def query_event(cal: Calibration) -> PMixEDQueryEvent:
     """The event one query of this calibration is charged as (the calibrated per-query curve)."""
     cfg = cal.config
-    reference = cfg.mode == "reference"
     return PMixEDQueryEvent(
         mode=cfg.mode,
         relation=cfg.relation,
@@ -27,9 +34,7 @@ def query_event(cal: Calibration) -> PMixEDQueryEvent:
         sampling_rate=cfg.sampling_rate,
         beta=cal.beta,
         lambda_max=cfg.lambda_max,
-        amplification="tight" if reference else cfg.amplification,
-        constraint_grid="single" if reference else cfg.constraint_grid,
-        reference_alpha=cfg.reference_alpha if reference else None,
+        **get_mode(cfg.mode).event_fields(cfg),
         orders=cal.orders,
         rdp=cal.per_query_rdp_values,
         status=cal.status,
@@ -51,6 +56,10 @@ def public_calibration(cal: Calibration) -> dict:
         sampler=SAMPLER,
         sampler_tv_per_query=SAMPLER_TV_PER_QUERY,
     )
+    if set(out) != CALIBRATION_KEYS:  # a new public value is added to CALIBRATION_KEYS first
+        raise AssertionError(
+            f"public calibration keys differ: {sorted(set(out) ^ CALIBRATION_KEYS)}"
+        )
     return out
 
 

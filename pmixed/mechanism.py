@@ -237,7 +237,7 @@ def lambdas_by_size(
     lp0 = np.asarray(logp_public, np.float64)
     n = lp.shape[0] if n_sizes is None else n_sizes
     if calibration.beta is not None:
-        return mollify_log(lp, lp0, calibration)[None, :]
+        return mollify_log(lp, lp0, calibration.constraints)[None, :]
     lp0_rows = np.broadcast_to(lp0, lp.shape)
     return solve_lambdas_sizes(lp, lp0_rows, [calibration.constraints(m) for m in range(1, n + 1)])
 

@@ -35,17 +35,14 @@ code's 20 halvings of [0, 1] on its two constraints (:mod:`pmixed.mollifier_refe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pmixed._checks import as_log_distribution
 from pmixed.mollifier_reference import reference_lambdas
-
-if TYPE_CHECKING:
-    from pmixed.privacy import Calibration
 
 __all__ = [
     "Constraints",
@@ -90,6 +87,10 @@ class Constraints:
         )
 
 
+#: What the mollifier takes: a constraint set, or a function of the subset size giving one.
+ConstraintSource = Constraints | Callable[[int], Constraints]
+
+
 def mix_log(logp: np.ndarray, logp0: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """log p̄ = log(λ·p + (1−λ)·p0), exactly log p0 at λ = 0 and exactly log p at λ = 1.
 
@@ -104,14 +105,15 @@ def mix_log(logp: np.ndarray, logp0: np.ndarray, lam: np.ndarray) -> np.ndarray:
     return np.where(lam == 1.0, logp, out)
 
 
-def mollify(p_members: object, p_public: object, calibration: Calibration) -> np.ndarray:
-    """One λ per member row for the calibration's mode.
+def mollify(p_members: object, p_public: object, constraints: ConstraintSource) -> np.ndarray:
+    """One λ per member row under a mode's constraint set.
 
     Args:
         p_members: probabilities ``[..., M, V]``; the M rows are the sampled members (M is the
             realised subset size, which reference mode uses to pick β_M).
         p_public: probabilities ``[..., V]`` of the public model, broadcast over members.
-        calibration: from :meth:`pmixed.PMixEDConfig.calibrate`.
+        constraints: a :class:`Constraints`, or a function of the subset size M giving one
+            (a calibration's ``constraints`` method).
 
     Returns:
         float64 ``[..., M]``: each λ certified feasible for every constraint with a relative margin
@@ -120,18 +122,17 @@ def mollify(p_members: object, p_public: object, calibration: Calibration) -> np
     """
     lp = as_log_distribution(p_members, "p_members")
     lp0 = as_log_distribution(p_public, "p_public")
-    return mollify_log(lp, lp0, calibration)
+    return mollify_log(lp, lp0, constraints)
 
 
-def mollify_log(logp_members: np.ndarray, logp_public: np.ndarray, calibration: Calibration):
+def mollify_log(logp_members: np.ndarray, logp_public: np.ndarray, constraints: ConstraintSource):
     """:func:`mollify` on normalised log-probabilities (``-inf`` = exact zero); unchecked."""
     lp = np.asarray(logp_members, np.float64)
     if lp.ndim < 2:
         raise ValueError(f"p_members must have shape [..., M, V]. Found shape {lp.shape}.")
     lp0 = np.broadcast_to(np.asarray(logp_public, np.float64)[..., None, :], lp.shape)
-    n_sampled = lp.shape[-2]
-    constraints = calibration.constraints(n_sampled)
-    flat = solve_lambdas(lp.reshape(-1, lp.shape[-1]), lp0.reshape(-1, lp.shape[-1]), constraints)
+    cons = constraints if isinstance(constraints, Constraints) else constraints(lp.shape[-2])
+    flat = solve_lambdas(lp.reshape(-1, lp.shape[-1]), lp0.reshape(-1, lp.shape[-1]), cons)
     return flat.reshape(lp.shape[:-1])
 
 

@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pmixed._checks import check_integer_orders, finite, is_int, is_real
-from pmixed.amplification import (
-    base_rdp_capped,
-    base_rdp_certified,
-    base_rdp_reference,
-    poisson_subsampled_rdp,
-    rdp_budget,
-    rdp_to_epsilon,
-)
+from pmixed.amplification import poisson_subsampled_rdp, rdp_budget, rdp_to_epsilon
+from pmixed.modes import get_mode
 from pmixed.mollifier import Constraints
 
-__all__ = ["Calibration", "InfeasibleBudget", "PMixEDConfig", "coarse_grid"]
+__all__ = [
+    "Calibration",
+    "FixedBetaMode",
+    "InfeasibleBudget",
+    "PMixEDConfig",
+    "coarse_grid",
+    "compose",
+]
 
-MODES = ("certified", "capped", "reference")
 RELATIONS = ("add_remove", "replace_one")
 DEFAULT_ORDERS = tuple(range(2, 65))
 UNCERTIFIED = "UNCERTIFIED"
@@ -52,8 +52,9 @@ class PMixEDConfig:
         epsilon: target ε of the whole deployment, finite and > 0.
         delta: target δ, in (0, 1).
         query_budget: T, the number of private next-token queries, an integer ≥ 1.
-        mode: ``"certified"`` (default), ``"capped"`` or ``"reference"`` (the paper code's
-            accounting: UNCERTIFIED, kept for comparison and to exhibit its defects).
+        mode: a registered mode (:mod:`pmixed.modes`): ``"certified"`` (default), ``"capped"`` or
+            ``"reference"`` (the paper code's accounting: UNCERTIFIED, kept for comparison and to
+            exhibit its defects).
         relation: ``"add_remove"`` (one member: the AR certificate) or ``"replace_one"`` (one user,
             N fixed: the user-level claim).
         orders: integer accounting orders ≥ 2, strictly increasing; default 2..64.
@@ -90,7 +91,7 @@ class PMixEDConfig:
 
     @property
     def certified(self) -> bool:
-        return self.mode != "reference"
+        return get_mode(self.mode).certified
 
     def calibrate(self) -> Calibration:
         """β and the per-query RDP curve for this configuration (see module docstring).
@@ -105,17 +106,16 @@ class PMixEDConfig:
                 f"epsilon={self.epsilon}, delta={self.delta}: the RDP budget B(k) is <= 0 at every "
                 f"order in {self.orders[0]}..{self.orders[-1]}; no mechanism fits."
             )
-        if self.mode == "reference":
-            return _calibrate_reference(self)
-        return _calibrate_fixed(self)
+        return get_mode(self.mode).calibrate(self)
 
     def calibration_for_beta(self, beta: float) -> Calibration:
-        """A calibration at a given β (certified or capped): audits and tests at arbitrary radii."""
-        if self.mode == "reference":
-            raise ValueError("calibration_for_beta is for mode 'certified' or 'capped'.")
+        """A calibration at a given β (fixed-β modes): audits and tests at arbitrary radii."""
+        mode = get_mode(self.mode)
+        if not isinstance(mode, FixedBetaMode):
+            raise ValueError(f"calibration_for_beta is for fixed-beta modes. Found {self.mode!r}.")
         if not finite(beta) or beta < 0:
             raise ValueError(f"beta must be finite and >= 0. Found {beta}.")
-        return _make_fixed(self, float(beta))
+        return make_fixed(self, mode, float(beta))
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,9 @@ class Calibration:
 
     Attributes:
         config: the configuration it came from.
-        beta: the fixed β (certified, capped); None in reference mode.
-        beta_by_size: reference mode: β_n for n = 1..N (index n−1); empty otherwise.
+        beta: the fixed β (fixed-β modes: certified, capped); None otherwise.
+        beta_by_size: β_n for n = 1..N (index n−1) when β depends on the subset size (reference
+            mode); empty otherwise.
         orders: the accounting orders.
         per_query_rdp: the cost charged per query at ``orders`` under ``config.relation``
             (+∞ where the enforced constraints give no bound).
@@ -166,7 +167,7 @@ class Calibration:
         return self.status != UNCERTIFIED
 
     def beta_for(self, n_sampled: int) -> float:
-        """β used when ``n_sampled`` members are in the subset (constant outside reference mode)."""
+        """β used when ``n_sampled`` members are in the subset (constant in fixed-β modes)."""
         if self.beta is not None:
             return self.beta
         if not 1 <= n_sampled <= len(self.beta_by_size):
@@ -179,23 +180,22 @@ class Calibration:
         """The mollifier's constraint set for a subset of ``n_sampled`` members."""
         if self._constraints is not None:
             return self._constraints
-        alpha = float(self.config.reference_alpha)
-        tau = self.beta_for(n_sampled) * alpha
-        return Constraints((alpha, alpha), (tau, tau), (True, False), 1.0, 20, start="zero")
+        return get_mode(self.mode).constraints(self, n_sampled)
+
+    def _fixed_mode(self, what: str) -> FixedBetaMode:
+        mode = get_mode(self.mode)
+        if not isinstance(mode, FixedBetaMode) or self.beta is None:
+            raise ValueError(f"{what} is defined for fixed-beta modes only. Found {self.mode!r}.")
+        return mode
 
     def pair_bound(self, k: np.ndarray) -> np.ndarray:
         """B(k): the mode's bound on D_k between two mollified members (certified 4βk, capped βk + L)."""
-        k = np.asarray(k, np.float64)
-        if self.beta is None:
-            raise ValueError("pair_bound is defined for mode 'certified' or 'capped' only.")
-        if self.config.mode == "capped":
-            return self.beta * k - math.log1p(-float(self.config.lambda_max))
-        return 4.0 * self.beta * k
+        mode = self._fixed_mode("pair_bound")
+        return mode.pair_bound(self.config, self.beta, np.asarray(k, np.float64))
 
     def add_remove_curve(self, orders: object, *, tight: bool) -> np.ndarray:
         """ε_sub at integer ``orders`` for the AR pair, with the tight or the general Zhu–Wang form."""
-        if self.beta is None:
-            raise ValueError("add_remove_curve is defined for mode 'certified' or 'capped' only.")
+        mode = self._fixed_mode("add_remove_curve")
         orders = np.asarray(orders, np.int64)
         if orders.max() > max(self.orders):
             raise ValueError(f"orders must be <= {max(self.orders)}. Found {orders.max()}.")
@@ -203,12 +203,12 @@ class Calibration:
         amp = "tight" if tight else "general"
         probe = PMixEDConfig(**{**_fields(cfg), "amplification": amp,
                                 "accept_unproven_amplification": True})  # fmt: skip
-        return _curve_add_remove(probe, self.beta)[orders]
+        return _curve_add_remove(probe, mode, self.beta)[orders]
 
     def total_rdp(self, n_queries: int | None = None) -> np.ndarray:
         """T · per_query_rdp, the exact sum rounded once per order (as ``math.fsum``)."""
         t = self.config.query_budget if n_queries is None else n_queries
-        return _compose(self.per_query_rdp, t)
+        return compose(self.per_query_rdp, t)
 
 
 def coarse_grid(top: int) -> tuple[int, ...]:
@@ -219,10 +219,7 @@ def coarse_grid(top: int) -> tuple[int, ...]:
     return tuple(grid)
 
 
-# ------------------------------------------------------------------------------------ internals
-
-
-def _compose(curve: np.ndarray, n_queries: int) -> np.ndarray:
+def compose(curve: np.ndarray, n_queries: int) -> np.ndarray:
     """n_queries copies of a per-query curve, summed exactly and rounded once per order (+inf
     stays).
 
@@ -232,6 +229,84 @@ def _compose(curve: np.ndarray, n_queries: int) -> np.ndarray:
     if not 0 <= n_queries < 2**53:
         raise ValueError(f"n_queries must be in [0, 2**53). Found {n_queries}.")
     return np.array([float(c) * n_queries if math.isfinite(c) else float(c) for c in curve])
+
+
+class FixedBetaMode:
+    """A mode with one β for every subset size, calibrated as the largest β with E(β) ≤ ε.
+
+    A subclass sets ``name`` and supplies :meth:`base_rdp` (the RDP of one mollified member
+    against the public model, before amplification), :meth:`constraint_set` and
+    :meth:`pair_bound`; it may add rules in :meth:`validate` (the helpers ``rule_*`` below)."""
+
+    name: str
+    certified = True
+    fixed_beta = True
+    #: How the calibration's infeasibility error names what set the floor.
+    floor = "the Poisson amplification floor"
+
+    def validate(self, config: PMixEDConfig) -> list[str]:
+        """The default rules: no λ cap, tight amplification only if accepted, the full grid,
+        Poisson sampling."""
+        return [*rule_lambda_max(config, required=False), *rule_tight_needs_acceptance(config),
+                *rule_grid_all(config), *rule_poisson_sampler(config)]  # fmt: skip
+
+    def calibrate(self, config: PMixEDConfig) -> Calibration:
+        return calibrate_fixed(config, self)
+
+    def constraints(self, calibration: Calibration, n_sampled: int) -> Constraints:
+        return self.constraint_set(calibration.config, calibration.beta)
+
+    def status(self, config: PMixEDConfig) -> str:
+        return "conditional" if config.amplification == "tight" else "certified"
+
+    def event_fields(self, config: PMixEDConfig) -> dict:
+        return {"amplification": config.amplification, "constraint_grid": config.constraint_grid,
+                "reference_alpha": None}  # fmt: skip
+
+    def base_rdp(self, config: PMixEDConfig, beta: float, ks: np.ndarray) -> np.ndarray:
+        """ε_base(k) at the orders ``ks`` (floats) for this β."""
+        raise NotImplementedError
+
+    def constraint_set(self, config: PMixEDConfig, beta: float) -> Constraints:
+        raise NotImplementedError
+
+    def pair_bound(self, config: PMixEDConfig, beta: float, k: np.ndarray) -> np.ndarray:
+        """B(k): the bound on D_k between two mollified members."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ validation rules
+
+
+def rule_lambda_max(c: PMixEDConfig, *, required: bool) -> list[str]:
+    if required:
+        if c.lambda_max is None or not finite(c.lambda_max) or not 0 < c.lambda_max < 1:
+            return [f"lambda_max must be in (0, 1) in {c.mode} mode. Found {c.lambda_max!r}."]
+    elif c.lambda_max is not None:
+        return [f"lambda_max applies to mode 'capped' only. Found {c.lambda_max!r}."]
+    return []
+
+
+def rule_tight_needs_acceptance(c: PMixEDConfig) -> list[str]:
+    if c.amplification == "tight" and c.accept_unproven_amplification is not True:
+        return ["amplification='tight' needs accept_unproven_amplification=True: its condition "
+                "is unproven for PMixED (PMIXED_MATH.md §8)."]  # fmt: skip
+    return []
+
+
+def rule_grid_all(c: PMixEDConfig) -> list[str]:
+    if c.constraint_grid == "coarse":
+        return ["constraint_grid='coarse' applies to mode 'certified' only."]
+    return []
+
+
+def rule_poisson_sampler(c: PMixEDConfig) -> list[str]:
+    if c.reference_sampler == "with_replacement":
+        return ["reference_sampler='with_replacement' applies to mode 'reference' only."]
+    return []
+
+
+# ------------------------------------------------------------------------------------ internals
 
 
 def _fields(cfg: PMixEDConfig) -> dict:
@@ -250,78 +325,32 @@ def _validate(c: PMixEDConfig) -> list[str]:
         p.append(f"delta must be in (0, 1). Found {c.delta!r}.")
     if not is_int(c.query_budget) or c.query_budget < 1:
         p.append(f"query_budget must be an integer >= 1. Found {c.query_budget!r}.")
-    if c.mode not in MODES:
-        p.append(f"mode must be one of {MODES}. Found {c.mode!r}.")
     if c.relation not in RELATIONS:
         p.append(f"relation must be one of {RELATIONS}. Found {c.relation!r}.")
     try:
-        orders = check_integer_orders(c.orders)
+        check_integer_orders(c.orders)
     except ValueError as err:
         p.append(str(err))
-        orders = DEFAULT_ORDERS
-    if c.mode == "capped":
-        if c.lambda_max is None or not finite(c.lambda_max) or not 0 < c.lambda_max < 1:
-            p.append(f"lambda_max must be in (0, 1) in capped mode. Found {c.lambda_max!r}.")
-    elif c.lambda_max is not None:
-        p.append(f"lambda_max applies to mode 'capped' only. Found {c.lambda_max!r}.")
-    if c.amplification not in ("general", "tight"):
-        p.append(f"amplification must be 'general' or 'tight'. Found {c.amplification!r}.")
-    elif (
-        c.amplification == "tight"
-        and c.mode != "reference"
-        and c.accept_unproven_amplification is not True
-    ):
-        p.append(
-            "amplification='tight' needs accept_unproven_amplification=True: its condition "
-            "is unproven for PMixED (PMIXED_MATH.md §8)."
-        )
-    if c.constraint_grid not in ("all", "coarse"):
-        p.append(f"constraint_grid must be 'all' or 'coarse'. Found {c.constraint_grid!r}.")
-    elif c.constraint_grid == "coarse" and c.mode != "certified":
-        p.append("constraint_grid='coarse' applies to mode 'certified' only.")
-    if c.mode == "reference":
-        if not is_int(c.reference_alpha) or c.reference_alpha not in orders:
-            p.append(f"reference_alpha must be one of the orders. Found {c.reference_alpha!r}.")
-        if c.relation != "add_remove":
-            p.append("relation='replace_one' is not available in reference mode.")
-        if c.amplification != "general":
-            p.append("reference mode always uses the paper code's tight amplification.")
-    if c.reference_sampler not in ("poisson", "with_replacement"):
-        p.append(
-            f"reference_sampler must be 'poisson' or 'with_replacement'. "
-            f"Found {c.reference_sampler!r}."
-        )
-    elif c.reference_sampler == "with_replacement" and c.mode != "reference":
-        p.append("reference_sampler='with_replacement' applies to mode 'reference' only.")
-    return p
+    choices = (("amplification", ("general", "tight")), ("constraint_grid", ("all", "coarse")),
+               ("reference_sampler", ("poisson", "with_replacement")))  # fmt: skip
+    bad_choice = False
+    for name, allowed in choices:
+        value = getattr(c, name)
+        if value not in allowed:
+            bad_choice = True
+            p.append(f"{name} must be one of {allowed}. Found {value!r}.")
+    try:
+        mode = get_mode(c.mode)
+    except ValueError as err:
+        return [*p, str(err)]
+    return p if bad_choice else [*p, *mode.validate(c)]
 
 
-def _constraints_fixed(cfg: PMixEDConfig, beta: float) -> Constraints:
-    a_max = max(cfg.orders)
-    if cfg.mode == "capped":
-        ks = tuple(float(k) for k in range(2, a_max + 1))
-        radii = tuple(beta * k for k in ks)
-        return Constraints(ks * 2, radii * 2, (True,) * len(ks) + (False,) * len(ks),
-                           float(cfg.lambda_max), 100)  # fmt: skip
-    if cfg.constraint_grid == "coarse":
-        grid = coarse_grid(2 * a_max)
-        gammas = (2.0, *map(float, grid[1:]))
-        radii = (2.0 * beta, *(beta * g for g in grid[:-1]))
-    else:
-        gammas = tuple(float(g) for g in range(2, 2 * a_max + 1))
-        radii = tuple(beta * g for g in gammas)
-    n = len(gammas)
-    return Constraints(gammas * 2, radii * 2, (True,) * n + (False,) * n, 1.0, 100)
-
-
-def _curve_add_remove(cfg: PMixEDConfig, beta: float) -> np.ndarray:
+def _curve_add_remove(cfg: PMixEDConfig, mode: FixedBetaMode, beta: float) -> np.ndarray:
     """The AR per-query curve at integer orders 0..α_max (entries 0, 1 unused)."""
     ks = np.arange(max(cfg.orders) + 1, dtype=np.float64)
     ks[:2] = 2.0
-    if cfg.mode == "capped":
-        base = base_rdp_capped(beta, float(cfg.lambda_max), ks)
-    else:
-        base = base_rdp_certified(beta, ks)
+    base = mode.base_rdp(cfg, beta, ks)
     tight = cfg.amplification == "tight"
     all_orders = np.arange(2, max(cfg.orders) + 1)
     curve = np.full(max(cfg.orders) + 1, np.inf)
@@ -329,9 +358,9 @@ def _curve_add_remove(cfg: PMixEDConfig, beta: float) -> np.ndarray:
     return curve
 
 
-def _curves(cfg: PMixEDConfig, beta: float) -> tuple[np.ndarray, np.ndarray]:
+def _curves(cfg: PMixEDConfig, mode: FixedBetaMode, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """(charged curve under cfg.relation, AR curve), both at cfg.orders."""
-    ar = _curve_add_remove(cfg, beta)
+    ar = _curve_add_remove(cfg, mode, beta)
     orders = np.asarray(cfg.orders)
     ar_at = ar[orders]
     if cfg.relation == "add_remove":
@@ -343,15 +372,15 @@ def _curves(cfg: PMixEDConfig, beta: float) -> tuple[np.ndarray, np.ndarray]:
     return ro, ar_at
 
 
-def _epsilon_of(cfg: PMixEDConfig, beta: float) -> float:
-    charged, _ = _curves(cfg, beta)
+def _epsilon_of(cfg: PMixEDConfig, mode: FixedBetaMode, beta: float) -> float:
+    charged, _ = _curves(cfg, mode, beta)
     return rdp_to_epsilon(cfg.orders, cfg.query_budget * charged, cfg.delta)[0]
 
 
-def _make_fixed(cfg: PMixEDConfig, beta: float) -> Calibration:
-    charged, ar = _curves(cfg, beta)
-    eps, order = rdp_to_epsilon(cfg.orders, _compose(charged, cfg.query_budget), cfg.delta)
-    status = "conditional" if cfg.amplification == "tight" else "certified"
+def make_fixed(cfg: PMixEDConfig, mode: FixedBetaMode, beta: float) -> Calibration:
+    """The calibration of a fixed-β mode at ``beta``."""
+    charged, ar = _curves(cfg, mode, beta)
+    eps, order = rdp_to_epsilon(cfg.orders, compose(charged, cfg.query_budget), cfg.delta)
     return Calibration(
         config=cfg,
         beta=beta,
@@ -361,26 +390,26 @@ def _make_fixed(cfg: PMixEDConfig, beta: float) -> Calibration:
         per_query_rdp_add_remove_values=tuple(map(float, ar)),
         planned_epsilon=eps,
         planned_order=order,
-        status=status,
-        _constraints=_constraints_fixed(cfg, beta),
+        status=mode.status(cfg),
+        _constraints=mode.constraint_set(cfg, beta),
     )
 
 
-def _infeasible(cfg: PMixEDConfig, beta: float) -> InfeasibleBudget:
-    why = "the Poisson amplification floor" if cfg.mode == "certified" else (
-        "the amplification floor and the lambda_max term")  # fmt: skip
+def _infeasible(cfg: PMixEDConfig, mode: FixedBetaMode, beta: float) -> InfeasibleBudget:
+    eps = _epsilon_of(cfg, mode, beta)
     return InfeasibleBudget(
-        f"mode={cfg.mode!r}: even beta={beta:.3g} spends epsilon={_epsilon_of(cfg, beta):.4g} > "
+        f"mode={cfg.mode!r}: even beta={beta:.3g} spends epsilon={eps:.4g} > "
         f"{cfg.epsilon} over query_budget={cfg.query_budget} at sampling_rate="
-        f"{cfg.sampling_rate} ({why}); lower sampling_rate or query_budget, or raise epsilon."
+        f"{cfg.sampling_rate} ({mode.floor}); lower sampling_rate or query_budget, or raise epsilon."
     )
 
 
-def _calibrate_fixed(cfg: PMixEDConfig) -> Calibration:
-    if _epsilon_of(cfg, 1e-12) > cfg.epsilon:
-        raise _infeasible(cfg, 1e-12)
+def calibrate_fixed(cfg: PMixEDConfig, mode: FixedBetaMode) -> Calibration:
+    """The largest β with E(β) ≤ ε, by bisection that keeps the feasible end (module docstring)."""
+    if _epsilon_of(cfg, mode, 1e-12) > cfg.epsilon:
+        raise _infeasible(cfg, mode, 1e-12)
     lo, hi = 0.0, 1.0
-    while _epsilon_of(cfg, hi) <= cfg.epsilon:
+    while _epsilon_of(cfg, mode, hi) <= cfg.epsilon:
         lo, hi = hi, hi * 2.0
         if hi > 2.0**20:
             raise InfeasibleBudget("beta calibration did not bracket below 2**20.")
@@ -388,7 +417,7 @@ def _calibrate_fixed(cfg: PMixEDConfig) -> Calibration:
         if hi - lo <= 1e-12 * hi:
             break
         mid = lo + (hi - lo) / 2.0
-        if _epsilon_of(cfg, mid) <= cfg.epsilon:
+        if _epsilon_of(cfg, mode, mid) <= cfg.epsilon:
             lo = mid
         else:
             hi = mid
@@ -396,63 +425,12 @@ def _calibrate_fixed(cfg: PMixEDConfig) -> Calibration:
         raise ArithmeticError("beta calibration did not converge in 200 bisection steps.")
     # Re-check on the returned side, with fsum over the T queries (PMIXED_MATH.md §5).
     for _ in range(64):
-        cal = _make_fixed(cfg, lo)
+        cal = make_fixed(cfg, mode, lo)
         b = rdp_budget(cfg.epsilon, cfg.delta, np.array([cal.planned_order]))[0]
         k = cfg.orders.index(cal.planned_order)
         if b <= 0:  # ε ≤ target only through the (0, δ) route of a vanishing charge: no budget
-            raise _infeasible(cfg, hi)  # the filter can hold, so the floor is hit above lo
+            raise _infeasible(cfg, mode, hi)  # the filter can hold, so the floor is hit above lo
         if cal.planned_epsilon <= cfg.epsilon and cal.total_rdp()[k] <= b:
             return cal
         lo = math.nextafter(lo, 0.0) if lo < 1e-300 else lo * (1 - 1e-12)
     raise ArithmeticError("beta calibration could not re-check the returned beta.")
-
-
-def _reference_beta(cfg: PMixEDConfig, n: int, r_q: float) -> float:
-    """β_n: 20 halvings of [0, 5] on ZW_tight(α; q, ε_ref(·; β, n)) − r_q; the lower end."""
-    alpha = cfg.reference_alpha
-    ks = np.arange(alpha + 1, dtype=np.float64)
-    ks[:2] = 2.0
-
-    def f(beta: float) -> float:
-        base = base_rdp_reference(beta, n, ks)
-        sub = poisson_subsampled_rdp(base, cfg.sampling_rate, np.array([alpha]), tight=True)[0]
-        return sub - r_q
-
-    lo, hi = 0.0, 5.0
-    f_lo, f_hi = f(lo), f(hi)
-    if f_lo * f_hi > 0:
-        raise ArithmeticError(f"reference beta for n={n}: f(0) and f(5) have the same sign.")
-    for _ in range(20):
-        mid = lo + (hi - lo) / 2.0
-        f_mid = f(mid)
-        if f_mid * f_lo > 0:
-            lo, f_lo = mid, f_mid
-        else:
-            hi = mid
-    return lo
-
-
-def _calibrate_reference(cfg: PMixEDConfig) -> Calibration:
-    alpha = cfg.reference_alpha
-    eps_rdp = (
-        cfg.epsilon - math.log((alpha - 1) / alpha) + (math.log(cfg.delta) + math.log(alpha))
-        / (alpha - 1)
-    )  # fmt: skip
-    if eps_rdp <= 0:
-        raise InfeasibleBudget(f"reference mode: the RDP budget at alpha={alpha} is {eps_rdp:.4g}.")
-    r_q = eps_rdp / cfg.query_budget
-    betas = tuple(_reference_beta(cfg, n, r_q) for n in range(1, cfg.n_members + 1))
-    orders = np.asarray(cfg.orders)
-    claim = np.where(orders <= alpha, r_q, np.inf)
-    eps, order = rdp_to_epsilon(cfg.orders, _compose(claim, cfg.query_budget), cfg.delta)
-    return Calibration(
-        config=cfg,
-        beta=None,
-        beta_by_size=betas,
-        orders=cfg.orders,
-        per_query_rdp_values=tuple(map(float, claim)),
-        per_query_rdp_add_remove_values=tuple(map(float, claim)),
-        planned_epsilon=eps,
-        planned_order=order,
-        status=UNCERTIFIED,
-    )

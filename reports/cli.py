@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import accounting
-from pmixed import InfeasibleBudget, PMixEDConfig, neighbour_divergence
+from pmixed import InfeasibleBudget, PMixEDConfig, mode_names, neighbour_divergence
 from pmixed.deployment import InvalidRequest
 from pmixed.executor import EXECUTORS, make_executor
 from reports.files import write_json
@@ -34,7 +34,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=PAPER["epsilon"])
     p.add_argument("--delta", type=float, default=PAPER["delta"])
     p.add_argument("--query-budget", type=int, default=PAPER["query_budget"])
-    p.add_argument("--mode", default="certified", choices=["certified", "capped", "reference"])
+    p.add_argument("--mode", default="certified", choices=mode_names())
     p.add_argument("--relation", default="add_remove", choices=["add_remove", "replace_one"])
     p.add_argument("--lambda-max", type=float, default=None, help="capped mode only")
 

@@ -110,9 +110,17 @@ def test_create_refuses_to_overwrite_and_bad_headers_write_nothing(tmp_path):
     with pytest.raises(FileExistsError):
         new_ledger(path)
     assert path.read_bytes() == before
-    with pytest.raises(ValueError, match="calibration"):
-        Ledger.create(tmp_path / "b.jsonl", mode="custom", relation="add_remove", status="certified",
-                      orders=(2, 3), calibration={"lambdas": [0.5]}, seeded=False)  # fmt: skip
+    for calibration in ({"lambdas": {"m0": 0.5}}, {"Lambda of m0": 0.5}):  # nested; not a name
+        with pytest.raises(ValueError, match="calibration"):
+            Ledger.create(
+                tmp_path / "b.jsonl",
+                mode="custom",
+                relation="add_remove",
+                status="certified",
+                orders=(2, 3),
+                calibration=calibration,
+                seeded=False,
+            )
     with pytest.raises(ValueError, match="seed"):
         new_ledger(tmp_path / "c.jsonl", seed=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl", "l.restricted.jsonl"]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from accounting import read_ledger
 from pmixed import PMixEDConfig
 from pmixed.deployment import Deployment, InvalidRequest
-from pmixed.privacy import _compose
+from pmixed.privacy import compose
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=10,
@@ -80,12 +80,12 @@ def test_open_rebuilds_the_calibration_and_refuses_another_one(tmp_path):
 @settings(max_examples=50, deadline=None)
 @given(st.floats(1e-12, 10.0), st.integers(0, 5000))
 def test_composing_t_queries_is_the_exact_sum_rounded_once(c, n):
-    assert _compose(np.array([c]), n)[0] == math.fsum([c] * n)
+    assert compose(np.array([c]), n)[0] == math.fsum([c] * n)
 
 
 def test_calibration_at_a_billion_queries_builds_no_list():
     curve = np.array([1e-9, 2e-9, math.inf])
-    total = _compose(curve, 10**9)  # math.fsum([c] * 10**9) would allocate 8 GB
+    total = compose(curve, 10**9)  # math.fsum([c] * 10**9) would allocate 8 GB
     assert total[0] == 1e-9 * 10**9 and total[2] == math.inf
     with pytest.raises(ValueError, match="n_queries"):
-        _compose(curve, 2**53)
+        compose(curve, 2**53)
