@@ -25,8 +25,8 @@ import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from accounting.accountant import rdp_limits, sum_curves
 from accounting.events import _is_real, curve_at
+from accounting.invariants import rdp_limits, sum_curves
 from accounting.ledger import Ledger, Receipt
 
 __all__ = ["BudgetExhausted", "PrivacyBudget", "RenyiFilter"]

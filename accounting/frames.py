@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from dp_accounting import dp_event
 
 from accounting._records import Fault
 from accounting.events import curve_at
+from accounting.files import write_bytes
 from accounting.ledger import (
     LedgerContents,
     LedgerCorrupt,
@@ -133,15 +133,6 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, *,
     for col in frame.columns:
         if col.startswith(RESTRICTED_PREFIX):
             frame[col] = [v if not isinstance(v, list) else json.dumps(v) for v in frame[col]]
-    out = Path(csv_path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            frame.to_csv(f, index=False)
-        if not restricted:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(csv_path, frame.to_csv(index=False, lineterminator="\n").encode(),
+                private=restricted)  # fmt: skip
     return len(frame)

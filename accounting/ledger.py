@@ -56,6 +56,7 @@ from accounting._records import (
     unseal,
 )
 from accounting.events import event_to_json
+from accounting.invariants import overruns
 
 __all__ = [
     "Ledger",
@@ -234,7 +235,6 @@ def verify(
         public_key: the hex Ed25519 public key the ledger must be signed with (an unsigned ledger,
             or one signed by another key, then fails).
     """
-    from accounting.accountant import overruns
     from accounting.signing import fingerprint
 
     path = Path(path)

@@ -93,7 +93,7 @@ def _poisoned_pair(lp0, lps, cal: Calibration, member: int, poisoned: np.ndarray
             "alarm": pair.alarm}  # fmt: skip
 
 
-def _pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member: int,
+def _audit_pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member: int,
             canary: np.ndarray, poisoned: np.ndarray):  # fmt: skip
     """Exact pair: D has ``canary`` ``[C, V]`` as member ``member``; D' drops it (AR) or has the
     deployed member (RO); the same with the ``poisoned`` member (canary records only). The χ²
@@ -242,7 +242,7 @@ def audit_models(
     mechanisms, restricted = {}, {"schema": AUDIT_SCHEMA, "member": member}
     bar = progress("audit: PMixED exact pairs", len(calibrations))
     for i, (name, cal) in enumerate(calibrations.items()):
-        mechanisms[name], restricted[name] = _pmixed(lp0, lps, cal, claims[name], plan, member, lc,
+        mechanisms[name], restricted[name] = _audit_pmixed(lp0, lps, cal, claims[name], plan, member, lc,
                                                      lpz)  # fmt: skip
         bar(i + 1)
     if ro in calibrations:

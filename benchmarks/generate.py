@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from mechanism import reference_scalar  # benchmarks/mechanism.py (this folder is on sys.path)
 
+from accounting.files import write_json
 from pmixed import PMixEDConfig
 from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
 from pmixed.mechanism import sample_subset, sample_token
 from pmixed.models import EnsembleLM
 from pmixed.train import GPT2_TARGETS, LoraSpec, ModelSpec, build_public_model, train_tokenizer
-from reports.files import write_json
 
 TOKENS = 48
 #: (width, layers, heads) of the public model.

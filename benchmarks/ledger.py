@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from accounting import Ledger, compose, verify
+from accounting.files import write_json
 from pmixed import PMixEDConfig
 from pmixed.ledgering import create_ledger, query_event
-from reports.files import write_json
 
 CONFIG = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=100_000)
 

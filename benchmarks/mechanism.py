@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from scipy.optimize import bisect
 
+from accounting.files import write_json
 from pmixed import PMixEDConfig, mollify_log
 from pmixed.divergence import renyi_divergence_log
 from pmixed.mollifier_bisection import solve_lambdas_bisection
-from reports.files import write_json
 
 DEFAULTS = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
 

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from generate import MODELS, build  # benchmarks/generate.py (this folder is on sys.path)
 
+from accounting.files import write_json
 from pmixed import PMixEDConfig
 from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
 from pmixed.server import create_app, serve_in_thread
 from pmixed.train import train_tokenizer
-from reports.files import write_json
 
 
 def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:

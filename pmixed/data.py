@@ -161,14 +161,14 @@ def load_user_data(
     return Corpus(f"user:{name}", public, tuple(private))
 
 
-def _hash(salt: str, domain: str, key: str) -> int:
+def _partition_hash(salt: str, domain: str, key: str) -> int:
     data = b"\x00".join(s.encode("utf-8") for s in (salt, domain, key))
     return int.from_bytes(hashlib.sha256(data).digest(), "big")
 
 
 def partition_of(user: str, n_members: int, salt: str) -> int:
     """The member a user's records go to: SHA-256 of (salt, "member", user) mod N."""
-    return _hash(salt, "member", user) % n_members
+    return _partition_hash(salt, "member", user) % n_members
 
 
 def split_heldout(
@@ -180,7 +180,7 @@ def split_heldout(
     cut = int(fraction * 2**256)
     train, held = [], []
     for r in records:
-        (held if _hash(salt, "heldout", r.user) < cut else train).append(r)
+        (held if _partition_hash(salt, "heldout", r.user) < cut else train).append(r)
     return tuple(train), tuple(held)
 
 

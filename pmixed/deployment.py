@@ -203,9 +203,9 @@ class Deployment:
         _check_on_exhausted(on_exhausted)  # before any file is created
         cfg = calibration.config
         budget = PrivacyBudget(cfg.epsilon, cfg.delta, calibration.orders)
-        plan = RenyiFilter.for_plan(budget, query_event(calibration), cfg.query_budget)
+        budget_filter = RenyiFilter.for_plan(budget, query_event(calibration), cfg.query_budget)
         seed = None if seed is None else int(seed)
-        ledger = create_ledger(path, calibration, budget=plan.header_record(), seed=seed,
+        ledger = create_ledger(path, calibration, budget=budget_filter.header_record(), seed=seed,
                                fsync=fsync, signing_key=signing_key)  # fmt: skip
         rng = np.random.default_rng(None if seed is None else int(seed))
         return cls(calibration, ledger, rng, on_exhausted=on_exhausted)

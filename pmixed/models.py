@@ -104,13 +104,13 @@ class EnsembleLM:
 
     @torch.no_grad()
     def next_logprobs(
-        self, state: SequenceState, members: Sequence[int]
+        self, state: SequenceState, subset: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p0 ``[V]``, log p_i ``[len(members), V]``), float64, for the next token of ``state``.
+        """(log p0 ``[V]``, log p_i ``[len(subset), V]``), float64, for the next token of ``state``.
 
-        One forward over the public row and the listed members; their caches are extended.
+        One forward over the public row and the members in ``subset`` (indices); caches are extended.
         """
-        return self.next_logprobs_many([(state, members)])[0]
+        return self.next_logprobs_many([(state, subset)])[0]
 
     @torch.no_grad()
     def next_logprobs_many(
@@ -118,9 +118,9 @@ class EnsembleLM:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`next_logprobs` for several contexts in ONE forward over all their rows."""
         rows: list[tuple[SequenceState, int | None]] = []
-        for state, members in requests:
-            self._check(state, members)
-            rows += [(state, None), *((state, int(m)) for m in members)]
+        for state, subset in requests:
+            self._check(state, subset)
+            rows += [(state, None), *((state, int(m)) for m in subset)]
         for state, r in rows:  # a row with nothing new re-reads its last token
             state.lengths[r] = min(state.cached(r), len(state.tokens) - 1)
         lens = [state.cached(r) for state, r in rows]
@@ -183,19 +183,19 @@ class EnsembleLM:
             for i in batch:
                 state.lengths[rows[i][1]] = lens[i] + new[i]
         results, start = [], 0
-        for _, members in requests:
-            results.append((logp[start], logp[start + 1 : start + 1 + len(members)]))
-            start += 1 + len(members)
+        for _, subset in requests:
+            results.append((logp[start], logp[start + 1 : start + 1 + len(subset)]))
+            start += 1 + len(subset)
         return results
 
-    def _check(self, state: SequenceState, members: Sequence[int]) -> None:
+    def _check(self, state: SequenceState, subset: Sequence[int]) -> None:
         n = len(state.tokens)
         if n == 0:
             raise ValueError("state.tokens must hold at least one token (a prompt).")
         if n > self.max_positions:
             raise ValueError(f"the context has {n} tokens; the model allows {self.max_positions}.")
-        if any(not 0 <= m < self.n_members for m in members) or len(set(members)) != len(members):
-            raise ValueError(f"members must be distinct indices in [0, {self.n_members}).")
+        if any(not 0 <= m < self.n_members for m in subset) or len(set(subset)) != len(subset):
+            raise ValueError(f"subset must be distinct member indices in [0, {self.n_members}).")
 
     def _mixed_forward(self, names: list[str], **inputs):
         """``model(**inputs)`` with row i through adapter ``names[i]``: batched LoRA, or peft's

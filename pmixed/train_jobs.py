@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from accounting.files import write_bytes
 from pmixed.train import (
     DpsgdResult,
     LoraSpec,
@@ -37,11 +37,9 @@ def _base(public_dir: str | os.PathLike) -> torch.nn.Module:
 
 def _write(state: dict, out: str | os.PathLike) -> str:
     """Writes ``state`` to ``out`` (whole: a temporary name, then a rename); returns its SHA-256."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, tmp)
-    tmp.replace(out)
-    return hashlib.sha256(out.read_bytes()).hexdigest()
+    data = save(state)
+    write_bytes(out, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def member_job(public_dir, name: str, index: int, data: torch.Tensor, lora: LoraSpec,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import accounting
+from reports.rundir import AUDIT_RESTRICTED, CONFIG, DPSGD, METRICS, RunDir
 from reports.schema import SCHEMA_VERSION
 from reports.texts import GOVERNANCE, IMPLEMENTATION, statement
 
@@ -29,13 +30,6 @@ DELTAS = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]
 
 def _sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _read(run: Path, name: str) -> dict:
-    path = run / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `pmixed demo --out {run}` first.")
-    return json.loads(path.read_text())
 
 
 def _git_sha() -> str | None:
@@ -55,7 +49,7 @@ ROLES = {
 }
 
 
-def _pmixed(run: Path, name: str, ledger: str, delta: float, logged: float | None,
+def _pmixed_entries(run: Path, name: str, ledger: str, delta: float, logged: float | None,
             role: str) -> dict:  # fmt: skip
     """Groups 4-7 of one PMixED deployment, from its ledger (and the evaluation's logged claim).
 
@@ -179,7 +173,7 @@ def _finite(x: float) -> float | str:
 
 
 def _dpsgd(run: Path, cfg: dict, privacy: dict) -> dict:
-    dp = _read(run, "dpsgd.json")
+    dp = RunDir(run).read_json(DPSGD)
     delta = cfg["delta"]
     q, sigma, steps = dp["sample_rate"], dp["noise_multiplier"], dp["steps"]
     grid = sorted({max(1, round(steps * f)) for f in np.linspace(0, 1, 24)})
@@ -333,8 +327,8 @@ def served_ledgers(run: Path, privacy: dict) -> dict[str, str]:
     """Every other ledger in the run directory (``generate.jsonl``, server ledgers): the traffic
     the deployment actually answered, named ``served_<file stem>``."""
     evaluation = set(ledgers_of(privacy).values())
-    return {f"served_{p.stem.replace('-', '_')}": p.name for p in sorted(run.glob("*.jsonl"))
-            if ".restricted" not in p.name and p.name not in evaluation}  # fmt: skip
+    return {f"served_{Path(name).stem.replace('-', '_')}": name for name in RunDir(run).ledgers()
+            if name not in evaluation}  # fmt: skip
 
 
 def _audited_as(name: str, mechanisms: dict, rows: dict) -> str | None:
@@ -387,14 +381,13 @@ def _public_model(cfg: dict, corpus: str, base: dict | None = None) -> str:
 def build_report(run: str | Path) -> tuple[dict, dict]:
     """(public report document, restricted annex) of the run directory ``run``."""
     run = Path(run)
-    config = _read(run, "config.json")
-    metrics = _read(run, "metrics.json")
+    config, metrics = RunDir(run).read_json(CONFIG), RunDir(run).read_json(METRICS)
     cfg, privacy = config["demo"], metrics["privacy"]
     ledgers = ledgers_of(privacy)
     served = served_ledgers(run, privacy)
-    mechanisms = {name: _pmixed(run, name, ledger, cfg["delta"], privacy[name]["epsilon"],
+    mechanisms = {name: _pmixed_entries(run, name, ledger, cfg["delta"], privacy[name]["epsilon"],
                                 "evaluation") for name, ledger in ledgers.items()}  # fmt: skip
-    mechanisms.update({name: _pmixed(run, name, ledger, cfg["delta"], None, "served")
+    mechanisms.update({name: _pmixed_entries(run, name, ledger, cfg["delta"], None, "served")
                        for name, ledger in served.items()})  # fmt: skip
     mechanisms["dpsgd"] = _dpsgd(run, cfg, privacy)
     audit, _ = _audit(run)
@@ -424,8 +417,7 @@ def build_report(run: str | Path) -> tuple[dict, dict]:
                          "delta_below_1_over_n": cfg["delta"] < 1.0 / n}
                   for name, (n, kind) in units.items()},
     }  # fmt: skip
-    inputs = {p.name: _sha256(p) for p in sorted(run.glob("*.json")) if "restricted" not in p.name
-              and p.name not in ("report.json",)}  # fmt: skip
+    inputs = {p.name: _sha256(p) for p in RunDir(run).inputs()}
     inputs.update({ledger: _sha256(run / ledger) for ledger in [*ledgers.values(),
                                                                  *served.values()]})  # fmt: skip
     doc = {
@@ -456,7 +448,7 @@ def build_report(run: str | Path) -> tuple[dict, dict]:
         n: f for n, f in {**ledgers, **served}.items() if mechanisms[n]["ledger"]["verified"]
     }
     annex = {"lambda_statistics": _lambda_stats(run, verified)}
-    restricted_audit = run / "audit.restricted.json"
+    restricted_audit = run / AUDIT_RESTRICTED
     if restricted_audit.exists():
         r = json.loads(restricted_audit.read_text())
         annex["audit"] = {"member": r.get("member"),

@@ -18,10 +18,11 @@ import os
 import re
 from pathlib import Path
 
+from accounting.files import write_bytes
 from reports.build import build_report
 from reports.plots import figures
 from reports.render import render_annex, render_html, render_markdown
-from reports.schema import canonical_bytes, seal, validate
+from reports.schema import canonical_bytes, seal_report, validate
 from reports.verdict import compute_verdict
 
 __all__ = ["leaks", "restricted_numbers", "write_report"]
@@ -55,15 +56,6 @@ def leaks(text: str, secrets: set[str]) -> list[str]:
     return sorted(s for s in secrets if s in outside)
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    tmp.replace(path)
-
-
 def write_report(run: str | Path) -> dict:
     """Builds and writes the report of ``run``; returns the public document."""
     run = Path(run)
@@ -75,7 +67,7 @@ def write_report(run: str | Path) -> dict:
     doc["annex"] = {"file": "report.restricted.md",
                     "sha256": "sha256:" + hashlib.sha256(annex_md).hexdigest()}  # fmt: skip
     doc["verdict"] = compute_verdict(doc)
-    doc = seal(doc)
+    doc = seal_report(doc)
     validate(doc)
     files = {"report.json": canonical_bytes(doc),
              "report.md": render_markdown(doc, figs).encode(),
@@ -85,7 +77,7 @@ def write_report(run: str | Path) -> dict:
         leaked = leaks(data.decode(), secrets)
         if leaked:
             raise ValueError(f"{name} would contain restricted value(s) {leaked[:3]}: not written.")
-    _write(run / "report.restricted.md", annex_md, 0o600)
+    write_bytes(run / "report.restricted.md", annex_md, private=True)
     for name, data in files.items():
-        _write(run / name, data)
+        write_bytes(run / name, data)
     return doc

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jsonschema import Draft202012Validator
 
-__all__ = ["GROUPS", "SCHEMA_PATH", "SCHEMA_VERSION", "canonical_bytes", "json_schema", "seal",
+__all__ = ["GROUPS", "SCHEMA_PATH", "SCHEMA_VERSION", "canonical_bytes", "json_schema", "seal_report",
            "validate"]  # fmt: skip
 
 SCHEMA_VERSION = "1.0.0"
@@ -115,7 +115,7 @@ def canonical_bytes(doc: dict) -> bytes:
             + "\n").encode()  # fmt: skip
 
 
-def seal(doc: dict) -> dict:
+def seal_report(doc: dict) -> dict:
     """``doc`` with ``report_sha256`` over its canonical bytes without that field."""
     body = {k: v for k, v in doc.items() if k != "report_sha256"}
     return {**body, "report_sha256": "sha256:" + hashlib.sha256(canonical_bytes(body)).hexdigest()}

@@ -25,7 +25,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 def tiny_run(tmp_path_factory):
     """(run directory, metrics) of the TINY demo: trained, evaluated, audited, reported. Tests
     that modify files must work on a copy."""
-    from reports.campaign import run_demo
+    from campaign.run import run_demo
     from tests.tiny_demo import TINY, quiet
 
     out = tmp_path_factory.mktemp("tiny-run")

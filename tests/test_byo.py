@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 
 import accounting
+from campaign.cli import main
+from campaign.run import load_run, run_demo
 from pmixed.data import load_shakespeare
 from pmixed.train import LoraSpec, train_tokenizer
-from reports.campaign import load_run, run_demo
-from reports.cli import main
 from tests.pmixed.tiny import save_base
 from tests.tiny_demo import TINY, quiet
 

@@ -21,7 +21,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def _pmixed(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reports.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "campaign.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=ENV)  # fmt: skip
 
 
@@ -67,7 +67,7 @@ def test_base_and_adapters_train_audit_report_generate_and_serve(tmp_path, kind)
     assert "6 private, 0 public-model tokens" in proc.stdout
     assert accounting.read_ledger(adapters / "generate.jsonl").n_queries == 6
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "reports.cli", "serve", "--base", str(base),
+    server = subprocess.Popen([sys.executable, "-m", "campaign.cli", "serve", "--base", str(base),
                                "--adapters", str(adapters), "--port", str(port)], cwd=ROOT,
                               env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 
 import accounting
-from reports.campaign import run_demo
-from reports.cli import main
+from campaign.cli import main
+from campaign.run import run_demo
 from tests.tiny_demo import TINY
 from tests.tiny_demo import quiet as _quiet
 
@@ -172,7 +172,7 @@ def test_account_into_a_closed_pipe_exits_quietly(tiny_run):
     import sys
 
     ledger = tiny_run[0] / "ledger.jsonl"
-    code = ("import sys; from reports.cli import main; "
+    code = ("import sys; from campaign.cli import main; "
             f"sys.exit(main(['account', {str(ledger)!r}, '--delta', '1e-5']))")  # fmt: skip
     proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True,
                           capture_output=True, text=True, timeout=120)  # fmt: skip

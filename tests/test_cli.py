@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pmixed
-from reports.cli import main
+from campaign.cli import main
 
 
 def test_public_api_names_are_exported():

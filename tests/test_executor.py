@@ -57,7 +57,7 @@ def test_ray_executor_keeps_job_order_and_declared_resources(ray_cluster):
 
 def test_ray_trained_ensemble_equals_the_local_one_file_for_file(ray_cluster, tiny_run, tmp_path):
     """Issue acceptance: with the same seeds the Ray executor gives bit-identical members."""
-    from reports.campaign import run_demo
+    from campaign.run import run_demo
     from tests.tiny_demo import TINY, quiet
 
     local, _ = tiny_run  # trained by the default (local) executor

@@ -17,7 +17,7 @@ import pytest
 from accounting import LedgerCorrupt, compose, read_ledger, verify
 from accounting.frames import PUBLIC_COLUMNS, ledger_frame
 from audit.frames import AUDIT_COLUMNS, audit_frame, scores_frame
-from reports.cli import main
+from campaign.cli import main
 from reports.frames import METRICS_COLUMNS, metrics_frame
 
 

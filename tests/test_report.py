@@ -96,7 +96,7 @@ def test_regeneration_is_byte_identical(report, monkeypatch):
     out, _ = report
     before = {**_public_bytes(out), "annex": (out / "report.restricted.md").read_bytes()}
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1800000000")
-    from reports.cli import main
+    from campaign.cli import main
 
     expected = 1 if json.loads(before["report.json"])["verdict"]["level"] == "fail" else 0
     assert main(["report", "--run", str(out)]) == expected
@@ -195,7 +195,7 @@ def _rules(doc) -> set:
 
 
 def test_the_report_covers_the_served_ledger_and_tells_evaluation_from_service(tiny_run, tmp_path):
-    from reports.cli import main
+    from campaign.cli import main
 
     out = _copy(tiny_run, tmp_path)
     assert main(["generate", "--run", str(out), "--prompt", "To be", "--max-new-tokens", "4"]) == 0
@@ -218,7 +218,7 @@ def test_the_report_covers_the_served_ledger_and_tells_evaluation_from_service(t
 
 
 def test_a_corrupt_ledger_gives_a_fail_report_instead_of_none(tiny_run, tmp_path, capsys):
-    from reports.cli import main
+    from campaign.cli import main
 
     out = _copy(tiny_run, tmp_path)
     lines = (out / "ledger.jsonl").read_bytes().splitlines(keepends=True)
@@ -260,9 +260,9 @@ def test_audit_power_is_reported_and_a_failed_control_makes_the_audit_inconclusi
     the test bed) appears in the Audit power section and figure."""
     import logging
 
+    from accounting.files import write_json
     from audit.manyrun import ManyRunPlan, corrected_dpsgd_audit
     from audit.mutants import run_mutants
-    from reports.files import write_json
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     out = _copy(tiny_run, tmp_path)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from campaign.config import QUICK
 from pmixed.train import ModelSpec
-from reports.campaign import QUICK
 
 TINY = replace(
     QUICK, model=ModelSpec(vocab_size=300, block_size=32, n_embd=32, n_layer=1, n_head=2),

@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from accounting import read_ledger
+from campaign.cli import main
 from pmixed import PMixEDConfig
 from pmixed.deployment import Deployment
 from pmixed.generator import PrivateGenerator
 from pmixed.server import create_app, serve_in_thread
-from reports.cli import main
 from tests.pmixed.tiny import tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")

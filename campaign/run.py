@@ -1,23 +1,16 @@
-"""The campaign behind ``pmixed demo``: data -> tokenizer -> public model -> ensemble -> fine-tune ->
-DP-SGD -> evaluation, each stage cached in the run directory under a hash of its configuration.
+"""The campaign behind ``pmixed demo``: data -> tokenizer -> public model -> ensemble ->
+fine-tune -> DP-SGD -> evaluation, each stage cached in the run directory under a hash of its configuration.
 
-Run directory::
-
-    config.json                 resolved config, library versions, stage hashes, the base
-    tokenizer/ public/          public-only BPE tokenizer; the public GPT-2 (safetensors)
-    ensemble/                   one LoRA adapter per member, plus "finetuned" and "dpsgd"
-    adapters/                   with --base: the members as peft folders (``--adapters``)
-    dpsgd.json                  the Opacus run: noise, sample rate, steps, accountant history
-    ledger.jsonl (+ .restricted.jsonl)          certified, add_remove: the main deployment
-    ledger-replace_one.jsonl, ledger-reference.jsonl (+ restricted siblings)
-    metrics.json                perplexity table and the epsilon of every mechanism
+The run directory's layout is :class:`reports.rundir.RunDir`'s; the evaluation writes three
+ledgers: ``ledger.jsonl`` (certified, add_remove: the main deployment), ``ledger-replace_one.jsonl``
+and ``ledger-reference.jsonl``, each with its 0600 restricted sibling.
 
 With ``base`` (``pmixed train --base PATH``) the user's model folder replaces ``tokenizer/`` and
 ``public/``: its tokenizer and weights are the public side, its fingerprint keys the later stages,
 and the LoRA targets default to peft's for its architecture.
 
 A stage whose ``stage.json`` carries the same hash is loaded instead of recomputed, so a re-run
-resumes. Every artefact is written to a temporary name and renamed into place.
+resumes. Every artefact is written whole (``accounting.files``).
 """
 
 from __future__ import annotations
@@ -25,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -42,6 +34,8 @@ from audit.dpsgd import CanaryPlan, OneRunPlan
 from audit.exposure import ExposurePlan
 from audit.game import GamePlan
 from audit.runner import AuditPlan
+from campaign.audit_stage import run_audit_stage
+from campaign.config import CampaignConfig
 from pmixed import PMixEDConfig
 from pmixed.backend import base_fingerprint, context_length, load_base, save_adapters
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
@@ -49,9 +43,7 @@ from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
 from pmixed.executor import Job, LocalExecutor
 from pmixed.train import (
-    GPT2_TARGETS,
     LoraSpec,
-    ModelSpec,
     TrainSpec,
     blocks,
     build_public_model,
@@ -59,91 +51,23 @@ from pmixed.train import (
     train_tokenizer,
 )
 from pmixed.train_jobs import dpsgd_job, finetune_job, member_job
-from reports.audit_stage import run_audit_stage
-from reports.files import write_json
 from reports.report import write_report
+from reports.rundir import CONFIG, DPSGD, METRICS, RunDir
 
-__all__ = ["FULL", "QUICK", "DemoConfig", "load_run", "run_demo"]
+__all__ = ["config_from_run", "load_run", "pmixed_runs", "run_demo"]
 
 Progress = Callable[[str, int], Callable[[int], None]]
 #: Bumped when metrics.json changes shape, so a cached evaluation is recomputed.
 METRICS_SCHEMA = 2
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """Everything the demo depends on (hashed into the stage keys)."""
-
-    seed: int = 0
-    salt: str = "pmixed-demo-v1"
-    heldout_fraction: float = 0.1
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(vocab_size=2048, block_size=128))
-    public_steps: int = 600
-    lora: LoraSpec = field(default_factory=lambda: LoraSpec(target_modules=GPT2_TARGETS))
-    n_members: int = 32
-    member_steps: int = 30
-    member_batch: int = 8
-    member_lr: float = 3e-3
-    finetune_steps: int = 300
-    dpsgd_epochs: int = 1
-    dpsgd_batch: int = 64
-    dpsgd_lr: float = 0.5
-    dpsgd_clip: float = 1.0
-    sampling_rate: float = 0.05
-    query_budget: int = 1024
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    realized_runs: int = 4
-    audit_contexts: int = 128
-    audit_control_steps: int = 300
-    audit_canaries: int = 1000
-    max_private_records: int | None = None
-    public_dir: str | None = None
-    private_jsonl: str | None = None
-    #: A base model folder of the user's own (``save_pretrained``): its tokenizer and weights are
-    #: the public side, replacing the tokenizer and public-model stages (``pmixed train --base``).
-    base: str | None = None
-
-
-FULL = DemoConfig()
-QUICK = replace(
-    FULL, model=ModelSpec(vocab_size=1024, block_size=64, n_embd=64, n_layer=2, n_head=2),
-    public_steps=150, n_members=8, member_steps=10, finetune_steps=60, dpsgd_batch=32,
-    sampling_rate=0.1, query_budget=64, max_private_records=4000, audit_control_steps=600,
-    audit_canaries=250,
-)  # fmt: skip
-
-
-def _hash(obj: object) -> str:
+def _stage_key(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file of a stage (its content hash), by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "stage.json"}  # fmt: skip
-
-
-def _versions() -> dict[str, str]:
+def _library_versions() -> dict[str, str]:
     return {d: version(d) for d in ("pmixed-audit", "torch", "transformers", "peft", "opacus",
                                     "dp-accounting", "numpy")}  # fmt: skip
-
-
-def _cached(stage: Path, key: str) -> bool:
-    """True when ``stage`` was built from the same config and its files are unchanged."""
-    meta = stage / "stage.json"
-    if not meta.exists():
-        return False
-    saved = json.loads(meta.read_text())
-    return saved.get("hash") == key and saved.get("files") == _digests(stage)
-
-
-def _commit(tmp: Path, stage: Path, key: str) -> None:
-    meta = {"hash": key, "files": _digests(tmp), "versions": _versions()}
-    (tmp / "stage.json").write_text(json.dumps(meta, indent=2))
-    if stage.exists():
-        shutil.rmtree(stage)
-    tmp.rename(stage)
 
 
 def _load_adapters(public, folder: Path):
@@ -170,7 +94,7 @@ def _corpus_digest(public, private) -> str:
     return h.hexdigest()
 
 
-def _member_spec(cfg: DemoConfig) -> TrainSpec:
+def _member_spec(cfg: CampaignConfig) -> TrainSpec:
     """How every ensemble member is trained (the audit retrains one with the same recipe)."""
     return TrainSpec(steps=cfg.member_steps, batch_size=cfg.member_batch, lr=cfg.member_lr)
 
@@ -180,7 +104,7 @@ def _texts(records) -> list[str]:
 
 
 def run_demo(
-    cfg: DemoConfig,
+    cfg: CampaignConfig,
     out: Path,
     progress: Progress,
     *,
@@ -195,6 +119,7 @@ def run_demo(
     ``executor`` (:mod:`pmixed.executor`, default local) runs the ensemble stage's training jobs.
     """
     out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)
     if cfg.base is None and (cfg.public_dir is None) != (cfg.private_jsonl is None):
         raise ValueError("--public-dir and --private-jsonl must be given together.")
     if cfg.base is not None and cfg.private_jsonl is None:
@@ -208,7 +133,7 @@ def run_demo(
     parts = partition_users(train_recs, cfg.n_members, cfg.salt)
     members = [f"member-{i:02d}" for i in range(cfg.n_members)]
     keys = {
-        "data": _hash(
+        "data": _stage_key(
             [_corpus_digest(corpus.public, private), cfg.salt, cfg.heldout_fraction, cfg.n_members]
         )
     }
@@ -223,39 +148,37 @@ def run_demo(
                      "context": context_length(public.config, tok),
                      "layers": getattr(public.config, "num_hidden_layers", None)}  # fmt: skip
         base_dir, t = Path(cfg.base), min(cfg.model.block_size, base_info["context"])
-        keys["tokenizer"] = keys["public"] = _hash([base_info["sha256"], len(tok), t])
+        keys["tokenizer"] = keys["public"] = _stage_key([base_info["sha256"], len(tok), t])
 
     # Ensemble (one adapter per partition), non-private fine-tune, DP-SGD: adapters on one base.
-    keys["ensemble"] = _hash([keys["public"], asdict(cfg.lora), cfg.member_steps, cfg.member_batch,
-                              cfg.member_lr, cfg.finetune_steps, cfg.dpsgd_epochs, cfg.dpsgd_batch,
-                              cfg.dpsgd_lr, cfg.dpsgd_clip, cfg.epsilon, cfg.delta])  # fmt: skip
-    if not _cached(out / "ensemble", keys["ensemble"]):
+    keys["ensemble"] = _stage_key([
+        keys["public"], asdict(cfg.lora), cfg.member_steps, cfg.member_batch, cfg.member_lr,
+        cfg.finetune_steps, cfg.dpsgd_epochs, cfg.dpsgd_batch, cfg.dpsgd_lr, cfg.dpsgd_clip,
+        cfg.epsilon, cfg.delta,
+    ])  # fmt: skip
+    if not run.stage_is_current("ensemble", keys["ensemble"]):
         _train_ensemble(cfg, out, keys["ensemble"], base_dir, t, parts, train_recs, tok,
                         executor or LocalExecutor(), progress)  # fmt: skip
     model = _load_adapters(public, out / "ensemble" / "adapters")
     if cfg.base is not None:
         _export_adapters(model, members, out, keys["ensemble"])
-    dp_run = json.loads((out / "ensemble" / "dpsgd.json").read_text())
-    write_json(out / "dpsgd.json", dp_run)
+    dp_run = json.loads((run.stage("ensemble") / DPSGD).read_text())
+    run.write_json(DPSGD, dp_run)
 
-    config = {"demo": asdict(cfg), "stage_hashes": keys, "corpus": corpus.name, "base": base_info,
+    config = {"demo": cfg.to_dict(), "stage_hashes": keys, "corpus": corpus.name, "base": base_info,
               "block_size": t,
               "users": {"train": len({r.user for r in train_recs}),
                         "heldout": len({r.user for r in held_recs})},
-              "versions": _versions()}  # fmt: skip
-    write_json(out / "config.json", config)
+              "versions": _library_versions()}  # fmt: skip
+    run.write_json(CONFIG, config)
     if not evaluate:
         return None
 
     # Evaluation through real ledgers and budgets.
-    keys["evaluate"] = _hash([keys["ensemble"], cfg.sampling_rate, cfg.query_budget,
-                              cfg.realized_runs, cfg.seed, METRICS_SCHEMA])  # fmt: skip
-    metrics_path = out / "metrics.json"
-    if (
-        metrics_path.exists()
-        and json.loads(metrics_path.read_text()).get("hash") == keys["evaluate"]
-    ):
-        metrics = json.loads(metrics_path.read_text())
+    keys["evaluate"] = _stage_key([keys["ensemble"], cfg.sampling_rate, cfg.query_budget,
+                                   cfg.realized_runs, cfg.seed, METRICS_SCHEMA])  # fmt: skip
+    if (run / METRICS).exists() and run.read_json(METRICS).get("hash") == keys["evaluate"]:
+        metrics = run.read_json(METRICS)
     else:
         metrics = _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, keys["evaluate"],
                             progress)  # fmt: skip
@@ -288,25 +211,18 @@ def run_demo(
     return metrics
 
 
-def config_from_run(out: Path) -> DemoConfig:
-    """The DemoConfig a run directory was made with (from its ``config.json``)."""
-    path = out / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{out} is not a run: {path} is missing (run `pmixed demo` first).")
-    d = json.loads(path.read_text())["demo"]
-    d["model"] = ModelSpec(**d["model"])
-    d["lora"] = LoraSpec.from_dict(d["lora"])
-    return DemoConfig(**d)
+def config_from_run(out: Path) -> CampaignConfig:
+    """The config a run directory was made with (from its ``config.json``)."""
+    return CampaignConfig.from_dict(RunDir(out).read_json(CONFIG)["demo"])
 
 
 def load_run(out: Path):
     """(demo config dict, tokenizer, model with every adapter, member names) of a trained run."""
-    config_path = out / "config.json"
-    if not config_path.exists() or not (out / "ensemble" / "stage.json").exists():
+    if not RunDir(out).is_trained:
         raise FileNotFoundError(
             f"{out} is not a trained run: run `pmixed train --out {out}` first."
         )
-    config = json.loads(config_path.read_text())
+    config = RunDir(out).read_json(CONFIG)
     cfg = config["demo"]
     if cfg.get("base") is not None:
         tok, public = load_base(cfg["base"])
@@ -321,15 +237,13 @@ def load_run(out: Path):
     return cfg, tok, model, [f"member-{i:02d}" for i in range(cfg["n_members"])]
 
 
-def pmixed_runs(cfg: DemoConfig) -> dict[str, tuple[str, PMixEDConfig]]:
+def pmixed_runs(cfg: CampaignConfig) -> dict[str, tuple[str, PMixEDConfig]]:
     """The three PMixED deployments the demo evaluates and audits: name -> (ledger file, config)."""
-    common = dict(n_members=cfg.n_members, sampling_rate=cfg.sampling_rate, epsilon=cfg.epsilon,
-                  delta=cfg.delta, query_budget=cfg.query_budget)  # fmt: skip
     return {
-        "pmixed_certified_add_remove": ("ledger.jsonl", PMixEDConfig(**common)),
+        "pmixed_certified_add_remove": ("ledger.jsonl", cfg.deployment()),
         "pmixed_certified_replace_one": ("ledger-replace_one.jsonl",
-                                         PMixEDConfig(**common, relation="replace_one")),
-        "pmixed_reference": ("ledger-reference.jsonl", PMixEDConfig(**common, mode="reference")),
+                                         cfg.deployment(relation="replace_one")),
+        "pmixed_reference": ("ledger-reference.jsonl", cfg.deployment(mode="reference")),
     }  # fmt: skip
 
 
@@ -346,34 +260,35 @@ def _export_adapters(model, members: list[str], out: Path, key: str) -> None:
     save_adapters(model, members, folder, extra={marker: key})
 
 
-def _public_stages(cfg: DemoConfig, out: Path, corpus, keys: dict, progress: Progress):
+def _public_stages(cfg: CampaignConfig, out: Path, corpus, keys: dict, progress: Progress):
     """(tokenizer, public model folder): the BPE tokenizer and the GPT-2 trained on public text
     only, each a cached stage of ``out``."""
-    keys["tokenizer"] = _hash([keys["data"], cfg.model.vocab_size])
-    if not _cached(out / "tokenizer", keys["tokenizer"]):
-        tmp = Path(tempfile.mkdtemp(dir=out))
+    run = RunDir(out)
+    keys["tokenizer"] = _stage_key([keys["data"], cfg.model.vocab_size])
+    if not run.stage_is_current("tokenizer", keys["tokenizer"]):
+        tmp = run.temp_folder()
         train_tokenizer(corpus.public, cfg.model.vocab_size).save_pretrained(tmp)
-        _commit(tmp, out / "tokenizer", keys["tokenizer"])
+        run.commit_stage(tmp, "tokenizer", keys["tokenizer"], _library_versions())
     tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-    keys["public"] = _hash([keys["tokenizer"], asdict(cfg.model), cfg.public_steps, cfg.seed])
-    if not _cached(out / "public", keys["public"]):
+    keys["public"] = _stage_key([keys["tokenizer"], asdict(cfg.model), cfg.public_steps, cfg.seed])
+    if not run.stage_is_current("public", keys["public"]):
         model = build_public_model(cfg.model, tok, cfg.seed)
         data = blocks(corpus.public, tok, cfg.model.block_size)
         bar = progress("public model", cfg.public_steps)
         train_lm(model, data, TrainSpec(steps=cfg.public_steps), torch.Generator().manual_seed(cfg.seed),
                  progress=lambda step, _loss: bar(step + 1))  # fmt: skip
-        tmp = Path(tempfile.mkdtemp(dir=out))
+        tmp = run.temp_folder()
         model.save_pretrained(tmp)
-        _commit(tmp, out / "public", keys["public"])
+        run.commit_stage(tmp, "public", keys["public"], _library_versions())
     return tok, out / "public"
 
 
-def _train_ensemble(cfg: DemoConfig, out: Path, key: str, base: Path, t: int, parts, train_recs,
+def _train_ensemble(cfg: CampaignConfig, out: Path, key: str, base: Path, t: int, parts, train_recs,
                     tok, executor, progress: Progress) -> None:  # fmt: skip
     """Members, the non-private fine-tune and DP-SGD as independent jobs on ``executor``, each
     writing its adapter into the stage folder, then the stage is committed under ``key``. The
     files are the same under any executor: each job seeds itself."""
-    tmp = Path(tempfile.mkdtemp(dir=out))
+    tmp = RunDir(out).temp_folder()
     try:
         _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, progress, tmp)
     except BaseException:
@@ -402,8 +317,8 @@ def _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, pro
     dp = executor.map(jobs, progress=bar)[0]
     names = [*members, "finetuned", "dpsgd"]
     (folder / "adapters.json").write_text(json.dumps({"names": names, "lora": asdict(lora)}))
-    (tmp / "dpsgd.json").write_text(json.dumps(asdict(dp)))
-    _commit(tmp, out / "ensemble", key)
+    (tmp / DPSGD).write_text(json.dumps(asdict(dp)))
+    RunDir(out).commit_stage(tmp, "ensemble", key, _library_versions())
 
 
 def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress) -> dict:
@@ -427,7 +342,7 @@ def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress
     runs = pmixed_runs(cfg)
     units = {"add_remove": "one ensemble member (one partition of users)",
              "replace_one": "one user (its partition's member replaced)"}  # fmt: skip
-    work = Path(tempfile.mkdtemp(dir=out))
+    work = RunDir(out).temp_folder()
     for i, (name, (fname, pcfg)) in enumerate(runs.items()):
         cal = pcfg.calibrate()
         with Deployment.create(work / fname, cal, seed=cfg.seed + i) as deployment:
@@ -448,5 +363,5 @@ def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress
     work.rmdir()
     note = "perplexities are utility metrics on held-out users' text, outside the guarantee"
     metrics = {"hash": key, "perplexity": ppl, "privacy": privacy, "note": note}
-    write_json(out / "metrics.json", metrics)
+    RunDir(out).write_json(METRICS, metrics)
     return metrics

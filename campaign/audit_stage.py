@@ -11,30 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 
+from accounting.files import write_json
 from audit.canaries import MemberRecipe
 from audit.runner import AUDIT_SCHEMA, AuditPlan, audit_models
 from pmixed.privacy import Calibration
-from reports.files import write_json
 
-__all__ = ["run_audit_stage", "write_restricted_json"]
-
-
-def write_restricted_json(path: Path, obj: object) -> Path:
-    """Atomic JSON write of restricted data: created 0600 before any byte is written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
-    return path
+__all__ = ["run_audit_stage"]
 
 
 def run_audit_stage(
@@ -73,6 +61,6 @@ def run_audit_stage(
                                       tokenizer=tokenizer, partitions=partitions,
                                       recipe=recipe, base=base, executor=executor)  # fmt: skip
     public = {"hash": key, **public}
-    write_restricted_json(out / "audit.restricted.json", restricted)
+    write_json(out / "audit.restricted.json", restricted, private=True)
     write_json(path, public)
     return public
