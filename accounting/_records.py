@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from accounting.checks import is_real
 from accounting.events import PMixEDQueryEvent, RdpCurveEvent, event_from_json
 from accounting.signing import signature_ok
 
@@ -121,10 +122,6 @@ def check_keys(record: Mapping, allowed: frozenset | set, what: str) -> None:
     _need(keys == allowed, f"{what} keys {sorted(keys ^ allowed)} are unexpected or missing")
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def check_header(rec: Mapping) -> None:
     """Schema of the header record (line 1)."""
     signing = rec.get("signing")
@@ -143,7 +140,7 @@ def check_header(rec: Mapping) -> None:
     _need(rec["relation"] in ("add_remove", "replace_one"), "relation")
     _need(rec["status"] in HEADER_STATUSES, f"status must be one of {HEADER_STATUSES}")
     orders = rec["orders"]
-    _need(isinstance(orders, list) and orders and all(_is_number(k) and k > 1 for k in orders)
+    _need(isinstance(orders, list) and orders and all(is_real(k) and k > 1 for k in orders)
           and all(b > a for a, b in zip(orders, orders[1:])),
           "orders must be a non-empty increasing list of numbers > 1")  # fmt: skip
     cal = rec["calibration"]
@@ -156,8 +153,8 @@ def check_header(rec: Mapping) -> None:
     b = rec["budget"]
     if b is not None:
         _need(isinstance(b, dict) and set(b) == BUDGET_KEYS, "budget keys")
-        _need(_is_number(b["epsilon"]) and b["epsilon"] > 0, "budget epsilon must be > 0")
-        _need(_is_number(b["delta"]) and 0 < b["delta"] < 1, "budget delta must be in (0, 1)")
+        _need(is_real(b["epsilon"]) and b["epsilon"] > 0, "budget epsilon must be > 0")
+        _need(is_real(b["delta"]) and 0 < b["delta"] < 1, "budget delta must be in (0, 1)")
         mon = b["monitored_orders"]
         _need(isinstance(mon, list) and mon and all(k in orders for k in mon),
               "budget monitored_orders must be a non-empty subset of the orders")  # fmt: skip

@@ -25,7 +25,8 @@ import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from accounting.events import _is_real, curve_at
+from accounting.checks import is_real
+from accounting.events import curve_at
 from accounting.invariants import rdp_limits, sum_curves
 from accounting.ledger import Ledger, Receipt
 
@@ -52,14 +53,14 @@ class PrivacyBudget:
 
     def __post_init__(self) -> None:
         problems = []
-        if not _is_real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
+        if not is_real(self.epsilon) or not math.isfinite(self.epsilon) or self.epsilon <= 0:
             problems.append(f"epsilon must be finite and > 0. Found {self.epsilon!r}.")
-        if not _is_real(self.delta) or not 0 < self.delta < 1:
+        if not is_real(self.delta) or not 0 < self.delta < 1:
             problems.append(f"delta must be in (0, 1). Found {self.delta!r}.")
         orders = tuple(self.orders) if isinstance(self.orders, (Sequence, np.ndarray)) else ()
         if (
             not orders
-            or not all(_is_real(k) and math.isfinite(k) and k > 1 for k in orders)
+            or not all(is_real(k) and math.isfinite(k) and k > 1 for k in orders)
             or any(b <= a for a, b in zip(orders, orders[1:]))
         ):
             problems.append(f"orders must be increasing reals > 1. Found {self.orders!r}.")

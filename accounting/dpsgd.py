@@ -24,7 +24,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from accounting.events import _is_real
+from accounting.checks import is_real
 
 __all__ = ["DpsgdAccounting", "dpsgd_epsilon", "dpsgd_event", "from_opacus", "opacus_history"]
 
@@ -35,9 +35,9 @@ PLD_DISCRETIZATION = 1e-4
 
 def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
     """``steps`` Poisson-sampled Gaussian steps, validated (no step: a no-op event, ε = 0)."""
-    if not _is_real(noise_multiplier) or not noise_multiplier > 0 or math.isinf(noise_multiplier):
+    if not is_real(noise_multiplier) or not noise_multiplier > 0 or math.isinf(noise_multiplier):
         raise ValueError(f"noise_multiplier must be finite and > 0. Found {noise_multiplier!r}.")
-    if not _is_real(sample_rate) or not 0 < sample_rate <= 1:
+    if not is_real(sample_rate) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1]. Found {sample_rate!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0. Found {steps!r}.")
@@ -51,7 +51,7 @@ def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_e
 
 def _epsilon(event: dp_event.DpEvent, delta: float, accountant: str,
              orders: Sequence[float] | None = None) -> float:  # fmt: skip
-    if not _is_real(delta) or not 0 < delta < 1:
+    if not is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
     if accountant == "rdp":
         acc = rdp_privacy_accountant.RdpAccountant(None if orders is None else list(orders))
@@ -83,7 +83,7 @@ def dpsgd_burn_down(noise_multiplier: float, sample_rate: float, steps: Sequence
     built once (the accountants rebuild them per call; the RDP of k steps is k times one step's,
     the PLD of k steps one step's self-composed k times, as the accountants compose them)."""
     dpsgd_event(noise_multiplier, sample_rate, 1)  # validates
-    if not _is_real(delta) or not 0 < delta < 1:
+    if not is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
     if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
         raise ValueError(f"steps must be integers >= 0. Found {list(steps)!r}.")
@@ -117,7 +117,7 @@ def dpsgd_profile(noise_multiplier: float, sample_rate: float, steps: int,
         value_discretization_interval=PLD_DISCRETIZATION
     ).compose(event)
     for d in deltas:
-        if not _is_real(d) or not 0 < d < 1:
+        if not is_real(d) or not 0 < d < 1:
             raise ValueError(f"deltas must be in (0, 1). Found {d!r}.")
     return {"rdp": [float(rdp.get_epsilon(d)) for d in deltas],
             "pld": [float(pld.get_epsilon(d)) for d in deltas]}  # fmt: skip

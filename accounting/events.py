@@ -28,6 +28,8 @@ import attr
 import numpy as np
 from dp_accounting import dp_event
 
+from accounting.checks import is_int, is_real
+
 __all__ = [
     "EVENT_TYPES",
     "PMixEDQueryEvent",
@@ -44,14 +46,6 @@ STATUSES = ("certified", "conditional", "UNCERTIFIED")
 
 
 # ------------------------------------------------------------------------------------ validators
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -76,23 +70,23 @@ def _check_curve(orders: object, rdp: object, *, integer: bool) -> tuple[tuple, 
     if len(orders) == 0:
         raise ValueError("orders must be a non-empty sequence. Found an empty one.")
     for k in orders:
-        if integer and (not _is_int(k) or k < 2):
+        if integer and (not is_int(k) or k < 2):
             raise ValueError(f"orders must be integers >= 2. Found {k!r}.")
-        if not _is_real(k) or not math.isfinite(k) or k <= 1:
+        if not is_real(k) or not math.isfinite(k) or k <= 1:
             raise ValueError(f"orders must be finite reals > 1. Found {k!r}.")
     if any(b <= a for a, b in zip(orders, orders[1:])):
         raise ValueError(f"orders must be strictly increasing. Found {tuple(orders)!r}.")
     if len(rdp) != len(orders):
         raise ValueError(f"rdp must have one value per order ({len(orders)}). Found {len(rdp)}.")
     for r in rdp:
-        if not _is_real(r) or math.isnan(r) or r < 0:
+        if not is_real(r) or math.isnan(r) or r < 0:
             raise ValueError(f"rdp values must be in [0, inf]. Found {r!r}.")
     cast = int if integer else float
     return tuple(cast(k) for k in orders), tuple(float(r) for r in rdp)
 
 
 def _check_rate(name: str, q: object) -> None:
-    if not _is_real(q) or not 0 < q <= 1:
+    if not is_real(q) or not 0 < q <= 1:
         raise ValueError(f"{name} must be in (0, 1]. Found {q!r}.")
 
 
@@ -180,7 +174,7 @@ class PMixEDQueryEvent(dp_event.DpEvent):
         _check_choice("amplification", self.amplification, AMPLIFICATIONS)
         _check_name("constraint_grid", self.constraint_grid)
         _check_choice("status", self.status, STATUSES)
-        if not _is_int(self.n_members) or self.n_members < 1:
+        if not is_int(self.n_members) or self.n_members < 1:
             raise ValueError(f"n_members must be an integer >= 1. Found {self.n_members!r}.")
         _check_rate("sampling_rate", self.sampling_rate)
         orders, rdp = _check_curve(self.orders, self.rdp, integer=True)
@@ -189,17 +183,17 @@ class PMixEDQueryEvent(dp_event.DpEvent):
         object.__setattr__(self, "n_members", int(self.n_members))
         object.__setattr__(self, "sampling_rate", float(self.sampling_rate))
         if self.beta is not None:
-            if not _is_real(self.beta) or not math.isfinite(self.beta) or self.beta < 0:
+            if not is_real(self.beta) or not math.isfinite(self.beta) or self.beta < 0:
                 raise ValueError(f"beta must be None or finite and >= 0. Found {self.beta!r}.")
             object.__setattr__(self, "beta", float(self.beta))
         if self.lambda_max is not None:
-            if not _is_real(self.lambda_max) or not 0 < self.lambda_max < 1:
+            if not is_real(self.lambda_max) or not 0 < self.lambda_max < 1:
                 raise ValueError(
                     f"lambda_max must be None or in (0, 1). Found {self.lambda_max!r}."
                 )
             object.__setattr__(self, "lambda_max", float(self.lambda_max))
         if self.reference_alpha is not None and (
-            not _is_int(self.reference_alpha) or self.reference_alpha not in orders
+            not is_int(self.reference_alpha) or self.reference_alpha not in orders
         ):
             raise ValueError(
                 f"reference_alpha must be None or one of the orders. Found {self.reference_alpha!r}."

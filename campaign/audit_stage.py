@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from accounting.files import write_json
 from audit.canaries import MemberRecipe
 from audit.runner import AUDIT_SCHEMA, AuditPlan, audit_models
 from pmixed.privacy import Calibration
+from reports.rundir import AUDIT, AUDIT_RESTRICTED, RunDir
 
 __all__ = ["run_audit_stage"]
 
@@ -44,16 +44,16 @@ def run_audit_stage(
     base: Path,
     executor: object | None = None,
 ) -> dict:
-    """The public audit result, computed or read back from ``out / "audit.json"``; ``base`` is the
+    """The public audit result, computed or read back from the run's ``audit.json``; ``base`` is the
     public model's folder and ``executor`` runs the DP-SGD audit's training (neither changes the
     result, so neither is in its key)."""
     settings = {k: asdict(v) if is_dataclass(v) else v for k, v in dpsgd.items()}
     key = hashlib.sha256(
         json.dumps([eval_key, asdict(plan), settings, asdict(recipe), AUDIT_SCHEMA]).encode()
     ).hexdigest()
-    path = out / "audit.json"
-    if path.exists() and (out / "audit.restricted.json").exists():
-        cached = json.loads(path.read_text())
+    run = RunDir(out)
+    if (run / AUDIT).exists() and (run / AUDIT_RESTRICTED).exists():
+        cached = run.read_json(AUDIT)
         if cached.get("hash") == key:
             return cached
     public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
@@ -61,6 +61,6 @@ def run_audit_stage(
                                       tokenizer=tokenizer, partitions=partitions,
                                       recipe=recipe, base=base, executor=executor)  # fmt: skip
     public = {"hash": key, **public}
-    write_json(out / "audit.restricted.json", restricted, private=True)
-    write_json(path, public)
+    run.write_json(AUDIT_RESTRICTED, restricted, private=True)
+    run.write_json(AUDIT, public)
     return public

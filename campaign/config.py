@@ -14,10 +14,10 @@ absence means 1); a later layout writes ``"version"`` and :meth:`from_dict` migr
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
+from accounting.checks import finite, is_int
 from pmixed import PMixEDConfig
 from pmixed.train import GPT2_TARGETS, LoraSpec, ModelSpec
 
@@ -28,14 +28,6 @@ _POSITIVE_INTS = ("public_steps", "n_members", "member_steps", "member_batch", "
                   "audit_contexts", "audit_control_steps", "audit_canaries")  # fmt: skip
 _POSITIVE_REALS = ("member_lr", "dpsgd_lr", "dpsgd_clip", "epsilon")
 _PATHS = ("public_dir", "private_jsonl", "base")
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -114,24 +106,24 @@ def _problems(c: CampaignConfig) -> list[str]:
     p = []
     for name in _POSITIVE_INTS:
         v = getattr(c, name)
-        if not _is_int(v) or v < 1:
+        if not is_int(v) or v < 1:
             p.append(f"{name} must be an integer >= 1. Found {v!r}.")
     for name in _POSITIVE_REALS:
         v = getattr(c, name)
-        if not _is_real(v) or v <= 0:
+        if not finite(v) or v <= 0:
             p.append(f"{name} must be finite and > 0. Found {v!r}.")
-    if not _is_int(c.seed) or c.seed < 0:
+    if not is_int(c.seed) or c.seed < 0:
         p.append(f"seed must be an integer >= 0. Found {c.seed!r}.")
     if not isinstance(c.salt, str) or not c.salt:
         p.append(f"salt must be a non-empty string. Found {c.salt!r}.")
-    if not _is_real(c.heldout_fraction) or not 0 < c.heldout_fraction < 1:
+    if not finite(c.heldout_fraction) or not 0 < c.heldout_fraction < 1:
         p.append(f"heldout_fraction must be in (0, 1). Found {c.heldout_fraction!r}.")
-    if not _is_real(c.sampling_rate) or not 0 < c.sampling_rate <= 1:
+    if not finite(c.sampling_rate) or not 0 < c.sampling_rate <= 1:
         p.append(f"sampling_rate must be in (0, 1]. Found {c.sampling_rate!r}.")
-    if not _is_real(c.delta) or not 0 < c.delta < 1:
+    if not finite(c.delta) or not 0 < c.delta < 1:
         p.append(f"delta must be in (0, 1). Found {c.delta!r}.")
     if c.max_private_records is not None and (
-        not _is_int(c.max_private_records) or c.max_private_records < 1
+        not is_int(c.max_private_records) or c.max_private_records < 1
     ):
         p.append(f"max_private_records must be None or an integer >= 1. "
                  f"Found {c.max_private_records!r}.")  # fmt: skip
@@ -143,7 +135,7 @@ def _problems(c: CampaignConfig) -> list[str]:
         p.append(f"model must be a ModelSpec. Found {type(c.model).__name__}.")
     else:
         m = c.model
-        if not all(_is_int(getattr(m, f.name)) and getattr(m, f.name) >= 1 for f in fields(m)):
+        if not all(is_int(getattr(m, f.name)) and getattr(m, f.name) >= 1 for f in fields(m)):
             p.append(f"model sizes must be integers >= 1. Found {m!r}.")
         elif m.n_embd % m.n_head:
             p.append(f"model.n_embd must be a multiple of model.n_head. Found {m!r}.")

@@ -6,10 +6,11 @@ phrasing dp-accounting uses: ``"sampling_rate must be in (0, 1]. Found 1.5."``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from accounting.checks import finite, is_int, is_real  # noqa: F401 (one definition each)
 
 #: Tolerance on |sum(p) - 1| for a probability vector given by the caller.
 SUM_TOLERANCE = 1e-6
@@ -70,18 +71,6 @@ def check_integer_orders(orders: Sequence[int] | np.ndarray) -> tuple[int, ...]:
             f"orders must be strictly increasing integers >= 2. Found {tuple(values)!r}."
         )
     return tuple(values)
-
-
-def is_real(x: object) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-def is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def finite(x: object) -> bool:
-    return is_real(x) and math.isfinite(float(x))
 
 
 def _logsumexp(a: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:

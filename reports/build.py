@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import accounting
-from reports.rundir import AUDIT_RESTRICTED, CONFIG, DPSGD, METRICS, RunDir
+from reports.rundir import AUDIT, AUDIT_RESTRICTED, CONFIG, DPSGD, METRICS, POWER, RunDir
 from reports.schema import SCHEMA_VERSION
 from reports.texts import GOVERNANCE, IMPLEMENTATION, statement
 
@@ -215,7 +215,7 @@ def _dpsgd(run: Path, cfg: dict, privacy: dict) -> dict:
 
 
 def _audit(run: Path) -> tuple[dict, str]:
-    path = run / "audit.json"
+    path = run / AUDIT
     if not path.exists():
         return {"attached": False}, ""
     a = json.loads(path.read_text())
@@ -272,7 +272,7 @@ def _audit(run: Path) -> tuple[dict, str]:
                 "exact_over_charged"
             )
     out = {
-        "attached": True, "file": "audit.json", "sha256": _sha256(path),
+        "attached": True, "file": AUDIT, "sha256": _sha256(path),
         "power": _power(run, controls_ok),
         "statement": a["statement"], "rows": rows, "controls": a["controls"],
         "controls_passed": a["controls_passed"], "alarms": a["alarms"],
@@ -286,13 +286,13 @@ def _audit(run: Path) -> tuple[dict, str]:
 def _power(run: Path, controls_ok: bool) -> dict:
     """The power section: positive controls, and ``power.json`` (mutants detected, test-bed
     tightness) when ``pmixed audit --power`` has written one."""
-    path = run / "power.json"
+    path = run / POWER
     out: dict = {"positive_controls_passed": controls_ok, "attached": path.exists()}
     if path.exists():
         p = json.loads(path.read_text())
         m = p["mutants"]
         out.update(
-            file="power.json",
+            file=POWER,
             sha256=_sha256(path),
             mutants=m["mutants"],
             mutants_detected=m["detected"],

@@ -89,9 +89,9 @@ def test_unsampled_members_are_not_computed(lm, tok):
 
 
 def test_bad_requests_are_refused(lm):
-    with pytest.raises(ValueError, match="members"):
+    with pytest.raises(ValueError, match="subset"):
         lm.next_logprobs(SequenceState([1, 2]), [3])
-    with pytest.raises(ValueError, match="members"):
+    with pytest.raises(ValueError, match="subset"):
         lm.next_logprobs(SequenceState([1, 2]), [1, 1])
     with pytest.raises(ValueError, match="tokens"):
         lm.next_logprobs(SequenceState([]), [])
