@@ -35,10 +35,24 @@ NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 BUDGET_KEYS = frozenset({"epsilon", "delta", "monitored_orders"})
 #: A signed ledger's header names its Ed25519 public key (``accounting.signing``).
 SIGNING_KEYS = frozenset({"algorithm", "public_key"})
-HEADER_KEYS = frozenset({
-    "kind", "seq", "schema", "run_id", "created", "mode", "relation", "status", "orders",
-    "calibration", "budget", "versions", "seeded", "prev",
-})  # fmt: skip
+HEADER_KEYS = frozenset(
+    {
+        "kind",
+        "seq",
+        "schema",
+        "run_id",
+        "created",
+        "mode",
+        "relation",
+        "status",
+        "orders",
+        "calibration",
+        "budget",
+        "versions",
+        "seeded",
+        "prev",
+    }
+)
 EVENT_KEYS = frozenset({"kind", "seq", "event", "status", "prev"})
 QUERY_KEYS = frozenset({"kind", "seq", "event_seq", "status", "prev"})
 
@@ -74,8 +88,9 @@ def jsonable(x: object) -> object:
 
 def canonical(record: Mapping) -> bytes:
     """The canonical bytes of a record: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")  # fmt: skip
+    return json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
 
 
 def seal(record: Mapping, signer=None) -> tuple[bytes, str]:
@@ -127,40 +142,58 @@ def check_header(rec: Mapping) -> None:
     signing = rec.get("signing")
     check_keys(rec, HEADER_KEYS | ({"signing"} if "signing" in rec else set()), "header")
     if "signing" in rec:
-        _need(isinstance(signing, dict) and set(signing) == SIGNING_KEYS
-              and signing["algorithm"] == "ed25519" and isinstance(signing["public_key"], str)
-              and re.fullmatch("[0-9a-f]{64}", signing["public_key"]) is not None,
-              "signing must be {algorithm: ed25519, public_key: 64 hex digits}")  # fmt: skip
+        _need(
+            isinstance(signing, dict)
+            and set(signing) == SIGNING_KEYS
+            and signing["algorithm"] == "ed25519"
+            and isinstance(signing["public_key"], str)
+            and re.fullmatch("[0-9a-f]{64}", signing["public_key"]) is not None,
+            "signing must be {algorithm: ed25519, public_key: 64 hex digits}",
+        )
     _need(rec["kind"] == "header" and rec["seq"] == 0, "line 1 must be the header with seq 0")
     _need(rec["schema"] == SCHEMA, f"schema must be {SCHEMA!r}, found {rec['schema']!r}")
     _need(isinstance(rec["run_id"], str) and 0 < len(rec["run_id"]) <= 100, "run_id")
     _need(isinstance(rec["created"], str), "created must be a timestamp string")
-    _need(isinstance(rec["mode"], str) and NAME.fullmatch(rec["mode"]) is not None,
-          f"mode must be a lower-case name ({NAME.pattern})")  # fmt: skip
+    _need(
+        isinstance(rec["mode"], str) and NAME.fullmatch(rec["mode"]) is not None,
+        f"mode must be a lower-case name ({NAME.pattern})",
+    )
     _need(rec["relation"] in ("add_remove", "replace_one"), "relation")
     _need(rec["status"] in HEADER_STATUSES, f"status must be one of {HEADER_STATUSES}")
     orders = rec["orders"]
-    _need(isinstance(orders, list) and orders and all(is_real(k) and k > 1 for k in orders)
-          and all(b > a for a, b in zip(orders, orders[1:])),
-          "orders must be a non-empty increasing list of numbers > 1")  # fmt: skip
+    _need(
+        isinstance(orders, list)
+        and orders
+        and all(is_real(k) and k > 1 for k in orders)
+        and all(b > a for a, b in zip(orders, orders[1:])),
+        "orders must be a non-empty increasing list of numbers > 1",
+    )
     cal = rec["calibration"]
-    _need(isinstance(cal, dict) and all(NAME.fullmatch(k) for k in cal),
-          f"calibration keys must be lower-case names ({NAME.pattern})")  # fmt: skip
+    _need(
+        isinstance(cal, dict) and all(NAME.fullmatch(k) for k in cal),
+        f"calibration keys must be lower-case names ({NAME.pattern})",
+    )
     for k, v in cal.items():
         flat = v if isinstance(v, list) else [v]
-        _need(all(x is None or isinstance(x, (str, int, float)) for x in flat),
-              f"calibration[{k!r}] must be a scalar or a list of scalars")  # fmt: skip
+        _need(
+            all(x is None or isinstance(x, (str, int, float)) for x in flat),
+            f"calibration[{k!r}] must be a scalar or a list of scalars",
+        )
     b = rec["budget"]
     if b is not None:
         _need(isinstance(b, dict) and set(b) == BUDGET_KEYS, "budget keys")
         _need(is_real(b["epsilon"]) and b["epsilon"] > 0, "budget epsilon must be > 0")
         _need(is_real(b["delta"]) and 0 < b["delta"] < 1, "budget delta must be in (0, 1)")
         mon = b["monitored_orders"]
-        _need(isinstance(mon, list) and mon and all(k in orders for k in mon),
-              "budget monitored_orders must be a non-empty subset of the orders")  # fmt: skip
-    _need(isinstance(rec["versions"], list)
-          and all(isinstance(v, str) and "==" in v for v in rec["versions"]),
-          "versions must be a list of 'name==version' strings")  # fmt: skip
+        _need(
+            isinstance(mon, list) and mon and all(k in orders for k in mon),
+            "budget monitored_orders must be a non-empty subset of the orders",
+        )
+    _need(
+        isinstance(rec["versions"], list)
+        and all(isinstance(v, str) and "==" in v for v in rec["versions"]),
+        "versions must be a list of 'name==version' strings",
+    )
     _need(isinstance(rec["seeded"], bool), "seeded must be true or false")
     _need(rec["prev"] == GENESIS, "the header's prev must be the genesis hash")
 
@@ -190,6 +223,8 @@ def check_signature(rec: dict, header: Mapping | None) -> dict:
         return rec
     body = {k: v for k, v in rec.items() if k != "sig"}
     if not signature_ok(signing["public_key"], canonical(body), rec.get("sig")):
-        raise Fault("bad signature: the record was not written by the holder of the ledger's "
-                    "signing key (a forged or altered append)")  # fmt: skip
+        raise Fault(
+            "bad signature: the record was not written by the holder of the ledger's "
+            "signing key (a forged or altered append)"
+        )
     return body

@@ -129,8 +129,11 @@ class RenyiFilter:
 
     def header_record(self) -> dict:
         """The budget as the ledger header stores it."""
-        return {"epsilon": self.budget.epsilon, "delta": self.budget.delta,
-                "monitored_orders": list(self.monitored)}  # fmt: skip
+        return {
+            "epsilon": self.budget.epsilon,
+            "delta": self.budget.delta,
+            "monitored_orders": list(self.monitored),
+        }
 
     def _tally_now(self) -> Mapping[dp_event.DpEvent, int]:
         return self._tally if self.ledger is None else self.ledger.contents().tally

@@ -57,8 +57,13 @@ def burn_down(path: str | os.PathLike, delta: float, *, points: int = 64) -> lis
             snap = copy.copy(contents)
             snap.tally = dict(contents.tally)
             spent = compose(snap, delta)
-            out.append({"queries": contents.n_queries, "epsilon": spent.epsilon,
-                        "public_steps": contents.n_public_steps})  # fmt: skip
+            out.append(
+                {
+                    "queries": contents.n_queries,
+                    "epsilon": spent.epsilon,
+                    "public_steps": contents.n_public_steps,
+                }
+            )
     return out
 
 
@@ -84,8 +89,11 @@ def epsilon_by_order(orders: Sequence[float], rdp: Sequence[float], delta: float
     return out
 
 
-def privacy_profile(orders: Sequence[float], rdp: Sequence[float],
-                    deltas: Sequence[float]) -> list[dict]:  # fmt: skip
+def privacy_profile(
+    orders: Sequence[float], rdp: Sequence[float], deltas: Sequence[float]
+) -> list[dict]:
     """``[{"delta": δ, "epsilon": ε(δ)}]`` of one RDP curve."""
-    return [{"delta": float(d), "epsilon": float(rdp_lib.compute_epsilon(orders, rdp, d)[0])}
-            for d in deltas]  # fmt: skip
+    return [
+        {"delta": float(d), "epsilon": float(rdp_lib.compute_epsilon(orders, rdp, d)[0])}
+        for d in deltas
+    ]

@@ -49,8 +49,9 @@ def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_e
     return dp_event.SelfComposedDpEvent(step, steps)
 
 
-def _epsilon(event: dp_event.DpEvent, delta: float, accountant: str,
-             orders: Sequence[float] | None = None) -> float:  # fmt: skip
+def _epsilon(
+    event: dp_event.DpEvent, delta: float, accountant: str, orders: Sequence[float] | None = None
+) -> float:
     if not is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
     if accountant == "rdp":
@@ -76,8 +77,13 @@ def dpsgd_epsilon(
     return _epsilon(dpsgd_event(noise_multiplier, sample_rate, steps), delta, accountant)
 
 
-def dpsgd_burn_down(noise_multiplier: float, sample_rate: float, steps: Sequence[int], delta: float,
-                    pld_steps: Sequence[int] = ()) -> list[tuple[float, float | None]]:  # fmt: skip
+def dpsgd_burn_down(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: Sequence[int],
+    delta: float,
+    pld_steps: Sequence[int] = (),
+) -> list[tuple[float, float | None]]:
     """(ε by RDP, ε by PLD or None) after each number of steps in ``steps`` (PLD only where it is
     in ``pld_steps``): :func:`dpsgd_epsilon` at every point, with the step's RDP curve and PLD
     built once (the accountants rebuild them per call; the RDP of k steps is k times one step's,
@@ -87,8 +93,9 @@ def dpsgd_burn_down(noise_multiplier: float, sample_rate: float, steps: Sequence
         raise ValueError(f"delta must be in (0, 1). Found {delta!r}.")
     if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps):
         raise ValueError(f"steps must be integers >= 0. Found {list(steps)!r}.")
-    one = rdp_privacy_accountant.RdpAccountant().compose(dpsgd_event(noise_multiplier,
-                                                                      sample_rate, 1))  # fmt: skip
+    one = rdp_privacy_accountant.RdpAccountant().compose(
+        dpsgd_event(noise_multiplier, sample_rate, 1)
+    )
     pld_one = pld_privacy_accountant.PLD.from_gaussian_mechanism(
         standard_deviation=float(noise_multiplier),
         value_discretization_interval=PLD_DISCRETIZATION,
@@ -101,14 +108,18 @@ def dpsgd_burn_down(noise_multiplier: float, sample_rate: float, steps: Sequence
             out.append((0.0, 0.0 if k in pld_steps else None))
             continue
         rdp = float(rdp_privacy_accountant.compute_epsilon(one.orders, k * one.rdp, delta)[0])
-        pld = (float(start.compose(pld_one.self_compose(k)).get_epsilon_for_delta(delta))
-               if k in pld_steps else None)  # fmt: skip
+        pld = (
+            float(start.compose(pld_one.self_compose(k)).get_epsilon_for_delta(delta))
+            if k in pld_steps
+            else None
+        )
         out.append((rdp, pld))
     return out
 
 
-def dpsgd_profile(noise_multiplier: float, sample_rate: float, steps: int,
-                  deltas: Sequence[float]) -> dict[str, list[float]]:  # fmt: skip
+def dpsgd_profile(
+    noise_multiplier: float, sample_rate: float, steps: int, deltas: Sequence[float]
+) -> dict[str, list[float]]:
     """ε(δ) for each δ in ``deltas`` by both accountants, each composed once:
     ``{"rdp": [...], "pld": [...]}``."""
     event = dpsgd_event(noise_multiplier, sample_rate, steps)
@@ -119,8 +130,10 @@ def dpsgd_profile(noise_multiplier: float, sample_rate: float, steps: int,
     for d in deltas:
         if not is_real(d) or not 0 < d < 1:
             raise ValueError(f"deltas must be in (0, 1). Found {d!r}.")
-    return {"rdp": [float(rdp.get_epsilon(d)) for d in deltas],
-            "pld": [float(pld.get_epsilon(d)) for d in deltas]}  # fmt: skip
+    return {
+        "rdp": [float(rdp.get_epsilon(d)) for d in deltas],
+        "pld": [float(pld.get_epsilon(d)) for d in deltas],
+    }
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ __all__ = ["atomic_write", "write_bytes", "write_json"]
 PUBLIC, PRIVATE = 0o644, 0o600
 
 
-def atomic_write(path: str | os.PathLike, fill: Callable[[IO[bytes]], None], *,
-                 private: bool = False) -> Path:  # fmt: skip
+def atomic_write(
+    path: str | os.PathLike, fill: Callable[[IO[bytes]], None], *, private: bool = False
+) -> Path:
     """Writes the file at ``path`` by calling ``fill`` on a binary file object, atomically;
     ``private`` makes it mode 0600 (else 0644). Returns the path."""
     path = Path(path)

@@ -46,8 +46,17 @@ from accounting.ledger import (
 __all__ = ["PUBLIC_COLUMNS", "export_csv", "ledger_frame"]
 
 #: Public columns, in order (``rdp@k`` and ``spent@k`` follow ``public_step``, one per order k).
-PUBLIC_COLUMNS = ("seq", "kind", "status", "event_seq", "event_type", "query", "public_step",
-                  "hash", "prev")  # fmt: skip
+PUBLIC_COLUMNS = (
+    "seq",
+    "kind",
+    "status",
+    "event_seq",
+    "event_type",
+    "query",
+    "public_step",
+    "hash",
+    "prev",
+)
 RESTRICTED_PREFIX = "restricted."
 
 
@@ -75,9 +84,17 @@ def ledger_frame(path: str | os.PathLike, *, restricted: bool = False):
             budget = contents.header.get("budget") or {}
             orders = [float(k) for k in budget.get("monitored_orders", [])]
             spent = [0.0] * len(orders)
-        row = {"seq": rec["seq"], "kind": rec["kind"], "status": rec.get("status"),
-               "event_seq": pd.NA, "event_type": None, "query": pd.NA, "public_step": pd.NA,
-               "hash": digest, "prev": rec["prev"]}  # fmt: skip
+        row = {
+            "seq": rec["seq"],
+            "kind": rec["kind"],
+            "status": rec.get("status"),
+            "event_seq": pd.NA,
+            "event_type": None,
+            "query": pd.NA,
+            "public_step": pd.NA,
+            "hash": digest,
+            "prev": rec["prev"],
+        }
         costs = [math.nan] * len(orders)
         if rec["kind"] == "event":
             event = contents.events[rec["seq"]]
@@ -86,9 +103,12 @@ def ledger_frame(path: str | os.PathLike, *, restricted: bool = False):
             event = contents.events[rec["event_seq"]]
             costs = [float(c) for c in curve_at(event, orders)] if orders else []
             spent = [s + c for s, c in zip(spent, costs)]
-            row.update(event_seq=rec["event_seq"], event_type=type(event).__name__,
-                       query=contents.n_queries,
-                       public_step=isinstance(event, dp_event.NoOpDpEvent))  # fmt: skip
+            row.update(
+                event_seq=rec["event_seq"],
+                event_type=type(event).__name__,
+                query=contents.n_queries,
+                public_step=isinstance(event, dp_event.NoOpDpEvent),
+            )
         for k, c, s in zip(orders, costs, spent):
             row[f"rdp@{k:g}"], row[f"spent@{k:g}"] = c, s
         rows.append(row)
@@ -122,8 +142,9 @@ def _restricted_columns(path: Path, digests: list[str]):
     return frame
 
 
-def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, *,
-               restricted: bool = False) -> int:  # fmt: skip
+def export_csv(
+    path: str | os.PathLike, csv_path: str | os.PathLike, *, restricted: bool = False
+) -> int:
     """Writes :func:`ledger_frame` to ``csv_path`` (lists as JSON text); returns the row count.
 
     The file appears whole (written beside it, then renamed); with ``restricted`` it is created
@@ -133,6 +154,7 @@ def export_csv(path: str | os.PathLike, csv_path: str | os.PathLike, *,
     for col in frame.columns:
         if col.startswith(RESTRICTED_PREFIX):
             frame[col] = [v if not isinstance(v, list) else json.dumps(v) for v in frame[col]]
-    write_bytes(csv_path, frame.to_csv(index=False, lineterminator="\n").encode(),
-                private=restricted)  # fmt: skip
+    write_bytes(
+        csv_path, frame.to_csv(index=False, lineterminator="\n").encode(), private=restricted
+    )
     return len(frame)

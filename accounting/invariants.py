@@ -58,11 +58,16 @@ def overruns(contents: object) -> list[str]:
     mon = [float(k) for k in budget["monitored_orders"]]
     spent = sum_curves(counted, mon)
     limits = rdp_limits(budget["epsilon"], budget["delta"], mon)
-    out = [f"RDP at monitored order {k:g} spent {s:.6g} > budget {b:.6g}"
-           for k, s, b in zip(mon, spent, limits) if s > b]  # fmt: skip
+    out = [
+        f"RDP at monitored order {k:g} spent {s:.6g} > budget {b:.6g}"
+        for k, s, b in zip(mon, spent, limits)
+        if s > b
+    ]
     grid = [float(k) for k in contents.header["orders"]]
     eps, _ = rdp_lib.compute_epsilon(grid, sum_curves(counted, grid), budget["delta"])
     if eps > budget["epsilon"] * (1 + OVERRUN_RTOL):
-        out.append(f"composed epsilon {eps:.6g} > budget epsilon {budget['epsilon']:g} "
-                   f"at delta {budget['delta']:g}")  # fmt: skip
+        out.append(
+            f"composed epsilon {eps:.6g} > budget epsilon {budget['epsilon']:g} "
+            f"at delta {budget['delta']:g}"
+        )
     return out

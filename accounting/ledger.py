@@ -108,8 +108,10 @@ class Verification:
 
     def __str__(self) -> str:
         if self.ok:
-            return (f"{self.path}: OK, {self.records} records, {self.queries} queries, head "
-                    f"{self.head}, {self.signature}")  # fmt: skip
+            return (
+                f"{self.path}: OK, {self.records} records, {self.queries} queries, head "
+                f"{self.head}, {self.signature}"
+            )
         return f"{self.path}:{self.line}: {self.reason}"
 
 
@@ -257,16 +259,19 @@ def verify(
             at = digests.index(expect_head) + 1
             where = f"the expected head is line {at}; {n - at} records follow it"
         else:
-            where = ("the expected head is not in the chain (records at the end were deleted, "
-                     "or this is another ledger)")  # fmt: skip
+            where = (
+                "the expected head is not in the chain (records at the end were deleted, "
+                "or this is another ledger)"
+            )
         reason = f"head {c.head} != expected {expect_head}: {where}"
         return Verification(False, str(path), n + 1, reason, n, c.n_queries, c.head, signed_by)
     if restricted:
         fault = _verify_restricted(restricted_path(path), digests)
         if fault is not None:
             line, reason = fault
-            return Verification(False, str(restricted_path(path)), line, reason, n, c.n_queries,
-                                c.head, signed_by)  # fmt: skip
+            return Verification(
+                False, str(restricted_path(path)), line, reason, n, c.n_queries, c.head, signed_by
+            )
     over = tuple(overruns(c))
     if over:
         reason = "OVERRUN: " + "; ".join(over)
@@ -382,13 +387,24 @@ class Ledger:
         for p in (path, rpath):
             if p.exists():
                 raise FileExistsError(f"ledger file already exists: {p}")
-        header = jsonable({
-            "kind": "header", "seq": 0, "schema": SCHEMA, "run_id": run_id or uuid.uuid4().hex,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mode": mode,
-            "relation": relation, "status": status, "orders": list(orders),
-            "calibration": dict(calibration), "budget": None if budget is None else dict(budget),
-            "versions": _versions(versions), "seeded": seeded, "prev": GENESIS,
-        })  # fmt: skip
+        header = jsonable(
+            {
+                "kind": "header",
+                "seq": 0,
+                "schema": SCHEMA,
+                "run_id": run_id or uuid.uuid4().hex,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "mode": mode,
+                "relation": relation,
+                "status": status,
+                "orders": list(orders),
+                "calibration": dict(calibration),
+                "budget": None if budget is None else dict(budget),
+                "versions": _versions(versions),
+                "seeded": seeded,
+                "prev": GENESIS,
+            }
+        )
         if signing_key is not None:
             from accounting.signing import ALGORITHM, public_hex
 
@@ -398,8 +414,9 @@ class Ledger:
         except Fault as fault:
             raise ValueError(f"header: {fault}") from None
         line, digest = seal(header, signing_key)
-        rline, _ = seal({"kind": "header", "seq": 0, "public": digest, "seed": seed,
-                         "prev": GENESIS})  # fmt: skip
+        rline, _ = seal(
+            {"kind": "header", "seq": 0, "public": digest, "seed": seed, "prev": GENESIS}
+        )
         publish(rpath, rline, 0o600)
         publish(path, line, 0o644)
         return cls(path, fsync=fsync, signing_key=signing_key)
@@ -418,9 +435,16 @@ class Ledger:
         """A snapshot after reading what other processes appended."""
         with self._locked():
             s = self._state
-            return LedgerContents(s.header, s.next_seq, s.head, dict(s.events),
-                                  dict(s.event_seq), dict(s.tally), s.n_queries,
-                                  s.n_public_steps)  # fmt: skip
+            return LedgerContents(
+                s.header,
+                s.next_seq,
+                s.head,
+                dict(s.events),
+                dict(s.event_seq),
+                dict(s.tally),
+                s.n_queries,
+                s.n_public_steps,
+            )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -448,8 +472,12 @@ class Ledger:
             self._offset += len(line) + 1
         if rest:
             # Only a dead writer leaves a partial line: live ones write under this lock.
-            log.warning("%s: removing a torn last line (%d bytes) left by an interrupted append; "
-                        "it was never acknowledged", self.path, len(rest))  # fmt: skip
+            log.warning(
+                "%s: removing a torn last line (%d bytes) left by an interrupted append; "
+                "it was never acknowledged",
+                self.path,
+                len(rest),
+            )
             os.ftruncate(self._fd, self._offset)
             os.fsync(self._fd)
         if self._state.header is None:
@@ -504,8 +532,15 @@ class Ledger:
                     prev = tail_hash(self._rfd, self.restricted_path)
                 except TailCorrupt as err:
                     raise LedgerCorrupt(1, str(err), self.restricted_path) from None
-                line, _ = seal({"kind": "data", "seq": receipt.seq, "public": receipt.hash,
-                                "data": record, "prev": prev})  # fmt: skip
+                line, _ = seal(
+                    {
+                        "kind": "data",
+                        "seq": receipt.seq,
+                        "public": receipt.hash,
+                        "data": record,
+                        "prev": prev,
+                    }
+                )
                 write_all(self._rfd, line + b"\n")
                 if self.fsync:
                     os.fsync(self._rfd)
@@ -568,8 +603,13 @@ class _Transaction:
             admit(self.tally, event)
         es = self._state.event_seq.get(event, self._new.get(event))
         if es is None:
-            record = {"kind": "event", "seq": self._seq, "event": body,
-                      "status": _status_of(event), "prev": self._head}  # fmt: skip
+            record = {
+                "kind": "event",
+                "seq": self._seq,
+                "event": body,
+                "status": _status_of(event),
+                "prev": self._head,
+            }
             try:
                 check_event(record, self._state.header)
             except Fault as fault:
@@ -577,7 +617,14 @@ class _Transaction:
             es = self._new[event] = self._seq
             self._add(record)
         seq = self._seq
-        digest = self._add({"kind": "query", "seq": seq, "event_seq": es,
-                            "status": _status_of(event), "prev": self._head})  # fmt: skip
+        digest = self._add(
+            {
+                "kind": "query",
+                "seq": seq,
+                "event_seq": es,
+                "status": _status_of(event),
+                "prev": self._head,
+            }
+        )
         self.tally[event] = self.tally.get(event, 0) + 1
         return Receipt(seq, digest)

@@ -17,8 +17,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-__all__ = ["ATTACKS", "exposure_rank", "lira_offline", "loss", "min_k", "pmixed_count",
-           "pmixed_llr", "reference_calibrated", "register", "zlib_ratio"]  # fmt: skip
+__all__ = [
+    "ATTACKS",
+    "exposure_rank",
+    "lira_offline",
+    "loss",
+    "min_k",
+    "pmixed_count",
+    "pmixed_llr",
+    "reference_calibrated",
+    "register",
+    "zlib_ratio",
+]
 
 ATTACKS: dict[str, Callable[..., np.ndarray]] = {}
 
@@ -64,8 +74,9 @@ def loss(target: object, *, mask: object | None = None) -> np.ndarray:
 
 
 @register("reference")
-def reference_calibrated(target: object, reference: object, *,
-                         mask: object | None = None) -> np.ndarray:  # fmt: skip
+def reference_calibrated(
+    target: object, reference: object, *, mask: object | None = None
+) -> np.ndarray:
     """Mean log-likelihood ratio target/reference (the public model as reference; LiRA-offline spirit)."""
     lp, m = _logprobs(target, mask, "target")
     lr, _ = _logprobs(reference, m, "reference")

@@ -22,8 +22,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, stats
 
-__all__ = ["BonferroniAll", "Bound", "Fixed", "Split", "cp_epsilon", "cp_lower", "cp_upper",
-           "empirical_epsilon", "exposure_epsilon", "one_run_epsilon", "one_run_p"]  # fmt: skip
+__all__ = [
+    "BonferroniAll",
+    "Bound",
+    "Fixed",
+    "Split",
+    "cp_epsilon",
+    "cp_lower",
+    "cp_upper",
+    "empirical_epsilon",
+    "exposure_epsilon",
+    "one_run_epsilon",
+    "one_run_p",
+]
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,13 @@ class Bound:
     detail: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"epsilon_lb": self.epsilon, "method": self.method, "delta": self.delta,
-                "confidence": self.confidence, **self.detail}  # fmt: skip
+        return {
+            "epsilon_lb": self.epsilon,
+            "method": self.method,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            **self.detail,
+        }
 
 
 def _check_unit(name: str, value: float, *, closed_low: bool = False) -> float:
@@ -75,8 +91,16 @@ def _epsilon_from_rates(fpr_u: float, fnr_u: float, delta: float) -> float:
     return best
 
 
-def cp_epsilon(k_fp: int, n0: int, k_fn: int, n1: int, *, delta: float, eta: float = 0.05,
-               level: tuple[float, float] | None = None) -> float:  # fmt: skip
+def cp_epsilon(
+    k_fp: int,
+    n0: int,
+    k_fn: int,
+    n1: int,
+    *,
+    delta: float,
+    eta: float = 0.05,
+    level: tuple[float, float] | None = None,
+) -> float:
     """ε lower bound from false positives among n0 trials of D' and false negatives among n1 of D.
 
     Both rates are bounded at η/2 each (union bound), unless ``level`` gives the two levels.
@@ -200,8 +224,15 @@ def empirical_epsilon(
         _, t, _, _ = _best(a_in, a_out, delta, eta / 2, eta / 2)
         (k_fp,), (k_fn,) = _counts(b_in, b_out, np.array([t]))
         eps = cp_epsilon(int(k_fp), b_out.size, int(k_fn), b_in.size, delta=delta, eta=eta)
-        detail |= {"threshold": t, "k_fp": int(k_fp), "k_fn": int(k_fn), "seed": strategy.seed,
-                   "n1": int(b_in.size), "n0": int(b_out.size), "frac": strategy.frac}  # fmt: skip
+        detail |= {
+            "threshold": t,
+            "k_fp": int(k_fp),
+            "k_fn": int(k_fn),
+            "seed": strategy.seed,
+            "n1": int(b_in.size),
+            "n0": int(b_out.size),
+            "frac": strategy.frac,
+        }
     return Bound(eps, "clopper_pearson", delta, 1.0 - eta, detail)
 
 
@@ -251,8 +282,9 @@ def one_run_epsilon(m: int, r: int, v: int, *, delta: float, eta: float = 0.05) 
 # --- exposure with an exact null --------------------------------------------------------------
 
 
-def exposure_epsilon(k: int, n: int, n_references: int, *, delta: float,
-                     eta: float = 0.05) -> Bound:  # fmt: skip
+def exposure_epsilon(
+    k: int, n: int, n_references: int, *, delta: float, eta: float = 0.05
+) -> Bound:
     """ε ≥ ln((K+1)·(TPR_lo − δ)) when the secret ranked first in k of n independent trials.
 
     Under D' the secret is exchangeable with K uniform references, so it ranks first with

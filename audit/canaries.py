@@ -28,8 +28,16 @@ import torch
 
 from pmixed.train import LoraSpec, TrainSpec, train_member
 
-__all__ = ["MemberRecipe", "canary_block", "child_rng", "drop_adapter", "model_canaries",
-           "poisson_inclusion", "random_canaries", "retrain_with_canaries"]  # fmt: skip
+__all__ = [
+    "MemberRecipe",
+    "canary_block",
+    "child_rng",
+    "drop_adapter",
+    "model_canaries",
+    "poisson_inclusion",
+    "random_canaries",
+    "retrain_with_canaries",
+]
 
 
 def child_rng(root: int, path: str) -> np.random.Generator:
@@ -39,8 +47,15 @@ def child_rng(root: int, path: str) -> np.random.Generator:
 
 
 @torch.no_grad()
-def model_canaries(model: torch.nn.Module, m: int, length: int, rng: np.random.Generator, *,
-                   first_token_range: tuple[int, int], batch_size: int = 500) -> torch.Tensor:  # fmt: skip
+def model_canaries(
+    model: torch.nn.Module,
+    m: int,
+    length: int,
+    rng: np.random.Generator,
+    *,
+    first_token_range: tuple[int, int],
+    batch_size: int = 500,
+) -> torch.Tensor:
     """``[m, length]`` blocks sampled from the public model (adapters off), temperature 1.
 
     Each sample starts from a uniform first token in ``first_token_range``; the draws come from a
@@ -64,8 +79,9 @@ def model_canaries(model: torch.nn.Module, m: int, length: int, rng: np.random.G
     return torch.cat(out)
 
 
-def random_canaries(m: int, length: int, vocab: int, rng: np.random.Generator, *,
-                    reserved: int = 1) -> torch.Tensor:  # fmt: skip
+def random_canaries(
+    m: int, length: int, vocab: int, rng: np.random.Generator, *, reserved: int = 1
+) -> torch.Tensor:
     """``[m, length]`` token ids uniform on [reserved, vocab): id 0 (EOS/padding) is never drawn."""
     if m < 1 or length < 2:
         raise ValueError(f"m must be >= 1 and length >= 2. Found m={m}, length={length}.")
@@ -99,8 +115,15 @@ def canary_block(pattern: list[int], length: int) -> torch.Tensor:
     return torch.tensor((pattern * (length // len(pattern) + 1))[:length])
 
 
-def retrain_with_canaries(model, name: str, index: int, partition: torch.Tensor,
-                          block: torch.Tensor, copies: int, recipe: MemberRecipe):  # fmt: skip
+def retrain_with_canaries(
+    model,
+    name: str,
+    index: int,
+    partition: torch.Tensor,
+    block: torch.Tensor,
+    copies: int,
+    recipe: MemberRecipe,
+):
     """Adapter ``name``: member ``index`` retrained on ``partition`` plus ``copies`` canary blocks."""
     if copies < 0 or partition.ndim != 2 or block.shape != partition.shape[1:]:
         raise ValueError(

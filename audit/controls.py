@@ -25,20 +25,41 @@ from audit.exact import pair_epsilon
 __all__ = ["alarms", "identical_worlds", "non_private", "randomized_response"]
 
 
-def identical_worlds(n: int, *, delta: float, seed: int, eta: float = 0.05,
-                     strategy: Fixed | Split | BonferroniAll | None = None) -> dict:  # fmt: skip
+def identical_worlds(
+    n: int,
+    *,
+    delta: float,
+    seed: int,
+    eta: float = 0.05,
+    strategy: Fixed | Split | BonferroniAll | None = None,
+) -> dict:
     """C1: n scores per world from the same law; the bound should be 0 (≤ 0.05 passes)."""
     rng = np.random.default_rng(seed)
     s_in, s_out = rng.normal(size=n), rng.normal(size=n)
-    bound = empirical_epsilon(s_in, s_out, delta=delta, eta=eta,
-                              strategy=strategy or BonferroniAll())  # fmt: skip
-    return {"id": "C1", "name": "identical worlds", "expected": "epsilon_lb about 0",
-            "epsilon_lb": bound.epsilon, "passed": bound.epsilon <= 0.05, "seed": seed,
-            "bound": bound.to_json()}  # fmt: skip
+    bound = empirical_epsilon(
+        s_in, s_out, delta=delta, eta=eta, strategy=strategy or BonferroniAll()
+    )
+    return {
+        "id": "C1",
+        "name": "identical worlds",
+        "expected": "epsilon_lb about 0",
+        "epsilon_lb": bound.epsilon,
+        "passed": bound.epsilon <= 0.05,
+        "seed": seed,
+        "bound": bound.to_json(),
+    }
 
 
-def randomized_response(epsilon: float, n: int, *, delta: float, seed: int, k: int = 2,
-                        eta: float = 0.05, repeats: int = 20) -> dict:  # fmt: skip
+def randomized_response(
+    epsilon: float,
+    n: int,
+    *,
+    delta: float,
+    seed: int,
+    k: int = 2,
+    eta: float = 0.05,
+    repeats: int = 20,
+) -> dict:
     """C2: k-ary RR that reports the true bit w.p. e^ε/(e^ε+k−1); n trials per world, ``repeats`` times.
 
     The exact pair (dp-accounting, optimistic rounding) must give ε to 1e-3 (at δ > 0 it may sit
@@ -86,8 +107,14 @@ def non_private(n: int, *, delta: float, seed: int, eta: float = 0.05) -> dict:
     s_in, s_out = 1.0 + rng.random(n), -rng.random(n)
     bound = empirical_epsilon(s_in, s_out, delta=delta, eta=eta, strategy=Fixed(0.5))
     cap = cp_epsilon(0, n, 0, n, delta=delta, eta=eta)
-    return {"id": "C3", "name": "non-private release", "epsilon_lb": bound.epsilon, "cap": cap,
-            "passed": bound.epsilon >= 0.99 * cap, "seed": seed}  # fmt: skip
+    return {
+        "id": "C3",
+        "name": "non-private release",
+        "epsilon_lb": bound.epsilon,
+        "cap": cap,
+        "passed": bound.epsilon >= 0.99 * cap,
+        "seed": seed,
+    }
 
 
 def alarms(lower: Mapping[str, Bound | float], upper: float, *, tolerance: float = 1e-9) -> list:

@@ -38,8 +38,14 @@ from pmixed.executor import Job, LocalExecutor
 from pmixed.train import LoraSpec, TrainSpec
 from pmixed.train_jobs import dpsgd_job, finetune_job
 
-__all__ = ["CanaryPlan", "OneRunPlan", "canary_audit", "canary_result", "one_run_audit",
-           "one_run_guesses"]  # fmt: skip
+__all__ = [
+    "CanaryPlan",
+    "OneRunPlan",
+    "canary_audit",
+    "canary_result",
+    "one_run_audit",
+    "one_run_guesses",
+]
 
 
 @dataclass(frozen=True)
@@ -77,27 +83,52 @@ def one_run_audit(scores: object, inclusion: object, plan: OneRunPlan, *, delta:
     r = int((guesses != 0).sum())
     v = int((guesses == s).sum())
     bound = one_run_epsilon(s.size, r, v, delta=delta, eta=plan.eta)
-    return {**bound.to_json(), "precision": v / r if r else None, "k_pos": plan.k_pos,
-            "k_neg": plan.k_neg}  # fmt: skip
+    return {
+        **bound.to_json(),
+        "precision": v / r if r else None,
+        "k_pos": plan.k_pos,
+        "k_neg": plan.k_neg,
+    }
 
 
-def canary_result(scores: dict[str, np.ndarray], inclusion: np.ndarray, plan: OneRunPlan, *,
-                  delta: float, seed: int, bootstrap: int) -> dict:  # fmt: skip
+def canary_result(
+    scores: dict[str, np.ndarray],
+    inclusion: np.ndarray,
+    plan: OneRunPlan,
+    *,
+    delta: float,
+    seed: int,
+    bootstrap: int,
+) -> dict:
     """The one-run bound plus AUC / TPR at low FPR of each score (in vs out canaries).
 
     Bonferroni over the scores: each one-run bound at η / len(scores); ``one_run`` is the largest.
     """
     inc = np.asarray(inclusion) == 1
     per = replace(plan, eta=plan.eta / len(scores))
-    attacks = {name: {"one_run": one_run_audit(s, inclusion, per, delta=delta),
-                      "risk": risk_metrics(s[inc], s[~inc], seed=seed, resamples=bootstrap)}
-               for name, s in scores.items()}  # fmt: skip
+    attacks = {
+        name: {
+            "one_run": one_run_audit(s, inclusion, per, delta=delta),
+            "risk": risk_metrics(s[inc], s[~inc], seed=seed, resamples=bootstrap),
+        }
+        for name, s in scores.items()
+    }
     best = max(attacks, key=lambda name: attacks[name]["one_run"]["epsilon_lb"])
-    return {"one_run": {**attacks[best]["one_run"], "attack": best,
-                        "selection": f"largest of {len(scores)} scores, each at eta/{len(scores)}"},
-            "risk": attacks[best]["risk"], "attacks": attacks,
-            "canaries": {"m": int(inc.size), "included": int(inc.sum()),
-                         "kind": "public-model samples", "inclusion": "Poisson(1/2)"}}  # fmt: skip
+    return {
+        "one_run": {
+            **attacks[best]["one_run"],
+            "attack": best,
+            "selection": f"largest of {len(scores)} scores, each at eta/{len(scores)}",
+        },
+        "risk": attacks[best]["risk"],
+        "attacks": attacks,
+        "canaries": {
+            "m": int(inc.size),
+            "included": int(inc.sum()),
+            "kind": "public-model samples",
+            "inclusion": "Poisson(1/2)",
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -114,17 +145,35 @@ class CanaryPlan:
 
 def _audit_set(model, private_blocks: torch.Tensor, m: int, seed: int, path: str, vocab: int):
     """(canaries [m, T], inclusion ±1, training data): included canaries + as many private blocks."""
-    canaries = model_canaries(model, m, private_blocks.shape[1], child_rng(seed, f"{path}/draw"),
-                              first_token_range=(1, vocab))  # fmt: skip
+    canaries = model_canaries(
+        model,
+        m,
+        private_blocks.shape[1],
+        child_rng(seed, f"{path}/draw"),
+        first_token_range=(1, vocab),
+    )
     inclusion = poisson_inclusion(m, child_rng(seed, f"{path}/inclusion"))
     inc = torch.from_numpy(inclusion == 1)
     return canaries, inclusion, torch.cat([private_blocks[: int(inc.sum())], canaries[inc]])
 
 
-def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora: LoraSpec,
-                 epsilon: float, delta: float, batch_size: int, lr: float, max_grad_norm: float,
-                 seed: int, vocab: int, progress, base: str | os.PathLike,
-                 executor=None) -> tuple[dict, dict]:  # fmt: skip
+def canary_audit(
+    model,
+    private_blocks: torch.Tensor,
+    plan: CanaryPlan,
+    *,
+    lora: LoraSpec,
+    epsilon: float,
+    delta: float,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float,
+    seed: int,
+    vocab: int,
+    progress,
+    base: str | os.PathLike,
+    executor=None,
+) -> tuple[dict, dict]:
     """(public, restricted) results of the DP-SGD target and the non-private positive control.
 
     Both train on the same audit set: the included canaries plus as many private blocks (the first
@@ -139,20 +188,35 @@ def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora:
     if plan.shadows == 1 or plan.shadows < 0:
         raise ValueError(f"shadows must be 0 or >= 2. Found {plan.shadows}.")
     canaries, inclusion, data = _audit_set(model, private_blocks, m, seed, "canary", vocab)
-    sets = [("", data, 0)] + [(f"-shadow{k}", _audit_set(model, private_blocks, m, seed,
-                                                         f"canary/shadow/{k}", vocab)[2],
-                               100 * (k + 1)) for k in range(plan.shadows)]  # fmt: skip
+    sets = [("", data, 0)] + [
+        (
+            f"-shadow{k}",
+            _audit_set(model, private_blocks, m, seed, f"canary/shadow/{k}", vocab)[2],
+            100 * (k + 1),
+        )
+        for k in range(plan.shadows)
+    ]
     control = TrainSpec(steps=plan.control_steps, batch_size=16, lr=plan.control_lr)
     with tempfile.TemporaryDirectory() as tmp:
         jobs, names = [], []
         for tag, d, offset in sets:
-            dp = dict(epsilon=epsilon, delta=delta, epochs=plan.dpsgd_epochs,
-                      batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
-                      seed=seed + 11 + offset)  # fmt: skip
+            dp = dict(
+                epsilon=epsilon,
+                delta=delta,
+                epochs=plan.dpsgd_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                max_grad_norm=max_grad_norm,
+                seed=seed + 11 + offset,
+            )
             names += [f"audit-dpsgd{tag}", f"audit-finetuned{tag}"]
-            jobs += [Job(dpsgd_job, (base, names[-2], d, lora, Path(tmp) / names[-2], dp)),
-                     Job(finetune_job, (base, names[-1], d, lora, control, seed + 12 + offset,
-                                        Path(tmp) / names[-1]))]  # fmt: skip
+            jobs += [
+                Job(dpsgd_job, (base, names[-2], d, lora, Path(tmp) / names[-2], dp)),
+                Job(
+                    finetune_job,
+                    (base, names[-1], d, lora, control, seed + 12 + offset, Path(tmp) / names[-1]),
+                ),
+            ]
         bar = progress(f"audit: DP-SGD and control runs ({len(sets)} sets)", len(jobs))
         results = (executor or LocalExecutor()).map(jobs, progress=bar)
         for name in names:
@@ -166,11 +230,17 @@ def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora:
         target = block_logprobs(model, name, canaries)
         scores = {"reference": reference_calibrated(target, reference)}
         if plan.shadows:
-            outs = np.stack([loss(block_logprobs(model, f"{name}-shadow{k}", canaries))
-                             for k in range(plan.shadows)], axis=1)  # fmt: skip
+            outs = np.stack(
+                [
+                    loss(block_logprobs(model, f"{name}-shadow{k}", canaries))
+                    for k in range(plan.shadows)
+                ],
+                axis=1,
+            )
             scores["lira"] = lira_offline(loss(target), outs, fixed_variance=True)
-        public[name] = canary_result(scores, inclusion, plan.one_run, delta=delta, seed=seed,
-                                     bootstrap=plan.bootstrap)  # fmt: skip
+        public[name] = canary_result(
+            scores, inclusion, plan.one_run, delta=delta, seed=seed, bootstrap=plan.bootstrap
+        )
         restricted[name] = {k: v.tolist() for k, v in scores.items()}
         for tag in ["", *(f"-shadow{k}" for k in range(plan.shadows))]:
             drop_adapter(model, f"{name}{tag}")
@@ -190,16 +260,21 @@ def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, lora:
         "canaries": m,
         "included": int((inclusion == 1).sum()),
         "canary_kind": "public-model samples, temperature 1, one block each",
-        "seed_paths": ["canary/draw", "canary/inclusion",
-                       *(f"canary/shadow/{k}/{p}" for k in range(plan.shadows)
-                         for p in ("draw", "inclusion"))],
+        "seed_paths": [
+            "canary/draw",
+            "canary/inclusion",
+            *(f"canary/shadow/{k}/{p}" for k in range(plan.shadows) for p in ("draw", "inclusion")),
+        ],
         "seed": seed,
         "dpsgd_epochs": plan.dpsgd_epochs,
         "control_steps": plan.control_steps,
         "control_lr": plan.control_lr,
         "scores": ["reference", *(["lira"] if plan.shadows else [])],
-        "lira": {"shadows_per_target": plan.shadows, "variant": "offline, fixed variance",
-                 "statistic": "mean per-token log-likelihood",
-                 "shadow_data": "same private blocks plus fresh canaries (no audited canary)"},
-    }  # fmt: skip
+        "lira": {
+            "shadows_per_target": plan.shadows,
+            "variant": "offline, fixed variance",
+            "statistic": "mean per-token log-likelihood",
+            "shadow_data": "same private blocks plus fresh canaries (no audited canary)",
+        },
+    }
     return public, restricted

@@ -83,17 +83,24 @@ class ExactPair:
 
     def to_json(self) -> dict:
         charged = None if self.charged_per_query is None else self.charged_per_query.tolist()
-        return {"relation": self.relation, "orders": list(self.orders), "n_queries": self.n_queries,
-                "per_query_max": self.per_query.max(axis=0).tolist(),
-                "summed_forward": self.summed_forward.tolist(),
-                "summed_backward": self.summed_backward.tolist(),
-                "charged_per_query": charged,
-                "charged_total": None if charged is None else
-                (self.charged_per_query * self.n_queries).tolist(),
-                "worst_ratio": None if charged is None else self.worst_ratio,
-                "epsilon_pair": self.epsilon_pair, "delta": self.delta,
-                "pld": {"rounding": "optimistic", "discretization": DISCRETIZATION},
-                "claim_status": self.status, "alarm": self.alarm}  # fmt: skip
+        return {
+            "relation": self.relation,
+            "orders": list(self.orders),
+            "n_queries": self.n_queries,
+            "per_query_max": self.per_query.max(axis=0).tolist(),
+            "summed_forward": self.summed_forward.tolist(),
+            "summed_backward": self.summed_backward.tolist(),
+            "charged_per_query": charged,
+            "charged_total": None
+            if charged is None
+            else (self.charged_per_query * self.n_queries).tolist(),
+            "worst_ratio": None if charged is None else self.worst_ratio,
+            "epsilon_pair": self.epsilon_pair,
+            "delta": self.delta,
+            "pld": {"rounding": "optimistic", "discretization": DISCRETIZATION},
+            "claim_status": self.status,
+            "alarm": self.alarm,
+        }
 
 
 def _laws(lp: np.ndarray, lp0: np.ndarray, cal: Calibration, member: int, replacement):
@@ -112,9 +119,12 @@ def _laws(lp: np.ndarray, lp0: np.ndarray, cal: Calibration, member: int, replac
             rows = lp[t].copy()
             rows[member] = replacement[t]
             lam_other = lam.copy()
-            lam_other[:, member] = lambdas_by_size(rows[member : member + 1], lp0[t], cal,
-                                                   n_sizes=lam.shape[0] if lam.shape[0] > 1
-                                                   else None)[:, 0]  # fmt: skip
+            lam_other[:, member] = lambdas_by_size(
+                rows[member : member + 1],
+                lp0[t],
+                cal,
+                n_sizes=lam.shape[0] if lam.shape[0] > 1 else None,
+            )[:, 0]
             other.append(released_log_law(rows, lp0[t], lam_other, q))
     return np.stack(law), np.stack(other)
 
@@ -123,9 +133,12 @@ def _pair_pld(a: np.ndarray, b: np.ndarray):
     upper = {int(y): float(v) for y, v in enumerate(a) if v > -np.inf}
     lower = {int(y): float(v) for y, v in enumerate(b) if v > -np.inf}
     return pld.from_two_probability_mass_functions(
-        lower, upper, pessimistic_estimate=False,
-        value_discretization_interval=DISCRETIZATION, symmetric=False,
-    )  # fmt: skip
+        lower,
+        upper,
+        pessimistic_estimate=False,
+        value_discretization_interval=DISCRETIZATION,
+        symmetric=False,
+    )
 
 
 def pair_epsilon(log_law: np.ndarray, log_other: np.ndarray, delta: float) -> float:
@@ -137,12 +150,14 @@ def pair_epsilon(log_law: np.ndarray, log_other: np.ndarray, delta: float) -> fl
     return float(max(0.0, total.get_epsilon_for_delta(delta)))
 
 
-def repeated_pair_epsilon(log_law: np.ndarray, log_other: np.ndarray, times: int,
-                          delta: float) -> float:  # fmt: skip
+def repeated_pair_epsilon(
+    log_law: np.ndarray, log_other: np.ndarray, times: int, delta: float
+) -> float:
     """ε(δ) of ONE context's pair asked ``times`` times (query control: the adversary repeats its
     best prompt), by dp-accounting's PLD self-composition with optimistic rounding."""
-    return float(max(0.0, _pair_pld(log_law, log_other).self_compose(times)
-                     .get_epsilon_for_delta(delta)))  # fmt: skip
+    return float(
+        max(0.0, _pair_pld(log_law, log_other).self_compose(times).get_epsilon_for_delta(delta))
+    )
 
 
 def pair_laws(
@@ -182,8 +197,9 @@ def exact_pair_audit(
     lp = np.asarray(logp_members, np.float64)
     lp0 = np.asarray(logp_public, np.float64)
     if lp.ndim != 3 or lp0.shape != (lp.shape[0], lp.shape[2]):
-        raise ValueError(f"logp_members [T, N, V] and logp_public [T, V] disagree: "
-                         f"{lp.shape}, {lp0.shape}.")  # fmt: skip
+        raise ValueError(
+            f"logp_members [T, N, V] and logp_public [T, V] disagree: {lp.shape}, {lp0.shape}."
+        )
     if not 0 <= member < lp.shape[1]:
         raise ValueError(f"member must be in [0, {lp.shape[1] - 1}]. Found {member}.")
     rep = None if replacement is None else np.asarray(replacement, np.float64)
@@ -201,14 +217,29 @@ def exact_pair_audit(
     else:
         charged = None  # an AR claim says nothing directly about a replaced member
     d = calibration.delta if delta is None else delta
-    return ExactPair(relation, tuple(int(k) for k in calibration.orders), lp.shape[0],
-                     np.maximum(fwd, bwd), np.maximum(fwd, bwd).sum(axis=0), fwd.sum(axis=0),
-                     bwd.sum(axis=0), charged, pair_epsilon(law, other, d), d,
-                     calibration.status)  # fmt: skip
+    return ExactPair(
+        relation,
+        tuple(int(k) for k in calibration.orders),
+        lp.shape[0],
+        np.maximum(fwd, bwd),
+        np.maximum(fwd, bwd).sum(axis=0),
+        fwd.sum(axis=0),
+        bwd.sum(axis=0),
+        charged,
+        pair_epsilon(law, other, d),
+        d,
+        calibration.status,
+    )
 
 
-def conformance(logp_members: object, logp_public: object, calibration: Calibration, *,
-                n_samples: int, rng: np.random.Generator) -> dict:  # fmt: skip
+def conformance(
+    logp_members: object,
+    logp_public: object,
+    calibration: Calibration,
+    *,
+    n_samples: int,
+    rng: np.random.Generator,
+) -> dict:
     """χ² of ``n_samples`` draws of the real sampler against the exact law of one context.
 
     Bins: every token with expected count ≥ 5, the rest pooled. Also tests the subset sizes
@@ -227,8 +258,12 @@ def conformance(logp_members: object, logp_public: object, calibration: Calibrat
     n, q = lp.shape[0], calibration.config.sampling_rate
     token_p = _chi2(np.bincount(tokens, minlength=law.size), law)
     size_p = _chi2(np.bincount(sizes, minlength=n + 1), stats.binom.pmf(np.arange(n + 1), n, q))
-    return {"n_samples": n_samples, "token_p_value": token_p, "subset_size_p_value": size_p,
-            "duplicate_members": int(duplicates)}  # fmt: skip
+    return {
+        "n_samples": n_samples,
+        "token_p_value": token_p,
+        "subset_size_p_value": size_p,
+        "duplicate_members": int(duplicates),
+    }
 
 
 def _chi2(counts: np.ndarray, probs: np.ndarray) -> float:

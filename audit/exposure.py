@@ -79,13 +79,18 @@ def _summary(ranks: np.ndarray, plan: ExposurePlan, delta: float) -> dict:
     k = int((ranks == 1).sum())
     bound = exposure_epsilon(k, ranks.size, plan.references, delta=delta, eta=plan.eta)
     bits = math.log2(plan.references + 1) - np.log2(ranks)
-    return {**bound.to_json(), "first_places": k, "trials": int(ranks.size),
-            "mean_exposure_bits": float(bits.mean()),
-            "max_exposure_bits": math.log2(plan.references + 1)}  # fmt: skip
+    return {
+        **bound.to_json(),
+        "first_places": k,
+        "trials": int(ranks.size),
+        "mean_exposure_bits": float(bits.mean()),
+        "max_exposure_bits": math.log2(plan.references + 1),
+    }
 
 
-def synthetic_control(plan: ExposurePlan, *, delta: float, seed: int, space: int = 1000,
-                      leak: float = 0.25) -> dict:  # fmt: skip
+def synthetic_control(
+    plan: ExposurePlan, *, delta: float, seed: int, space: int = 1000, leak: float = 0.25
+) -> dict:
     """C3-exposure: each of the T released tokens is the secret with probability ``leak``, else
     uniform on a space of ``space`` tokens; the same ranking and bound as the real audit."""
     rng = child_rng(seed, "controls/C3-exposure")
@@ -97,15 +102,30 @@ def synthetic_control(plan: ExposurePlan, *, delta: float, seed: int, space: int
         )
         ranks.append(_rank(tokens, s, refs, rng))
     result = _summary(np.array(ranks), plan, delta)
-    return {"id": "C3-exposure", "name": f"release leaking the secret with probability {leak}",
-            "expected": "epsilon_lb >= 1", "epsilon_lb": result["epsilon_lb"],
-            "first_places": result["first_places"], "trials": result["trials"],
-            "passed": result["epsilon_lb"] >= 1.0}  # fmt: skip
+    return {
+        "id": "C3-exposure",
+        "name": f"release leaking the secret with probability {leak}",
+        "expected": "epsilon_lb >= 1",
+        "epsilon_lb": result["epsilon_lb"],
+        "first_places": result["first_places"],
+        "trials": result["trials"],
+        "passed": result["epsilon_lb"] >= 1.0,
+    }
 
 
-def exposure_audit(model, members: list[str], tok, cal: Calibration, plan: ExposurePlan, *,
-                   seed: int, member: int, partition: torch.Tensor, recipe: MemberRecipe,
-                   progress) -> tuple[dict, dict]:  # fmt: skip
+def exposure_audit(
+    model,
+    members: list[str],
+    tok,
+    cal: Calibration,
+    plan: ExposurePlan,
+    *,
+    seed: int,
+    member: int,
+    partition: torch.Tensor,
+    recipe: MemberRecipe,
+    progress,
+) -> tuple[dict, dict]:
     """(public, restricted): exposure through the ``replace_one`` deployment ``cal``, and C3."""
     if plan.queries > cal.config.query_budget:
         raise ValueError(f"plan.queries must be <= query_budget={cal.config.query_budget}.")
@@ -143,16 +163,29 @@ def exposure_audit(model, members: list[str], tok, cal: Calibration, plan: Expos
     ranks, control = np.array(ranks), np.array(control)
     public = {
         "format": f"{EXPOSURE_PROMPT} <secret token>",
-        "secret_space": {"size": int(space.size), "band_p0": list(plan.band),
-                         "rule": "tokens with public p0 after the prompt in the band"},
-        "queries_per_trial": plan.queries, "references": plan.references,
+        "secret_space": {
+            "size": int(space.size),
+            "band_p0": list(plan.band),
+            "rule": "tokens with public p0 after the prompt in the band",
+        },
+        "queries_per_trial": plan.queries,
+        "references": plan.references,
         "canary_copies_per_partition_block": plan.copies_per_block,
         "score": "count of each candidate among the released tokens; rank 1 = most frequent",
         "pmixed": _summary(ranks, plan, cal.delta),
         "non_private_release": _summary(control, plan, cal.delta),
-        "seed_paths": ["exposure/secrets", "exposure/ties", "exposure/control",
-                       "exposure/deployments"],
-    }  # fmt: skip
-    restricted = {"member": member, "secrets": secrets, "ranks": ranks.tolist(),
-                  "control_ranks": control.tolist(), "copies": copies}  # fmt: skip
+        "seed_paths": [
+            "exposure/secrets",
+            "exposure/ties",
+            "exposure/control",
+            "exposure/deployments",
+        ],
+    }
+    restricted = {
+        "member": member,
+        "secrets": secrets,
+        "ranks": ranks.tolist(),
+        "control_ranks": control.tolist(),
+        "copies": copies,
+    }
     return public, restricted

@@ -20,8 +20,20 @@ from pathlib import Path
 
 __all__ = ["AUDIT_COLUMNS", "audit_frame", "scores_frame"]
 
-AUDIT_COLUMNS = ("mechanism", "relation", "kind", "target", "method", "attack", "epsilon", "delta",
-                 "confidence", "claim", "ratio", "alarm")  # fmt: skip
+AUDIT_COLUMNS = (
+    "mechanism",
+    "relation",
+    "kind",
+    "target",
+    "method",
+    "attack",
+    "epsilon",
+    "delta",
+    "confidence",
+    "claim",
+    "ratio",
+    "alarm",
+)
 
 
 def _load(audit: Mapping | str | os.PathLike) -> Mapping:
@@ -34,19 +46,37 @@ def _load(audit: Mapping | str | os.PathLike) -> Mapping:
 def _row(name: str, m: Mapping, kind: str, target: str, method: str, epsilon: float, **kw) -> dict:
     claim = m["claim"].get("epsilon_ub")
     ratio = epsilon / claim if claim else math.nan
-    return {"mechanism": name, "relation": m["relation"], "kind": kind, "target": target,
-            "method": method, "attack": kw.get("attack"), "epsilon": float(epsilon),
-            "delta": kw.get("delta", m["delta"]), "confidence": kw.get("confidence", math.nan),
-            "claim": math.nan if claim is None else float(claim), "ratio": ratio,
-            "alarm": bool(kw.get("alarm", False))}  # fmt: skip
+    return {
+        "mechanism": name,
+        "relation": m["relation"],
+        "kind": kind,
+        "target": target,
+        "method": method,
+        "attack": kw.get("attack"),
+        "epsilon": float(epsilon),
+        "delta": kw.get("delta", m["delta"]),
+        "confidence": kw.get("confidence", math.nan),
+        "claim": math.nan if claim is None else float(claim),
+        "ratio": ratio,
+        "alarm": bool(kw.get("alarm", False)),
+    }
 
 
 def _bound(name: str, m: Mapping, target: str, b: Mapping, attack: str | None) -> dict:
     claim = m["claim"].get("epsilon_ub")
     alarm = claim is not None and b["epsilon_lb"] > claim
-    return _row(name, m, "empirical", target, b["method"], b["epsilon_lb"], delta=b["delta"],
-                confidence=b["confidence"], attack=attack or b.get("attack") or b.get("score"),
-                alarm=alarm)  # fmt: skip
+    return _row(
+        name,
+        m,
+        "empirical",
+        target,
+        b["method"],
+        b["epsilon_lb"],
+        delta=b["delta"],
+        confidence=b["confidence"],
+        attack=attack or b.get("attack") or b.get("score"),
+        alarm=alarm,
+    )
 
 
 def audit_frame(audit: Mapping | str | os.PathLike):
@@ -57,14 +87,33 @@ def audit_frame(audit: Mapping | str | os.PathLike):
     for name, m in data["mechanisms"].items():
         if "exact_pair" in m:
             ex = m["exact_pair"]
-            rows.append(_row(name, m, "exact", ex["pair"], "exact pair (PLD)", ex["epsilon_pair"],
-                             delta=ex["delta"], alarm=ex["alarm"]))  # fmt: skip
+            rows.append(
+                _row(
+                    name,
+                    m,
+                    "exact",
+                    ex["pair"],
+                    "exact pair (PLD)",
+                    ex["epsilon_pair"],
+                    delta=ex["delta"],
+                    alarm=ex["alarm"],
+                )
+            )
         for case, wc in m.get("worst_case", {}).items():
             if "epsilon_pair" in wc:
                 times = wc.get("times") or wc.get("epsilon_pair_times")
                 method = "exact pair (PLD)" + (f", asked {times} times" if times else "")
-                rows.append(_row(name, m, "worst_case", case, method, wc["epsilon_pair"],
-                                 alarm=wc.get("alarm", False)))  # fmt: skip
+                rows.append(
+                    _row(
+                        name,
+                        m,
+                        "worst_case",
+                        case,
+                        method,
+                        wc["epsilon_pair"],
+                        alarm=wc.get("alarm", False),
+                    )
+                )
         for e in m.get("empirical", []):
             if "epsilon_lb" in e:  # a bound (PMixED's game and exposure)
                 rows.append(_bound(name, m, e["target"], e, None))
@@ -82,8 +131,10 @@ def scores_frame(run: str | os.PathLike, *, restricted: bool = False):
     import pandas as pd
 
     if not restricted:
-        raise PermissionError("per-example membership scores are restricted data "
-                              "(audit.restricted.json): ask with restricted=True.")  # fmt: skip
+        raise PermissionError(
+            "per-example membership scores are restricted data "
+            "(audit.restricted.json): ask with restricted=True."
+        )
     path = Path(run)
     data = json.loads((path / "audit.restricted.json" if path.is_dir() else path).read_text())
     rows = []

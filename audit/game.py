@@ -38,8 +38,17 @@ from pmixed.mechanism import exact_released_log_law
 from pmixed.models import EnsembleLM
 from pmixed.privacy import Calibration
 
-__all__ = ["CANARY_PROMPT", "GamePlan", "PlantedCanary", "choose_target", "logprobs_at",
-           "plant_canary", "play", "pmixed_game", "poison_member"]  # fmt: skip
+__all__ = [
+    "CANARY_PROMPT",
+    "GamePlan",
+    "PlantedCanary",
+    "choose_target",
+    "logprobs_at",
+    "plant_canary",
+    "play",
+    "pmixed_game",
+    "poison_member",
+]
 
 #: The public canary context (no private text is needed to audit PMixED).
 CANARY_PROMPT = "The secret word of the day is"
@@ -64,8 +73,9 @@ def _poisoned(lp0: np.ndarray, y: int, mass: float = 0.99) -> np.ndarray:
     return np.log(p / p.sum())
 
 
-def choose_target(lp0: np.ndarray, lps: np.ndarray, cal: Calibration, member: int,
-                  plan: GamePlan) -> int:  # fmt: skip
+def choose_target(
+    lp0: np.ndarray, lps: np.ndarray, cal: Calibration, member: int, plan: GamePlan
+) -> int:
     """y* in the band maximising the exact per-query divergence of the poisoned pair at the
     planned order (public model and members at x; the choice reads no trial)."""
     p0 = np.exp(lp0)
@@ -77,8 +87,9 @@ def choose_target(lp0: np.ndarray, lps: np.ndarray, cal: Calibration, member: in
     k = cal.orders.index(cal.planned_order)
     best, best_d = int(picks[0]), -1.0
     for y in picks:
-        pair = exact_pair_audit(lps[None], lp0[None], cal, member=member,
-                                replacement=_poisoned(lp0, int(y))[None])  # fmt: skip
+        pair = exact_pair_audit(
+            lps[None], lp0[None], cal, member=member, replacement=_poisoned(lp0, int(y))[None]
+        )
         if pair.per_query[0, k] > best_d:
             best, best_d = int(y), float(pair.per_query[0, k])
     return best
@@ -106,9 +117,18 @@ class PlantedCanary:
     logp_canary: np.ndarray  # [V] the canary member at the prompt
 
 
-def plant_canary(model, members: list[str], tok, cal: Calibration, plan: GamePlan, *,
-                 member: int, partition: torch.Tensor, recipe: MemberRecipe,
-                 adapter: str = "canary-member") -> PlantedCanary:  # fmt: skip
+def plant_canary(
+    model,
+    members: list[str],
+    tok,
+    cal: Calibration,
+    plan: GamePlan,
+    *,
+    member: int,
+    partition: torch.Tensor,
+    recipe: MemberRecipe,
+    adapter: str = "canary-member",
+) -> PlantedCanary:
     """Chooses y*, retrains member ``member`` on ``partition`` plus the canary blocks."""
     prompt = tok(CANARY_PROMPT)["input_ids"]
     logp = logprobs_at(model, prompt, ["__base__", *members])
@@ -120,20 +140,28 @@ def plant_canary(model, members: list[str], tok, cal: Calibration, plan: GamePla
     return PlantedCanary(adapter, member, prompt, y, copies, logp[0], logp[1:], lc)
 
 
-def poison_member(model, canary: PlantedCanary, *, partition: torch.Tensor, recipe: MemberRecipe,
-                  adapter: str = "poisoned-member") -> np.ndarray:  # fmt: skip
+def poison_member(
+    model,
+    canary: PlantedCanary,
+    *,
+    partition: torch.Tensor,
+    recipe: MemberRecipe,
+    adapter: str = "poisoned-member",
+) -> np.ndarray:
     """Threat model (b): member ``canary.member``'s partition holds the canary user's records only
     (as many canary blocks as the partition holds blocks, so training sees as many batches),
     trained by the deployment's own recipe as adapter ``adapter``. Returns its log-probs at the
     canary prompt ``[V]``: the member as far from the public model as this training pushes it."""
     block = canary_block([*canary.prompt, canary.target], partition.shape[1])
-    retrain_with_canaries(model, adapter, canary.member, partition[:0], block, len(partition),
-                          recipe)  # fmt: skip
+    retrain_with_canaries(
+        model, adapter, canary.member, partition[:0], block, len(partition), recipe
+    )
     return logprobs_at(model, canary.prompt, [adapter])[0]
 
 
-def play(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed: int,
-         folder: Path) -> np.ndarray:  # fmt: skip
+def play(
+    lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed: int, folder: Path
+) -> np.ndarray:
     """One fresh deployment (own ledger, budget, seed): ``queries`` one-token answers to ``prompt``."""
     with Deployment.create(folder / f"trial-{seed}.jsonl", cal, seed=seed) as deployment:
         out = PrivateGenerator(lm, deployment).generate([prompt] * queries, 1)
@@ -142,8 +170,17 @@ def play(lm: EnsembleLM, cal: Calibration, prompt: list[int], queries: int, seed
     return np.array([g.tokens[0] for g in out])
 
 
-def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan,
-                canary: PlantedCanary, *, seed: int, progress) -> tuple[dict, dict]:  # fmt: skip
+def pmixed_game(
+    model,
+    members: list[str],
+    tok,
+    cal: Calibration,
+    plan: GamePlan,
+    canary: PlantedCanary,
+    *,
+    seed: int,
+    progress,
+) -> tuple[dict, dict]:
     """(public, restricted) result of the game against ``cal``'s claim (a replace_one claim)."""
     if plan.queries > cal.config.query_budget:
         raise ValueError(f"plan.queries must be <= query_budget={cal.config.query_budget}.")
@@ -164,8 +201,9 @@ def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan
             rng = child_rng(seed, f"pmixed/game/{w}")
             runs = []
             for i in range(plan.trials):
-                runs.append(play(lm, cal, canary.prompt, plan.queries, int(rng.integers(2**31)),
-                                 Path(d)))  # fmt: skip
+                runs.append(
+                    play(lm, cal, canary.prompt, plan.queries, int(rng.integers(2**31)), Path(d))
+                )
                 bar(len(tokens) * plan.trials + i + 1)
             tokens[w] = np.stack(runs)
     targets = np.full(plan.queries, y)
@@ -173,17 +211,29 @@ def pmixed_game(model, members: list[str], tok, cal: Calibration, plan: GamePlan
         "count": (pmixed_count(tokens["D"], targets), pmixed_count(tokens["D'"], targets)),
         "llr": (pmixed_llr(tokens["D"], *laws), pmixed_llr(tokens["D'"], *laws)),
     }
-    empirical = [{"score": name, **empirical_epsilon(a, b, delta=cal.delta, eta=plan.eta,
-                                                     strategy=BonferroniAll()).to_json()}
-                 for name, (a, b) in scores.items()]  # fmt: skip
+    empirical = [
+        {
+            "score": name,
+            **empirical_epsilon(
+                a, b, delta=cal.delta, eta=plan.eta, strategy=BonferroniAll()
+            ).to_json(),
+        }
+        for name, (a, b) in scores.items()
+    ]
     risk = {name: risk_metrics(a, b, seed=seed, resamples=1000) for name, (a, b) in scores.items()}
-    public = {"relation": "replace_one (member j retrained with a canary user's blocks)",
-              "prompt": CANARY_PROMPT, "queries_per_trial": plan.queries,
-              "trials_per_world": plan.trials, "canary_copies_per_partition_block":
-              plan.copies_per_block,
-              "epsilon_pair": eps_pair, "per_query_worst_ratio": pair.worst_ratio,
-              "per_query_alarm": pair.alarm, "empirical": empirical, "risk": risk,
-              "mean_count": {w: float(s.mean()) for w, s in zip(("D", "D'"), scores["count"])}}  # fmt: skip
+    public = {
+        "relation": "replace_one (member j retrained with a canary user's blocks)",
+        "prompt": CANARY_PROMPT,
+        "queries_per_trial": plan.queries,
+        "trials_per_world": plan.trials,
+        "canary_copies_per_partition_block": plan.copies_per_block,
+        "epsilon_pair": eps_pair,
+        "per_query_worst_ratio": pair.worst_ratio,
+        "per_query_alarm": pair.alarm,
+        "empirical": empirical,
+        "risk": risk,
+        "mean_count": {w: float(s.mean()) for w, s in zip(("D", "D'"), scores["count"])},
+    }
     # y*, p0(y*) and the canary member's p(y*|x) read the members: restricted.
     restricted = {
         "member": j,

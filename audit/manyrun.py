@@ -82,8 +82,10 @@ def pilot_thresholds(sigma: float, plan: ManyRunPlan, seed_path: str) -> dict[st
     r, t = plan.pilot_runs, plan.steps
     u_in = (rng.random((r, t)) < plan.q) + sigma * rng.standard_normal((r, t))
     u_out = sigma * rng.standard_normal((r, t))
-    sims = {"white_box": (update_llr(u_in, plan.q, sigma), update_llr(u_out, plan.q, sigma)),
-            "black_box": (u_in.sum(axis=1), u_out.sum(axis=1))}  # fmt: skip
+    sims = {
+        "white_box": (update_llr(u_in, plan.q, sigma), update_llr(u_out, plan.q, sigma)),
+        "black_box": (u_in.sum(axis=1), u_out.sum(axis=1)),
+    }
     half = plan.eta / 2
     for name, (a, b) in sims.items():
         _, threshold, _, _ = _best(a, b, plan.delta, half, half)
@@ -91,8 +93,9 @@ def pilot_thresholds(sigma: float, plan: ManyRunPlan, seed_path: str) -> dict[st
     return out
 
 
-def corrected_dpsgd_audit(plan: ManyRunPlan, progress: Callable[[int], None] | None = None
-                          ) -> list[dict]:  # fmt: skip
+def corrected_dpsgd_audit(
+    plan: ManyRunPlan, progress: Callable[[int], None] | None = None
+) -> list[dict]:
     """One row per claimed ε: σ, the claim (PLD and RDP), ε_lb per score and the one-run bound."""
     task = make_task(plan.n, plan.d, plan.seed)
     rows = []
@@ -106,18 +109,28 @@ def corrected_dpsgd_audit(plan: ManyRunPlan, progress: Callable[[int], None] | N
         for w, present in (("D", True), ("D'", False)):
             gen = _torch_generator(plan.seed, f"manyrun/{eps}/{w}")
             runs = train_batched(task, runs=plan.runs, canary=present, generator=gen, **common)
-            worlds[w] = scores(runs, q=plan.q, sigma=sigma_claim, clip=plan.clip, lr=plan.lr,
-                               n=task.n)  # fmt: skip
+            worlds[w] = scores(
+                runs, q=plan.q, sigma=sigma_claim, clip=plan.clip, lr=plan.lr, n=task.n
+            )
         bounds = _bounds(worlds["D"], worlds["D'"], thresholds, plan)
         for b in bounds.values():
             b["ratio"] = b["epsilon_lb"] / claim["epsilon"]
         best = max(bounds, key=lambda k: bounds[k]["epsilon_lb"])
-        rows.append({"claim": claim, "noise_multiplier": sigma, "claimed_noise_multiplier":
-                     sigma_claim, "runs_per_world": plan.runs, "bounds": bounds,
-                     "epsilon_lb": bounds[best]["epsilon_lb"], "best": best,
-                     "ratio": bounds[best]["ratio"],
-                     "one_run": _one_run(task, sigma, sigma_claim, plan, eps)
-                     if plan.one_run_canaries else None})  # fmt: skip
+        rows.append(
+            {
+                "claim": claim,
+                "noise_multiplier": sigma,
+                "claimed_noise_multiplier": sigma_claim,
+                "runs_per_world": plan.runs,
+                "bounds": bounds,
+                "epsilon_lb": bounds[best]["epsilon_lb"],
+                "best": best,
+                "ratio": bounds[best]["ratio"],
+                "one_run": _one_run(task, sigma, sigma_claim, plan, eps)
+                if plan.one_run_canaries
+                else None,
+            }
+        )
         if progress is not None:
             progress(i + 1)
     return rows
@@ -132,8 +145,10 @@ def _bounds(scores_in: dict, scores_out: dict, thresholds: dict, plan: ManyRunPl
     out = {}
     for name in SCORES:
         a, b = scores_in[name], scores_out[name]
-        for label, strategy in (("fixed", Fixed(thresholds[name])),
-                                ("split", Split(0.5, plan.seed))):  # fmt: skip
+        for label, strategy in (
+            ("fixed", Fixed(thresholds[name])),
+            ("split", Split(0.5, plan.seed)),
+        ):
             bound = empirical_epsilon(a, b, delta=plan.delta, eta=eta, strategy=strategy)
             out[f"{name}/{label}"] = bound.to_json()
     return out
@@ -145,8 +160,16 @@ def _one_run(task, sigma: float, sigma_claim: float, plan: ManyRunPlan, eps: flo
     rng = child_rng(plan.seed, f"manyrun/one_run/{eps}/inclusion")
     inclusion = rng.random(plan.one_run_canaries) < 0.5
     gen = _torch_generator(plan.seed, f"manyrun/one_run/{eps}/train")
-    u = train_one_run(task, inclusion=inclusion, steps=plan.steps, q=plan.q, sigma=sigma,
-                      clip=plan.clip, lr=plan.lr, generator=gen)  # fmt: skip
+    u = train_one_run(
+        task,
+        inclusion=inclusion,
+        steps=plan.steps,
+        q=plan.q,
+        sigma=sigma,
+        clip=plan.clip,
+        lr=plan.lr,
+        generator=gen,
+    )
     s = update_llr(u, plan.q, sigma_claim)
     guesses = one_run_guesses(s, plan.one_run_guesses, plan.one_run_guesses)
     r = int((guesses != 0).sum())
@@ -155,8 +178,9 @@ def _one_run(task, sigma: float, sigma_claim: float, plan: ManyRunPlan, eps: flo
     return {**b.to_json(), "m": plan.one_run_canaries, "r": r, "v": v}
 
 
-def seed_dpsgd_audit(cfg: SeedConfig | None = None, *, runs: int = 1000, seed: int = 0,
-                     eta: float = 0.05) -> dict:  # fmt: skip
+def seed_dpsgd_audit(
+    cfg: SeedConfig | None = None, *, runs: int = 1000, seed: int = 0, eta: float = 0.05
+) -> dict:
     """The seed's DP-SGD against its own claim: white-box (the canary coordinate's update at
     each step) and black-box (final weight) scores, CP at a fixed threshold of C·lr/2 on the
     final weight's move (half the canary's one-step effect, declared in advance)."""
@@ -167,13 +191,21 @@ def seed_dpsgd_audit(cfg: SeedConfig | None = None, *, runs: int = 1000, seed: i
     w_out, u_out = train_seed(cfg, runs=runs, canary=False, rng=rng)
     threshold = cfg.clip * cfg.lr / 2
     out = {}
-    for name, (a, b) in {"white_box": (-u_in.min(axis=1), -u_out.min(axis=1)),
-                         "black_box": (-w_in[:, -1], -w_out[:, -1])}.items():  # fmt: skip
+    for name, (a, b) in {
+        "white_box": (-u_in.min(axis=1), -u_out.min(axis=1)),
+        "black_box": (-w_in[:, -1], -w_out[:, -1]),
+    }.items():
         bound = empirical_epsilon(a, b, delta=cfg.delta, eta=eta / 2, strategy=Fixed(threshold))
         out[name] = {**bound.to_json(), "ratio": bound.epsilon / claim}
-    return {"claimed_epsilon": claim, "claim_formula": "steps * sigma * sqrt(2 ln(1.25/delta)) / "
-            "(C / batch_size), as the seed wrote it", "config": asdict(cfg), "runs_per_world":
-            runs, "bounds": out, "violation": max(v["epsilon_lb"] for v in out.values()) > claim}  # fmt: skip
+    return {
+        "claimed_epsilon": claim,
+        "claim_formula": "steps * sigma * sqrt(2 ln(1.25/delta)) / "
+        "(C / batch_size), as the seed wrote it",
+        "config": asdict(cfg),
+        "runs_per_world": runs,
+        "bounds": out,
+        "violation": max(v["epsilon_lb"] for v in out.values()) > claim,
+    }
 
 
 def tightness(rows: list[dict]) -> dict[str, list[float]]:
@@ -181,6 +213,7 @@ def tightness(rows: list[dict]) -> dict[str, list[float]]:
     out = {"many_run": [r["ratio"] for r in rows]}
     for key in rows[0]["bounds"] if rows else ():
         out[key] = [r["bounds"][key]["ratio"] for r in rows]
-    out["one_run"] = [r["one_run"]["epsilon_lb"] / r["claim"]["epsilon"] for r in rows
-                      if r["one_run"] is not None]  # fmt: skip
+    out["one_run"] = [
+        r["one_run"]["epsilon_lb"] / r["claim"]["epsilon"] for r in rows if r["one_run"] is not None
+    ]
     return out

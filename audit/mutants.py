@@ -78,29 +78,51 @@ _RUNS = {"test": 400, "quick": 2000, "full": 10_000}
 _EVALS = {"test": 20, "quick": 150, "full": 300}
 
 
-@register("seed_dpsgd", "the seed's DP-SGD: clipped mean gradient, absolute noise sigma, and a "
-          "claim with sigma in the numerator", "white-box many-run CP vs its own claim",
-          cheap=False)  # fmt: skip
+@register(
+    "seed_dpsgd",
+    "the seed's DP-SGD: clipped mean gradient, absolute noise sigma, and a "
+    "claim with sigma in the numerator",
+    "white-box many-run CP vs its own claim",
+    cheap=False,
+)
 def _seed(defective: bool, seed: int, scale: str) -> dict:
     if not defective:  # the twin is the corrected algorithm at the same claimed epsilon
         return _dpsgd(False, seed, scale, claim=0.5)
     r = seed_dpsgd_audit(runs=_RUNS[scale], seed=seed)
     lb = max(b["epsilon_lb"] for b in r["bounds"].values())
-    return {"detected": r["violation"], "epsilon_lb": lb, "claim": r["claimed_epsilon"],
-            "evidence": f"epsilon_lb {lb:.3g} > claimed {r['claimed_epsilon']:.3g}"}  # fmt: skip
+    return {
+        "detected": r["violation"],
+        "epsilon_lb": lb,
+        "claim": r["claimed_epsilon"],
+        "evidence": f"epsilon_lb {lb:.3g} > claimed {r['claimed_epsilon']:.3g}",
+    }
 
 
 def _dpsgd(defective: bool, seed: int, scale: str, claim: float = 2.0) -> dict:
-    plan = ManyRunPlan(claims=(claim,), runs=_RUNS[scale], pilot_runs=_RUNS[scale],
-                       seed=seed, noise_scale=0.25 if defective else 1.0, one_run_canaries=0)  # fmt: skip
+    plan = ManyRunPlan(
+        claims=(claim,),
+        runs=_RUNS[scale],
+        pilot_runs=_RUNS[scale],
+        seed=seed,
+        noise_scale=0.25 if defective else 1.0,
+        one_run_canaries=0,
+    )
     (row,) = corrected_dpsgd_audit(plan)
     lb, eps = row["epsilon_lb"], row["claim"]["epsilon"]
-    return {"detected": lb > eps, "epsilon_lb": lb, "claim": eps,
-            "evidence": f"epsilon_lb {lb:.3g} {'>' if lb > eps else '<='} claim {eps:.3g}"}  # fmt: skip
+    return {
+        "detected": lb > eps,
+        "epsilon_lb": lb,
+        "claim": eps,
+        "evidence": f"epsilon_lb {lb:.3g} {'>' if lb > eps else '<='} claim {eps:.3g}",
+    }
 
 
-register("dpsgd_noise_div4", "corrected DP-SGD with the noise multiplier divided by 4, claim "
-         "unchanged", "white-box many-run CP vs the claim", cheap=False)(_dpsgd)  # fmt: skip
+register(
+    "dpsgd_noise_div4",
+    "corrected DP-SGD with the noise multiplier divided by 4, claim unchanged",
+    "white-box many-run CP vs the claim",
+    cheap=False,
+)(_dpsgd)
 
 
 def _toy(seed: int, n_members: int, vocab: int = 300):
@@ -113,8 +135,14 @@ def _toy(seed: int, n_members: int, vocab: int = 300):
     return np.log(p0), np.log(others), rng
 
 
-_TOY = dict(n_members=4, sampling_rate=0.05, epsilon=8.0, delta=1e-5, query_budget=1024,
-            orders=tuple(range(2, 33)))  # fmt: skip
+_TOY = dict(
+    n_members=4,
+    sampling_rate=0.05,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=1024,
+    orders=tuple(range(2, 33)),
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,39 +151,65 @@ def _calibrated(**kw) -> Calibration:
     return PMixEDConfig(**{**kw, "orders": tuple(kw["orders"])}).calibrate()
 
 
-def _pmixed_search(mechanism: Calibration, claim: Calibration, seed: int, scale: str,
-                   n_members: int, unmollified: bool = False) -> dict:  # fmt: skip
+def _pmixed_search(
+    mechanism: Calibration,
+    claim: Calibration,
+    seed: int,
+    scale: str,
+    n_members: int,
+    unmollified: bool = False,
+) -> dict:
     lp0, others, rng = _toy(seed, n_members, vocab=100 if scale == "test" else 300)
     evals = _EVALS[scale]
     charged = np.asarray(claim.per_query_rdp_add_remove)
-    wc = worst_member(others, lp0, mechanism, charged, rng=rng, evaluations=evals,
-                      unmollified=unmollified)  # fmt: skip
-    return {"detected": wc.ratio > 1.0, "exact_over_charged": wc.ratio, "order": wc.order,
-            "evidence": f"exact/charged {wc.ratio:.3g} at order {wc.order} ({wc.family} member)"}  # fmt: skip
+    wc = worst_member(
+        others, lp0, mechanism, charged, rng=rng, evaluations=evals, unmollified=unmollified
+    )
+    return {
+        "detected": wc.ratio > 1.0,
+        "exact_over_charged": wc.ratio,
+        "order": wc.order,
+        "evidence": f"exact/charged {wc.ratio:.3g} at order {wc.order} ({wc.family} member)",
+    }
 
 
-@register("pmixed_beta_x4", "certified mollifier at 4x the calibrated beta; the ledger charges "
-          "the calibrated cost", "exact audit, optimiser-chosen poisoned member")  # fmt: skip
+@register(
+    "pmixed_beta_x4",
+    "certified mollifier at 4x the calibrated beta; the ledger charges the calibrated cost",
+    "exact audit, optimiser-chosen poisoned member",
+)
 def _beta_x4(defective: bool, seed: int, scale: str) -> dict:
     cal = _calibrated(**_TOY)
     mech = PMixEDConfig(**_TOY).calibration_for_beta(4 * cal.beta) if defective else cal
     return _pmixed_search(mech, cal, seed, scale, _TOY["n_members"])
 
 
-@register("pmixed_unmollified", "one member left unmollified (lambda = 1)",
-          "exact audit, optimiser-chosen poisoned member")  # fmt: skip
+@register(
+    "pmixed_unmollified",
+    "one member left unmollified (lambda = 1)",
+    "exact audit, optimiser-chosen poisoned member",
+)
 def _unmollified(defective: bool, seed: int, scale: str) -> dict:
     cal = _calibrated(**_TOY)
     return _pmixed_search(cal, cal, seed, scale, _TOY["n_members"], unmollified=defective)
 
 
 #: PMIXED_MATH.md R2: one member, three tokens, order 6, q = 0.1 (the paper code's claim 0.05).
-_R2 = dict(n_members=1, sampling_rate=0.1, epsilon=6.7617, delta=1e-5, query_budget=100,
-           orders=tuple(range(2, 9)))  # fmt: skip
+_R2 = dict(
+    n_members=1,
+    sampling_rate=0.1,
+    epsilon=6.7617,
+    delta=1e-5,
+    query_budget=100,
+    orders=tuple(range(2, 9)),
+)
 
 
-@register("pmixed_reference", "the paper code's reference accounting (beta from the realised "
-          "subset size, one order)", "exact audit of the R2 pair and an optimised member")  # fmt: skip
+@register(
+    "pmixed_reference",
+    "the paper code's reference accounting (beta from the realised subset size, one order)",
+    "exact audit of the R2 pair and an optimised member",
+)
 def _reference(defective: bool, seed: int, scale: str) -> dict:
     kw = {"mode": "reference", "reference_alpha": 6} if defective else {}
     cal = _calibrated(**_R2, **kw)
@@ -164,12 +218,14 @@ def _reference(defective: bool, seed: int, scale: str) -> dict:
     charged = np.asarray(cal.per_query_rdp_add_remove)
     fixed, k = ar_ratio(np.zeros((0, 3)), member, lp0, cal, charged)
     rng = child_rng(seed, "mutants/reference")
-    wc = worst_member(np.zeros((0, 3)), lp0, cal, charged, rng=rng,
-                      evaluations=_EVALS[scale])  # fmt: skip
+    wc = worst_member(np.zeros((0, 3)), lp0, cal, charged, rng=rng, evaluations=_EVALS[scale])
     ratio = max(fixed, wc.ratio)
-    return {"detected": ratio > 1.0, "exact_over_charged": ratio, "order": k,
-            "evidence": f"exact/charged {ratio:.3g} (R2 pair {fixed:.3g}, search "
-                        f"{wc.ratio:.3g})"}  # fmt: skip
+    return {
+        "detected": ratio > 1.0,
+        "exact_over_charged": ratio,
+        "order": k,
+        "evidence": f"exact/charged {ratio:.3g} (R2 pair {fixed:.3g}, search {wc.ratio:.3g})",
+    }
 
 
 class _SkippingDeployment(Deployment):
@@ -187,12 +243,21 @@ class _SkippingDeployment(Deployment):
         return Answer(value, True, False)
 
 
-_GEN = dict(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
-            orders=tuple(range(2, 17)))  # fmt: skip
+_GEN = dict(
+    n_members=3,
+    sampling_rate=0.5,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=40,
+    orders=tuple(range(2, 17)),
+)
 
 
-@register("generator_skips_tenth_charge", "a deployment that releases every tenth private token "
-          "without charging it", "released answers against the ledger's queries")  # fmt: skip
+@register(
+    "generator_skips_tenth_charge",
+    "a deployment that releases every tenth private token without charging it",
+    "released answers against the ledger's queries",
+)
 def _skips(defective: bool, seed: int, scale: str) -> dict:
     cls = _SkippingDeployment if defective else Deployment
     rng = child_rng(seed, "mutants/generator")
@@ -206,12 +271,22 @@ def _skips(defective: bool, seed: int, scale: str) -> dict:
             released += answer.private
         queries = read_ledger(dep.ledger.path).n_queries
         dep.close()
-    return {"detected": released != queries, "released": released, "ledger_queries": queries,
-            "evidence": f"{released} private answers released, {queries} charged"}  # fmt: skip
+    return {
+        "detected": released != queries,
+        "released": released,
+        "ledger_queries": queries,
+        "evidence": f"{released} private answers released, {queries} charged",
+    }
 
 
-def run_mutants(scale: str = "quick", *, seed: int = 0, repetitions: int = 100,
-                names: list[str] | None = None, progress=None) -> dict:  # fmt: skip
+def run_mutants(
+    scale: str = "quick",
+    *,
+    seed: int = 0,
+    repetitions: int = 100,
+    names: list[str] | None = None,
+    progress=None,
+) -> dict:
     """Every registered mutant and its sound twin; the twins' false alarms over ``repetitions``
     seeds (where cheap at this scale). Returns the public ``power.mutants`` section."""
     if scale not in _RUNS:
@@ -224,14 +299,26 @@ def run_mutants(scale: str = "quick", *, seed: int = 0, repetitions: int = 100,
         twin = m.run(False, seed, scale)
         reps = repetitions if m.cheap else 0
         alarms = sum(bool(m.run(False, seed + 1 + r, "test")["detected"]) for r in range(reps))
-        rows[name] = {"defect": m.defect, "audit": m.audit, "detected": bool(result["detected"]),
-                      "evidence": result["evidence"], "twin_detected": bool(twin["detected"]),
-                      "twin_evidence": twin["evidence"], "twin_repetitions": reps,
-                      "twin_false_alarms": alarms,
-                      "twin_false_alarm_rate": alarms / reps if reps else None}  # fmt: skip
+        rows[name] = {
+            "defect": m.defect,
+            "audit": m.audit,
+            "detected": bool(result["detected"]),
+            "evidence": result["evidence"],
+            "twin_detected": bool(twin["detected"]),
+            "twin_evidence": twin["evidence"],
+            "twin_repetitions": reps,
+            "twin_false_alarms": alarms,
+            "twin_false_alarm_rate": alarms / reps if reps else None,
+        }
         if progress is not None:
             progress(i + 1)
     detected = sum(r["detected"] for r in rows.values())
-    return {"scale": scale, "seed": seed, "detected": detected, "total": len(rows),
-            "all_detected": detected == len(rows),
-            "twins_clean": not any(r["twin_detected"] for r in rows.values()), "mutants": rows}  # fmt: skip
+    return {
+        "scale": scale,
+        "seed": seed,
+        "detected": detected,
+        "total": len(rows),
+        "all_detected": detected == len(rows),
+        "twins_clean": not any(r["twin_detected"] for r in rows.values()),
+        "mutants": rows,
+    }

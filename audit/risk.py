@@ -63,13 +63,15 @@ def tpr_at_fpr(in_scores: object, out_scores: object, fpr: float) -> float:
     return float(np.interp(fpr, hx, hy))
 
 
-def risk_metrics(in_scores: object, out_scores: object, *, seed: int,
-                 resamples: int = 1000, level: float = 0.95) -> dict:  # fmt: skip
+def risk_metrics(
+    in_scores: object, out_scores: object, *, seed: int, resamples: int = 1000, level: float = 0.95
+) -> dict:
     """AUC and TPR at FPR 0.1% and 1% with stratified-bootstrap intervals (percentile method)."""
     s_in, s_out = _as_scores(in_scores, "in_scores"), _as_scores(out_scores, "out_scores")
     rng = np.random.default_rng(seed)
-    point = {"auc": auc(s_in, s_out)} | {f"tpr_at_fpr_{f:g}": tpr_at_fpr(s_in, s_out, f)
-                                         for f in FPR_TARGETS}  # fmt: skip
+    point = {"auc": auc(s_in, s_out)} | {
+        f"tpr_at_fpr_{f:g}": tpr_at_fpr(s_in, s_out, f) for f in FPR_TARGETS
+    }
     draws = {k: [] for k in point}
     for _ in range(resamples):
         b_in = s_in[rng.integers(0, s_in.size, s_in.size)]
@@ -87,8 +89,11 @@ def risk_metrics(in_scores: object, out_scores: object, *, seed: int,
     for k, v in point.items():
         lo, hi = np.percentile(draws[k], [tail, 100 - tail])
         out[k] = {"value": v, "ci": [float(lo), float(hi)]}
-    out["warnings"] = [f"n0*FPR = {s_out.size * f:g} < 10: TPR at FPR {f:g} is not meaningful"
-                       for f in FPR_TARGETS if s_out.size * f < 10]  # fmt: skip
+    out["warnings"] = [
+        f"n0*FPR = {s_out.size * f:g} < 10: TPR at FPR {f:g} is not meaningful"
+        for f in FPR_TARGETS
+        if s_out.size * f < 10
+    ]
     out["roc"] = roc_summary(s_in, s_out)
     return out
 
@@ -139,5 +144,10 @@ def gdp_estimate(in_scores: object, out_scores: object, *, delta: float, eta: fl
         mu = mu[np.isfinite(mu)]
         if mu.size:
             best = max(best, float(mu.max()))
-    return {"label": "estimate (assumes a Gaussian trade-off curve)", "mu_lb": best,
-            "epsilon": gdp_epsilon(best, delta), "delta": delta, "confidence": 1.0 - eta}  # fmt: skip
+    return {
+        "label": "estimate (assumes a Gaussian trade-off curve)",
+        "mu_lb": best,
+        "epsilon": gdp_epsilon(best, delta),
+        "delta": delta,
+        "confidence": 1.0 - eta,
+    }

@@ -85,16 +85,27 @@ def _poisoned_pair(lp0, lps, cal: Calibration, member: int, poisoned: np.ndarray
     world[:, member] = poisoned
     replacement = None if cal.config.relation == "add_remove" else lps[:, member]
     pair = exact_pair_audit(world, lp0, cal, member=member, replacement=replacement)
-    return {"pair": "the member trained on the canary user's records only, against "
-                    + ("its absence" if replacement is None else "the deployed member"),
-            "contexts": pair.n_queries, "epsilon_pair": pair.epsilon_pair,
-            "ratio_to_claim": pair.epsilon_pair / eps_ub if eps_ub else None,
-            "exact_over_charged": pair.worst_ratio if pair.comparable else None,
-            "alarm": pair.alarm}  # fmt: skip
+    return {
+        "pair": "the member trained on the canary user's records only, against "
+        + ("its absence" if replacement is None else "the deployed member"),
+        "contexts": pair.n_queries,
+        "epsilon_pair": pair.epsilon_pair,
+        "ratio_to_claim": pair.epsilon_pair / eps_ub if eps_ub else None,
+        "exact_over_charged": pair.worst_ratio if pair.comparable else None,
+        "alarm": pair.alarm,
+    }
 
 
-def _audit_pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, member: int,
-            canary: np.ndarray, poisoned: np.ndarray):  # fmt: skip
+def _audit_pmixed(
+    lp0,
+    lps,
+    cal: Calibration,
+    claim: Mapping,
+    plan: AuditPlan,
+    member: int,
+    canary: np.ndarray,
+    poisoned: np.ndarray,
+):
     """Exact pair: D has ``canary`` ``[C, V]`` as member ``member``; D' drops it (AR) or has the
     deployed member (RO); the same with the ``poisoned`` member (canary records only). The χ²
     conformance runs on the deployed ensemble at the first context."""
@@ -102,8 +113,13 @@ def _audit_pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, m
     world[:, member] = canary
     replacement = None if cal.config.relation == "add_remove" else lps[:, member]
     pair = exact_pair_audit(world, lp0, cal, member=member, replacement=replacement)
-    conf = conformance(lps[-1], lp0[-1], cal, n_samples=plan.conformance_samples,
-                       rng=np.random.default_rng(plan.seed))  # fmt: skip
+    conf = conformance(
+        lps[-1],
+        lp0[-1],
+        cal,
+        n_samples=plan.conformance_samples,
+        rng=np.random.default_rng(plan.seed),
+    )
     eps_ub = claim["epsilon"]
     found = alarms({"exact_pair": pair.epsilon_pair}, eps_ub)
     if pair.alarm:
@@ -115,56 +131,92 @@ def _audit_pmixed(lp0, lps, cal: Calibration, claim: Mapping, plan: AuditPlan, m
             }
         )
     worst, worst_restricted = pmixed_worst_case(
-        lp0, world, cal, member=member, replacement=replacement, pair=pair,
+        lp0,
+        world,
+        cal,
+        member=member,
+        replacement=replacement,
+        pair=pair,
         rng=np.random.default_rng(plan.seed),
         # reference mode mollifies every member at every subset size: a quarter of the budget
         evaluations=plan.worst_case_evaluations // (1 if cal.beta is not None else 4),
-    )  # fmt: skip
+    )
     for case in ("query_control", "optimised_member"):
         worst[case]["ratio_to_claim"] = worst[case]["epsilon_pair"] / eps_ub if eps_ub else None
     if worst["optimised_member"]["alarm"]:
-        found.append({"bound": "worst_case_member", "worst_ratio": worst["optimised_member"]
-                      ["ratio"], "message": "an optimised member exceeds the charged cost "
-                      f"{worst['optimised_member']['ratio']:.3g}x"})  # fmt: skip
+        found.append(
+            {
+                "bound": "worst_case_member",
+                "worst_ratio": worst["optimised_member"]["ratio"],
+                "message": "an optimised member exceeds the charged cost "
+                f"{worst['optimised_member']['ratio']:.3g}x",
+            }
+        )
     worst["poisoned_member"] = poisoned_pair = _poisoned_pair(
         lp0, lps, cal, member, poisoned, eps_ub
     )
     if poisoned_pair["alarm"]:
         ratio = poisoned_pair["exact_over_charged"]
-        found.append({"bound": "poisoned_member", "worst_ratio": ratio, "message": "the member "
-                      f"trained on canary records only exceeds the charged cost {ratio:.3g}x"})  # fmt: skip
+        found.append(
+            {
+                "bound": "poisoned_member",
+                "worst_ratio": ratio,
+                "message": "the member "
+                f"trained on canary records only exceeds the charged cost {ratio:.3g}x",
+            }
+        )
     if eps_ub is not None and worst["query_control"]["epsilon_pair"] > eps_ub:
-        found.append({"bound": "query_control_epsilon_pair", "message": "the repeated worst "
-                      "context's exact pair exceeds the claim"})  # fmt: skip
+        found.append(
+            {
+                "bound": "query_control_epsilon_pair",
+                "message": "the repeated worst context's exact pair exceeds the claim",
+            }
+        )
     public = {
         "worst_case": worst,
-        "relation": cal.config.relation, "unit": claim["unit"], "delta": cal.delta,
-        "claim": {"epsilon_ub": eps_ub, "accountant": claim["accountant"],
-                  "certified": claim["certified"], "status": cal.status,
-                  "queries": cal.config.query_budget},
-        "exact_pair": {"pair": "canary member dropped" if replacement is None
-                       else "canary member vs the member retrained without its canaries",
-                       "contexts_kind": "the canary prompt, then held-out teacher-forced contexts",
-                       "contexts": pair.n_queries, "epsilon_pair": pair.epsilon_pair,
-                       "delta": pair.delta, "worst_ratio_exact_over_charged": pair.worst_ratio,
-                       "comparable": pair.comparable, "pld_rounding": "optimistic",
-                       "alarm": pair.alarm},
+        "relation": cal.config.relation,
+        "unit": claim["unit"],
+        "delta": cal.delta,
+        "claim": {
+            "epsilon_ub": eps_ub,
+            "accountant": claim["accountant"],
+            "certified": claim["certified"],
+            "status": cal.status,
+            "queries": cal.config.query_budget,
+        },
+        "exact_pair": {
+            "pair": "canary member dropped"
+            if replacement is None
+            else "canary member vs the member retrained without its canaries",
+            "contexts_kind": "the canary prompt, then held-out teacher-forced contexts",
+            "contexts": pair.n_queries,
+            "epsilon_pair": pair.epsilon_pair,
+            "delta": pair.delta,
+            "worst_ratio_exact_over_charged": pair.worst_ratio,
+            "comparable": pair.comparable,
+            "pld_rounding": "optimistic",
+            "alarm": pair.alarm,
+        },
         "ratios": {"epsilon_pair_over_ub": pair.epsilon_pair / eps_ub if eps_ub else None},
         "empirical": [],
         "empirical_note": "the black-box game and exposure run against the replace_one "
-                          "deployment; the exact pair bounds any attack on these contexts",
+        "deployment; the exact pair bounds any attack on these contexts",
         "conformance": conf,
-        "conformance_passed": conf["token_p_value"] > 1e-3 and conf["subset_size_p_value"] > 1e-3
+        "conformance_passed": conf["token_p_value"] > 1e-3
+        and conf["subset_size_p_value"] > 1e-3
         and (cal.config.reference_sampler != "poisson" or conf["duplicate_members"] == 0),
         "alarms": found,
-    }  # fmt: skip
+    }
     if not cal.certified:
         public["note"] = "UNCERTIFIED reference accounting: the claim is the paper code's, not ours"
-    restricted = {"member": member, "worst_case": worst_restricted,
-                  "summed_forward": pair.summed_forward.tolist(),
-                  "summed_backward": pair.summed_backward.tolist(),
-                  "per_query_max": pair.per_query.max(axis=0).tolist(),
-                  "orders": list(pair.orders)}  # fmt: skip
+    restricted = {
+        "member": member,
+        "worst_case": worst_restricted,
+        "summed_forward": pair.summed_forward.tolist(),
+        "summed_backward": pair.summed_backward.tolist(),
+        "per_query_max": pair.per_query.max(axis=0).tolist(),
+        "orders": list(pair.orders),
+    }
     return public, restricted
 
 
@@ -177,11 +229,14 @@ def _mia(model, adapter, train, held, reference: tuple[np.ndarray, np.ndarray], 
     else:
         lp_in = block_logprobs(model, adapter, train)
         lp_out = block_logprobs(model, adapter, held)
-    scores = {"loss": (loss(lp_in), loss(lp_out)),
-              "reference": (reference_calibrated(lp_in, ref_in),
-                            reference_calibrated(lp_out, ref_out))}  # fmt: skip
-    public = {name: risk_metrics(a, b, seed=plan.seed, resamples=plan.bootstrap)
-              for name, (a, b) in scores.items()}  # fmt: skip
+    scores = {
+        "loss": (loss(lp_in), loss(lp_out)),
+        "reference": (reference_calibrated(lp_in, ref_in), reference_calibrated(lp_out, ref_out)),
+    }
+    public = {
+        name: risk_metrics(a, b, seed=plan.seed, resamples=plan.bootstrap)
+        for name, (a, b) in scores.items()
+    }
     if adapter is None:  # the reference is the target itself: the score is identically 0
         public.pop("reference")
     restricted = {name: {"in": a.tolist(), "out": b.tolist()} for name, (a, b) in scores.items()}
@@ -219,16 +274,25 @@ def audit_models(
         raise ValueError(f"partitions must hold one tensor per member ({len(members)}).")
     budget = min(c.config.query_budget for c in calibrations.values())
     if plan.n_contexts + 1 > budget:  # the pairs compose the canary context and n_contexts
-        raise ValueError(f"n_contexts must be <= query_budget - 1 = {budget - 1}. "
-                         f"Found {plan.n_contexts}.")  # fmt: skip
+        raise ValueError(
+            f"n_contexts must be <= query_budget - 1 = {budget - 1}. Found {plan.n_contexts}."
+        )
     bar = progress("audit: signals", 1)
     lp0, lps = pmixed_contexts(model, members, held_blocks, plan.n_contexts)
     bar(1)
     member = _farthest_member(lp0, lps)
     ro = "pmixed_certified_replace_one"
     chooser = calibrations.get(ro) or next(c for c in calibrations.values() if c.certified)
-    canary = plant_canary(model, members, tokenizer, chooser, plan.game, member=member,
-                          partition=partitions[member], recipe=recipe)  # fmt: skip
+    canary = plant_canary(
+        model,
+        members,
+        tokenizer,
+        chooser,
+        plan.game,
+        member=member,
+        partition=partitions[member],
+        recipe=recipe,
+    )
     lc = pmixed_contexts(model, [canary.adapter], held_blocks, plan.n_contexts)[1][:, 0]
     bar = progress("audit: poisoned member", 1)
     poison_at_prompt = poison_member(model, canary, partition=partitions[member], recipe=recipe)
@@ -242,24 +306,39 @@ def audit_models(
     mechanisms, restricted = {}, {"schema": AUDIT_SCHEMA, "member": member}
     bar = progress("audit: PMixED exact pairs", len(calibrations))
     for i, (name, cal) in enumerate(calibrations.items()):
-        mechanisms[name], restricted[name] = _audit_pmixed(lp0, lps, cal, claims[name], plan, member, lc,
-                                                     lpz)  # fmt: skip
+        mechanisms[name], restricted[name] = _audit_pmixed(
+            lp0, lps, cal, claims[name], plan, member, lc, lpz
+        )
         bar(i + 1)
     if ro in calibrations:
         cal = calibrations[ro]
-        game, restricted["game"] = pmixed_game(model, members, tokenizer, cal, plan.game, canary,
-                                               seed=plan.seed, progress=progress)  # fmt: skip
+        game, restricted["game"] = pmixed_game(
+            model, members, tokenizer, cal, plan.game, canary, seed=plan.seed, progress=progress
+        )
         expo, restricted["exposure"] = exposure_audit(
-            model, members, tokenizer, cal, plan.exposure, seed=plan.seed, member=member,
-            partition=partitions[member], recipe=recipe, progress=progress,
-        )  # fmt: skip
+            model,
+            members,
+            tokenizer,
+            cal,
+            plan.exposure,
+            seed=plan.seed,
+            member=member,
+            partition=partitions[member],
+            recipe=recipe,
+            progress=progress,
+        )
         mechanisms[ro]["game"], mechanisms[ro]["exposure"] = game, expo
         mechanisms[ro]["empirical"] = [
-            *({"method": "clopper_pearson", "target": f"black-box game ({e['score']} score)",
-               **e} for e in game["empirical"]),
-            {"method": "exposure_rank", "target": "random secrets through PMixED",
-             **expo["pmixed"]},
-        ]  # fmt: skip
+            *(
+                {"method": "clopper_pearson", "target": f"black-box game ({e['score']} score)", **e}
+                for e in game["empirical"]
+            ),
+            {
+                "method": "exposure_rank",
+                "target": "random secrets through PMixED",
+                **expo["pmixed"],
+            },
+        ]
         bounds = {f"game_{e['score']}": e["epsilon_lb"] for e in game["empirical"]}
         mechanisms[ro]["alarms"] += alarms(
             {**bounds, "game_pair": game["epsilon_pair"], "exposure": expo["pmixed"]["epsilon_lb"]},
@@ -267,37 +346,55 @@ def audit_models(
         )
     drop_adapter(model, canary.adapter)
     n = min(plan.mia_blocks, len(train_blocks), len(held_blocks))
-    reference = (block_logprobs(model, None, train_blocks[:n]),
-                 block_logprobs(model, None, held_blocks[:n]))  # fmt: skip
+    reference = (
+        block_logprobs(model, None, train_blocks[:n]),
+        block_logprobs(model, None, held_blocks[:n]),
+    )
     bar = progress("audit: membership inference", 3)
-    for i, (name, adapter) in enumerate((("public", None), ("finetuned", "finetuned"),
-                                         ("dpsgd", "dpsgd"))):  # fmt: skip
+    for i, (name, adapter) in enumerate(
+        (("public", None), ("finetuned", "finetuned"), ("dpsgd", "dpsgd"))
+    ):
         risk, raw = _mia(model, adapter, train_blocks[:n], held_blocks[:n], reference, plan)
         claim = claims[name]
         mechanisms[name] = {
-            "relation": claim["relation"], "unit": claim["unit"], "delta": claim["delta"],
-            "claim": {"epsilon_ub": claim["epsilon"], "accountant": claim["accountant"],
-                      "certified": claim["certified"]},
-            "risk": risk, "members": "training blocks", "non_members": "held-out users' blocks",
+            "relation": claim["relation"],
+            "unit": claim["unit"],
+            "delta": claim["delta"],
+            "claim": {
+                "epsilon_ub": claim["epsilon"],
+                "accountant": claim["accountant"],
+                "certified": claim["certified"],
+            },
+            "risk": risk,
+            "members": "training blocks",
+            "non_members": "held-out users' blocks",
             "empirical": [],
             "note": "risk metrics only: train/held-out membership is one draw of the training "
-                    "run, not independent trials, so no epsilon lower bound is derived from it",
-        }  # fmt: skip
+            "run, not independent trials, so no epsilon lower bound is derived from it",
+        }
         restricted[name] = raw
         bar(i + 1)
-    controls = [identical_worlds(1000, delta=1e-5, seed=plan.seed),
-                randomized_response(1.0, 10_000, delta=1e-5, seed=plan.seed),
-                non_private(1000, delta=1e-5, seed=plan.seed)]  # fmt: skip
+    controls = [
+        identical_worlds(1000, delta=1e-5, seed=plan.seed),
+        randomized_response(1.0, 10_000, delta=1e-5, seed=plan.seed),
+        non_private(1000, delta=1e-5, seed=plan.seed),
+    ]
     if dpsgd is not None:
         canary, restricted["canaries"] = canary_audit(
-            model, train_blocks, plan.canaries, seed=plan.seed, progress=progress, base=base,
-            executor=executor, **dpsgd,
-        )  # fmt: skip
+            model,
+            train_blocks,
+            plan.canaries,
+            seed=plan.seed,
+            progress=progress,
+            base=base,
+            executor=executor,
+            **dpsgd,
+        )
         target, control = canary["audit-dpsgd"], canary["audit-finetuned"]
-        found = alarms({"one_run": target["one_run"]["epsilon_lb"]},
-                       target["claim"]["epsilon_ub"])  # fmt: skip
-        mechanisms["dpsgd"]["empirical"].append({"target": "DP-SGD run on the canary audit set",
-                                                 **target, "design": canary["design"]})  # fmt: skip
+        found = alarms({"one_run": target["one_run"]["epsilon_lb"]}, target["claim"]["epsilon_ub"])
+        mechanisms["dpsgd"]["empirical"].append(
+            {"target": "DP-SGD run on the canary audit set", **target, "design": canary["design"]}
+        )
         mechanisms["dpsgd"]["alarms"] = found
         mechanisms["finetuned"]["empirical"].append(
             {"target": "non-private positive control", **control, "design": canary["design"]}
@@ -314,9 +411,13 @@ def audit_models(
         )
     controls.append(synthetic_control(plan.exposure, delta=1e-5, seed=plan.seed))
     all_alarms = [dict(a, mechanism=k) for k, m in mechanisms.items() for a in m.get("alarms", [])]
-    public = {"schema": AUDIT_SCHEMA, "statement": STATEMENT,
-              "plan": {**asdict(plan), "member_choice": "largest mean KL from the public model"},
-              "mechanisms": mechanisms, "controls": controls,
-              "controls_passed": all(c["passed"] for c in controls),
-              "alarms": all_alarms}  # fmt: skip
+    public = {
+        "schema": AUDIT_SCHEMA,
+        "statement": STATEMENT,
+        "plan": {**asdict(plan), "member_choice": "largest mean KL from the public model"},
+        "mechanisms": mechanisms,
+        "controls": controls,
+        "controls_passed": all(c["passed"] for c in controls),
+        "alarms": all_alarms,
+    }
     return public, restricted

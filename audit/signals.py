@@ -17,8 +17,9 @@ __all__ = ["block_logprobs", "pmixed_contexts"]
 
 
 @torch.no_grad()
-def block_logprobs(model: torch.nn.Module, adapter: str | None, blocks: torch.Tensor, *,
-                   batch_size: int = 16) -> np.ndarray:  # fmt: skip
+def block_logprobs(
+    model: torch.nn.Module, adapter: str | None, blocks: torch.Tensor, *, batch_size: int = 16
+) -> np.ndarray:
     """log p(x_t | x_<t) for t = 1..T−1 of every block ``[n, T]`` → float64 ``[n, T−1]``."""
     if blocks.ndim != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must have shape [n, T >= 2]. Found {tuple(blocks.shape)}.")
@@ -33,8 +34,9 @@ def block_logprobs(model: torch.nn.Module, adapter: str | None, blocks: torch.Te
 
 
 @torch.no_grad()
-def pmixed_contexts(model: torch.nn.Module, members: list[str], blocks: torch.Tensor,
-                    n_contexts: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def pmixed_contexts(
+    model: torch.nn.Module, members: list[str], blocks: torch.Tensor, n_contexts: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(log p0 ``[C, V]``, log p_i ``[C, N, V]``) at the first ``n_contexts`` teacher-forced positions.
 
     Positions are taken in block order (block 0 positions 1..T−1, then block 1, ...), the stream

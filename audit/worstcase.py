@@ -39,12 +39,22 @@ class WorstCase:
     member: np.ndarray  # log-probabilities [V] (restricted when p0 is a real model's)
 
     def to_json(self) -> dict:
-        return {"ratio": self.ratio, "order": self.order, "family": self.family,
-                "evaluations": self.evaluations}  # fmt: skip
+        return {
+            "ratio": self.ratio,
+            "order": self.order,
+            "family": self.family,
+            "evaluations": self.evaluations,
+        }
 
 
-def ar_laws(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: Calibration,
-            *, unmollified: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def ar_laws(
+    others: np.ndarray,
+    member: np.ndarray,
+    lp0: np.ndarray,
+    mechanism: Calibration,
+    *,
+    unmollified: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """(log P, log P') ``[V]`` of E = others + member and of E' = others (the AR pair)."""
     lp = np.vstack([others, member[None]])
     n, j = lp.shape[0], lp.shape[0] - 1
@@ -59,8 +69,14 @@ def ar_laws(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: 
     return law, other
 
 
-def ar_divergence(others: np.ndarray, member: np.ndarray, lp0: np.ndarray,
-                  mechanism: Calibration, *, unmollified: bool = False) -> np.ndarray:  # fmt: skip
+def ar_divergence(
+    others: np.ndarray,
+    member: np.ndarray,
+    lp0: np.ndarray,
+    mechanism: Calibration,
+    *,
+    unmollified: bool = False,
+) -> np.ndarray:
     """Exact max(D(P‖P'), D(P'‖P)) at the mechanism's orders for E = others + member vs others."""
     law, other = ar_laws(others, member, lp0, mechanism, unmollified=unmollified)
     orders = np.asarray(mechanism.orders, np.float64)
@@ -69,8 +85,15 @@ def ar_divergence(others: np.ndarray, member: np.ndarray, lp0: np.ndarray,
     )
 
 
-def ar_ratio(others: np.ndarray, member: np.ndarray, lp0: np.ndarray, mechanism: Calibration,
-             charged: np.ndarray, *, unmollified: bool = False) -> tuple[float, int]:  # fmt: skip
+def ar_ratio(
+    others: np.ndarray,
+    member: np.ndarray,
+    lp0: np.ndarray,
+    mechanism: Calibration,
+    charged: np.ndarray,
+    *,
+    unmollified: bool = False,
+) -> tuple[float, int]:
     """(max over orders of exact D / charged, that order) for E = others + member vs others."""
     d = ar_divergence(others, member, lp0, mechanism, unmollified=unmollified)
     ok = np.isfinite(charged) & (charged > 0)
@@ -131,9 +154,18 @@ def worst_member(
     return WorstCase(ratio, k, family, evaluations + 4, member)
 
 
-def pmixed_worst_case(lp0: np.ndarray, world: np.ndarray, cal: Calibration, *, member: int,
-                      replacement: np.ndarray | None, pair, rng: np.random.Generator,
-                      contexts: int = 2, evaluations: int = 120) -> tuple[dict, dict]:  # fmt: skip
+def pmixed_worst_case(
+    lp0: np.ndarray,
+    world: np.ndarray,
+    cal: Calibration,
+    *,
+    member: int,
+    replacement: np.ndarray | None,
+    pair,
+    rng: np.random.Generator,
+    contexts: int = 2,
+    evaluations: int = 120,
+) -> tuple[dict, dict]:
     """(public, restricted) worst cases of one deployment at its audited contexts.
 
     (a) **query control**: the context whose pair is worst at the planned order, composed with
@@ -155,24 +187,32 @@ def pmixed_worst_case(lp0: np.ndarray, world: np.ndarray, cal: Calibration, *, m
     found = []
     for c in order[:contexts]:
         others = np.delete(world[c], member, axis=0)
-        found.append((int(c), worst_member(others, lp0[c], cal, charged, rng=rng,
-                                           evaluations=evaluations)))  # fmt: skip
+        found.append(
+            (int(c), worst_member(others, lp0[c], cal, charged, rng=rng, evaluations=evaluations))
+        )
     c_best, best = max(found, key=lambda f: f[1].ratio)
     others = np.delete(world[c_best], member, axis=0)
     curve = _ratio_curve(others, best.member, lp0[c_best], cal, charged)
     # The adversary's best member at its best context, asked T times: (c)'s ε_pair.
-    eps_best = repeated_pair_epsilon(*ar_laws(others, best.member, lp0[c_best], cal), t,
-                                     pair.delta)  # fmt: skip
+    eps_best = repeated_pair_epsilon(*ar_laws(others, best.member, lp0[c_best], cal), t, pair.delta)
     public = {
-        "query_control": {"times": t, "epsilon_pair": eps_repeat,
-                          "epsilon_pair_distinct_contexts": pair.epsilon_pair,
-                          "ratio_to_claim": None},
-        "optimised_member": {**best.to_json(), "contexts_searched": len(found),
-                             "relation": "add_remove (the member against its absence)",
-                             "per_order_ratio": curve, "epsilon_pair": eps_best,
-                             "epsilon_pair_times": t, "ratio_to_claim": None,
-                             "alarm": best.ratio > 1.0},
-    }  # fmt: skip
+        "query_control": {
+            "times": t,
+            "epsilon_pair": eps_repeat,
+            "epsilon_pair_distinct_contexts": pair.epsilon_pair,
+            "ratio_to_claim": None,
+        },
+        "optimised_member": {
+            **best.to_json(),
+            "contexts_searched": len(found),
+            "relation": "add_remove (the member against its absence)",
+            "per_order_ratio": curve,
+            "epsilon_pair": eps_best,
+            "epsilon_pair_times": t,
+            "ratio_to_claim": None,
+            "alarm": best.ratio > 1.0,
+        },
+    }
     restricted = {"query_control_context": worst, "optimised_context": c_best}
     return public, restricted
 

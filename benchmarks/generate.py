@@ -94,8 +94,9 @@ def reference_loop(lm: EnsembleLM, prompt: list[int], rng, q: float) -> float:
             continue
         lp = np.stack(rows)[subset]
         lams = reference_scalar(lp, lp0, tau=0.5)
-        mix = np.logaddexp(np.log(np.array(lams))[:, None] + lp,
-                           np.log1p(-np.array(lams))[:, None] + lp0)  # fmt: skip
+        mix = np.logaddexp(
+            np.log(np.array(lams))[:, None] + lp, np.log1p(-np.array(lams))[:, None] + lp0
+        )
         mixed = np.logaddexp.reduce(mix, axis=0) - np.log(len(subset))
         tokens.append(sample_token(mixed, rng))
     return (time.perf_counter() - start) / TOKENS
@@ -125,8 +126,9 @@ def token_rows_floor(lm: EnsembleLM, repeats: int = 30) -> tuple[float, float]:
 
 
 def ours(lm: EnsembleLM, prompt: list[int], folder: Path, q: float) -> float:
-    cfg = PMixEDConfig(n_members=lm.n_members, sampling_rate=q, epsilon=8.0, delta=1e-5,
-                       query_budget=256)  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=lm.n_members, sampling_rate=q, epsilon=8.0, delta=1e-5, query_budget=256
+    )
     with Deployment.create(folder / "bench.jsonl", cfg.calibrate(), seed=0) as deployment:
         gen = PrivateGenerator(lm, deployment)
         start = time.perf_counter()
@@ -139,8 +141,9 @@ def ours(lm: EnsembleLM, prompt: list[int], folder: Path, q: float) -> float:
 def concurrent(lm, prompt: list[int], folder: Path, k: int, constant: bool, q: float) -> float:
     """Tokens per second released by one ``generate`` call over ``k`` prompts."""
     # 32 prompts x 24 tokens: a larger epsilon pays for 1024 queries (the work per token is the same).
-    cfg = PMixEDConfig(n_members=lm.n_members, sampling_rate=q, epsilon=32.0, delta=1e-5,
-                       query_budget=1024)  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=lm.n_members, sampling_rate=q, epsilon=32.0, delta=1e-5, query_budget=1024
+    )
     name = f"c{k}{'c' if constant else ''}.jsonl"
     with Deployment.create(folder / name, cfg.calibrate(), seed=0, fsync=False) as deployment:
         gen = PrivateGenerator(lm, deployment, constant_work=constant)
@@ -162,8 +165,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--members", type=int, default=16, help="N (default 16; the paper: 80)")
     parser.add_argument("--q", type=float, default=0.15, help="sampling rate (the paper: 0.03)")
-    parser.add_argument("--prompts", type=lambda x: [int(k) for k in x.split(",")],
-                        default=[1, 8, 32], help="prompts advanced together (default 1,8,32)")  # fmt: skip
+    parser.add_argument(
+        "--prompts",
+        type=lambda x: [int(k) for k in x.split(",")],
+        default=[1, 8, 32],
+        help="prompts advanced together (default 1,8,32)",
+    )
     args = parser.parse_args()
     n, q = args.members, args.q
     torch.set_num_threads(args.threads)
@@ -177,8 +184,12 @@ def main() -> None:
             sub.mkdir()
             rows["ours"].append(ours(lm, prompt, sub, q))
             rows["reference"].append(reference_loop(lm, prompt, np.random.default_rng(r), q))
-            print(f"  (repeat {r}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in rows.items())
-                  + ")", flush=True)  # fmt: skip
+            print(
+                f"  (repeat {r}: "
+                + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in rows.items())
+                + ")",
+                flush=True,
+            )
         rates = {}
         for k in args.prompts:
             for c in (False, True):
@@ -187,34 +198,49 @@ def main() -> None:
                 print(f"  ({key} prompts: {rates[key]:.1f} tok/s)", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     one, all_rows = token_rows_floor(lm)
-    print(f"per-token time, median of {args.repeats} ({args.model} model, V={args.vocab}, N={n}, "
-          f"q={q}, prompt {args.prompt_tokens}, {TOKENS} tokens, {torch.get_num_threads()} "
-          "torch threads):")  # fmt: skip
+    print(
+        f"per-token time, median of {args.repeats} ({args.model} model, V={args.vocab}, N={n}, "
+        f"q={q}, prompt {args.prompt_tokens}, {TOKENS} tokens, {torch.get_num_threads()} "
+        "torch threads):"
+    )
     for k in ("public", "ours", "reference"):
         print(f"  {k:<10} {1e3 * med[k]:8.2f} ms")
     print(f"  ours / public    = {med['ours'] / med['public']:.2f}  (target <= 3)")
     print(f"  reference / ours = {med['reference'] / med['ours']:.2f}  (target >= 10)")
-    print(f"  floor: a base-only forward of {1 + n} tokens / of 1 token = "
-          f"{1e3 * all_rows:.2f} / {1e3 * one:.2f} ms = {all_rows / one:.2f}")  # fmt: skip
+    print(
+        f"  floor: a base-only forward of {1 + n} tokens / of 1 token = "
+        f"{1e3 * all_rows:.2f} / {1e3 * one:.2f} ms = {all_rows / one:.2f}"
+    )
     print(f"  ours / floor ({1 + n} token rows) = {med['ours'] / all_rows:.2f}")
     print(f"tokens per second, prompts advanced together ({TOKENS // 2} tokens each):")
     for key, rate in rates.items():
         print(f"  {key:<12} {rate:8.1f} tok/s  ({rate / rates['1']:.2f}x one prompt)")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"meta": {"python": platform.python_version(), "model": args.model,
-                       "vocab": args.vocab, "torch_threads": torch.get_num_threads(),
-                       "width_layers_heads": MODELS[args.model], "n_members": n, "q": q,
-                       "tokens": TOKENS, "prompt_tokens": args.prompt_tokens,
-                       "command": f"python benchmarks/generate.py --model {args.model} "
-                                  f"--vocab {args.vocab} --threads {args.threads} "
-                                  f"--members {n} --q {q} "
-                                  f"--prompts {','.join(map(str, args.prompts))}"},
-              "tokens_per_second": rates,
-              "median_seconds_per_token": med,
-              "ratios": {"ours_over_public": med["ours"] / med["public"],
-                         "reference_over_ours": med["reference"] / med["ours"],
-                         "floor_token_rows": all_rows / one,
-                         "ours_over_floor": med["ours"] / all_rows}}  # fmt: skip
+    result = {
+        "meta": {
+            "python": platform.python_version(),
+            "model": args.model,
+            "vocab": args.vocab,
+            "torch_threads": torch.get_num_threads(),
+            "width_layers_heads": MODELS[args.model],
+            "n_members": n,
+            "q": q,
+            "tokens": TOKENS,
+            "prompt_tokens": args.prompt_tokens,
+            "command": f"python benchmarks/generate.py --model {args.model} "
+            f"--vocab {args.vocab} --threads {args.threads} "
+            f"--members {n} --q {q} "
+            f"--prompts {','.join(map(str, args.prompts))}",
+        },
+        "tokens_per_second": rates,
+        "median_seconds_per_token": med,
+        "ratios": {
+            "ours_over_public": med["ours"] / med["public"],
+            "reference_over_ours": med["reference"] / med["ours"],
+            "floor_token_rows": all_rows / one,
+            "ours_over_floor": med["ours"] / all_rows,
+        },
+    }
     name = "generate.json" if args.model == "demo" else f"generate-{args.model}.json"
     name = name if args.vocab == 2048 else name.replace(".json", f"-v{args.vocab}.json")
     name = name if n == 16 else name.replace(".json", f"-n{n}.json")

@@ -56,8 +56,11 @@ def main() -> None:
             ("group commit of 64, fsync", 20_000, True, 64),
             ("no fsync, one record per write", 20_000, False, 1),
         ]:
-            rate = base if batch == 1 and fsync else appends(tmp, label[:8].replace(" ", "_"), n,
-                                                             fsync=fsync, batch=batch)  # fmt: skip
+            rate = (
+                base
+                if batch == 1 and fsync
+                else appends(tmp, label[:8].replace(" ", "_"), n, fsync=fsync, batch=batch)
+            )
             rows.append(
                 {"policy": label, "records_per_s": rate, "ratio_vs_fsync_each": rate / base}
             )
@@ -78,14 +81,27 @@ def main() -> None:
     print(f"{'append policy':<34}{'records/s':>12}{'ratio':>8}")
     for r in rows:
         print(f"{r['policy']:<34}{r['records_per_s']:>12.0f}{r['ratio_vs_fsync_each']:>8.1f}")
-    print(f"compose {args.queries} queries ({size / 1e6:.1f} MB, verifying every line): "
-          f"{t_compose:.2f} s (epsilon {spent.epsilon:.4f})")  # fmt: skip
+    print(
+        f"compose {args.queries} queries ({size / 1e6:.1f} MB, verifying every line): "
+        f"{t_compose:.2f} s (epsilon {spent.epsilon:.4f})"
+    )
     print(f"verify alone {t_verify:.2f} s, ok={ok}")
-    meta = {"python": platform.python_version(), "machine": platform.machine(),
-            "command": "python benchmarks/ledger.py --out benchmarks/results"}  # fmt: skip
-    result = {"meta": meta, "appends": rows, "compose": {
-        "queries": args.queries, "bytes": size, "seconds": t_compose, "verify_seconds": t_verify,
-        "epsilon": spent.epsilon}}  # fmt: skip
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "command": "python benchmarks/ledger.py --out benchmarks/results",
+    }
+    result = {
+        "meta": meta,
+        "appends": rows,
+        "compose": {
+            "queries": args.queries,
+            "bytes": size,
+            "seconds": t_compose,
+            "verify_seconds": t_verify,
+            "epsilon": spent.epsilon,
+        },
+    }
     print(f"wrote {write_json(args.out / 'ledger.json', result)}")
 
 

@@ -44,8 +44,10 @@ def reference_scalar(lp: np.ndarray, lp0: np.ndarray, tau: float, alpha: float =
         def f(lam, row=row):
             with np.errstate(divide="ignore"):
                 lpbar = np.logaddexp(np.log(lam) + row, np.log1p(-lam) + lp0) if lam > 0 else lp0
-            d = max(renyi_divergence_log(lpbar, lp0, alpha)[0],
-                    renyi_divergence_log(lp0, lpbar, alpha)[0])  # fmt: skip
+            d = max(
+                renyi_divergence_log(lpbar, lp0, alpha)[0],
+                renyi_divergence_log(lp0, lpbar, alpha)[0],
+            )
             return d - tau
 
         if f(1.0) <= 0:
@@ -81,8 +83,9 @@ def main() -> None:
                 lambda lp=lp, lp0=lp0: mollify_log(lp, lp0, cert.constraints), args.repeats
             )
             cons, rows0 = cert.constraints(m), np.broadcast_to(lp0, lp.shape)
-            t_old = timed(lambda lp=lp, r=rows0, c=cons: solve_lambdas_bisection(lp, r, c),
-                          args.repeats)  # fmt: skip
+            t_old = timed(
+                lambda lp=lp, r=rows0, c=cons: solve_lambdas_bisection(lp, r, c), args.repeats
+            )
             same = np.abs(
                 mollify_log(lp, lp0, cert.constraints) - solve_lambdas_bisection(lp, rows0, cons)
             )
@@ -90,9 +93,18 @@ def main() -> None:
             t_ref = timed(
                 lambda lp=lp, lp0=lp0, tau=tau: reference_scalar(lp, lp0, tau), args.repeats
             )
-            rows.append(dict(vocab=v, members=m, certified_s=t_cert, bisection_s=t_old,
-                             speedup_vs_bisection=t_old / t_cert, max_lambda_diff=float(same.max()),
-                             reference_scipy_s=t_ref, ratio=t_cert / t_ref))  # fmt: skip
+            rows.append(
+                dict(
+                    vocab=v,
+                    members=m,
+                    certified_s=t_cert,
+                    bisection_s=t_old,
+                    speedup_vs_bisection=t_old / t_cert,
+                    max_lambda_diff=float(same.max()),
+                    reference_scipy_s=t_ref,
+                    ratio=t_cert / t_ref,
+                )
+            )
     header = (
         f"{'V':>6} {'m':>2} {'certified (s)':>14} {'bisection (s)':>14} {'speed-up':>9} "
         f"{'max |dλ|':>9} {'reference SciPy (s)':>20} {'ratio':>7}"
@@ -103,9 +115,11 @@ def main() -> None:
     print("reference: one order (3), 20 SciPy halvings per member, as the paper's code")
     print(header)
     for r in rows:
-        print(f"{r['vocab']:>6} {r['members']:>2} {r['certified_s']:>14.4f} {r['bisection_s']:>14.4f} "
-              f"{r['speedup_vs_bisection']:>9.1f} {r['max_lambda_diff']:>9.1e} "
-              f"{r['reference_scipy_s']:>20.4f} {r['ratio']:>7.2f}")  # fmt: skip
+        print(
+            f"{r['vocab']:>6} {r['members']:>2} {r['certified_s']:>14.4f} {r['bisection_s']:>14.4f} "
+            f"{r['speedup_vs_bisection']:>9.1f} {r['max_lambda_diff']:>9.1e} "
+            f"{r['reference_scipy_s']:>20.4f} {r['ratio']:>7.2f}"
+        )
     meta = dict(
         python=platform.python_version(),
         machine=platform.machine(),

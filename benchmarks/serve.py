@@ -52,10 +52,15 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         latencies = np.concatenate(list(pool.map(client, range(clients))))
     wall = time.perf_counter() - start
     n = clients * requests
-    return {"clients": clients, "requests": n, "seconds": wall, "requests_per_second": n / wall,
-            "tokens_per_second": n * max_tokens / wall,
-            "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
-            "p99_ms": 1e3 * float(np.percentile(latencies, 99))}  # fmt: skip
+    return {
+        "clients": clients,
+        "requests": n,
+        "seconds": wall,
+        "requests_per_second": n / wall,
+        "tokens_per_second": n * max_tokens / wall,
+        "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+    }
 
 
 def main() -> None:
@@ -75,8 +80,9 @@ def main() -> None:
     tok = train_tokenizer(["the quick brown fox jumps over the lazy dog " * 200], 300)
     lm = build(args.members, model=args.model, vocab=args.vocab)
     total = 2 * args.clients * args.requests * args.max_tokens
-    cfg = PMixEDConfig(n_members=args.members, sampling_rate=args.q, epsilon=64.0, delta=1e-5,
-                       query_budget=total)  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=args.members, sampling_rate=args.q, epsilon=64.0, delta=1e-5, query_budget=total
+    )
     with (
         tempfile.TemporaryDirectory(dir=Path(__file__).parent) as d,
         Deployment.create(Path(d) / "serve.jsonl", cfg.calibrate()) as deployment,
@@ -92,16 +98,24 @@ def main() -> None:
         f"{args.max_tokens} tokens per request, {torch.get_num_threads()} torch threads:"
     )
     for name, r in (("concurrent", together), ("one at a time", alone)):
-        print(f"  {name:<14} {r['clients']:>3} clients  {r['requests']:>4} requests  "
-              f"{r['requests_per_second']:6.2f} req/s  {r['tokens_per_second']:7.1f} tok/s  "
-              f"p50 {r['p50_ms']:8.0f} ms  p99 {r['p99_ms']:8.0f} ms")  # fmt: skip
+        print(
+            f"  {name:<14} {r['clients']:>3} clients  {r['requests']:>4} requests  "
+            f"{r['requests_per_second']:6.2f} req/s  {r['tokens_per_second']:7.1f} tok/s  "
+            f"p50 {r['p50_ms']:8.0f} ms  p99 {r['p99_ms']:8.0f} ms"
+        )
     print(f"  concurrent / one at a time (requests per second) = {ratio:.2f}")
-    meta = {"python": platform.python_version(), "model": args.model, "vocab": args.vocab,
-            "n_members": args.members, "q": args.q, "max_tokens": args.max_tokens,
-            "torch_threads": torch.get_num_threads(),
-            "command": f"python benchmarks/serve.py --model {args.model} --vocab {args.vocab} "
-                       f"--members {args.members} --q {args.q} --clients {args.clients} "
-                       f"--requests {args.requests} --max-tokens {args.max_tokens}"}  # fmt: skip
+    meta = {
+        "python": platform.python_version(),
+        "model": args.model,
+        "vocab": args.vocab,
+        "n_members": args.members,
+        "q": args.q,
+        "max_tokens": args.max_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "command": f"python benchmarks/serve.py --model {args.model} --vocab {args.vocab} "
+        f"--members {args.members} --q {args.q} --clients {args.clients} "
+        f"--requests {args.requests} --max-tokens {args.max_tokens}",
+    }
     result = {"meta": meta, "concurrent": together, "one_at_a_time": alone, "ratio": ratio}
     print(f"wrote {write_json(args.out / 'serve.json', result)}")
 

@@ -56,10 +56,22 @@ def run_audit_stage(
         cached = run.read_json(AUDIT)
         if cached.get("hash") == key:
             return cached
-    public, restricted = audit_models(model, members, train_blocks, held_blocks, calibrations,
-                                      metrics["privacy"], plan, progress, dpsgd=dpsgd,
-                                      tokenizer=tokenizer, partitions=partitions,
-                                      recipe=recipe, base=base, executor=executor)  # fmt: skip
+    public, restricted = audit_models(
+        model,
+        members,
+        train_blocks,
+        held_blocks,
+        calibrations,
+        metrics["privacy"],
+        plan,
+        progress,
+        dpsgd=dpsgd,
+        tokenizer=tokenizer,
+        partitions=partitions,
+        recipe=recipe,
+        base=base,
+        executor=executor,
+    )
     public = {"hash": key, **public}
     run.write_json(AUDIT_RESTRICTED, restricted, private=True)
     run.write_json(AUDIT, public)

@@ -54,37 +54,70 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _executor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="where the training jobs (members, fine-tune, DP-SGD, the DP-SGD audit's "
-                        "runs) run: here, one after another, or as Ray tasks (pip install "
-                        "'pmixed-audit[ray]'); the same files either way")  # fmt: skip
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="--executor ray: join this cluster (auto, ray://host:10001) instead of "
-                        "starting a local one")  # fmt: skip
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where the training jobs (members, fine-tune, DP-SGD, the DP-SGD audit's "
+        "runs) run: here, one after another, or as Ray tasks (pip install "
+        "'pmixed-audit[ray]'); the same files either way",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="--executor ray: join this cluster (auto, ray://host:10001) instead of "
+        "starting a local one",
+    )
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, default=None, help="a trained run (default runs/demo)")
-    p.add_argument("--base", type=Path, default=None, metavar="PATH",
-                   help="instead of --run: a base model folder (with --adapters)")  # fmt: skip
-    p.add_argument("--adapters", type=Path, default=None, metavar="DIR",
-                   help="a folder of peft LoRA adapter folders on --base, one per member, in "
-                        "name order (pmixed train --base writes RUN/adapters)")  # fmt: skip
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="instead of --run: a base model folder (with --adapters)",
+    )
+    p.add_argument(
+        "--adapters",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder of peft LoRA adapter folders on --base, one per member, in "
+        "name order (pmixed train --base writes RUN/adapters)",
+    )
 
 
 def _deployment_args(p: argparse.ArgumentParser, ledger: str) -> None:
     _source_args(p)
-    for flag, what in (("sampling-rate", "q"), ("epsilon", "epsilon"), ("delta", "delta"),
-                       ("query-budget", "T")):  # fmt: skip
+    for flag, what in (
+        ("sampling-rate", "q"),
+        ("epsilon", "epsilon"),
+        ("delta", "delta"),
+        ("query-budget", "T"),
+    ):
         kind = int if flag == "query-budget" else float
-        p.add_argument(f"--{flag}", type=kind, default=None,
-                       help=f"--base/--adapters: the new deployment's {what} (default: the "
-                            "demo's)")  # fmt: skip
-    p.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
-                   help="Ed25519 private key (pmixed keygen): sign every ledger record")  # fmt: skip
-    p.add_argument("--ledger", type=Path, default=None,
-                   help=f"deployment ledger (default RUN/{ledger} or ADAPTERS/{ledger}; reused "
-                        "across calls)")  # fmt: skip
+        p.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=None,
+            help=f"--base/--adapters: the new deployment's {what} (default: the demo's)",
+        )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="Ed25519 private key (pmixed keygen): sign every ledger record",
+    )
+    p.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help=f"deployment ledger (default RUN/{ledger} or ADAPTERS/{ledger}; reused across calls)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,22 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also check the 0600 restricted sibling and its links",
     )
-    p.add_argument("--public-key", type=Path, default=None, metavar="FILE",
-                   help="the deployment's Ed25519 public key (PEM): every record must be signed "
-                        "by it")  # fmt: skip
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the deployment's Ed25519 public key (PEM): every record must be signed by it",
+    )
     p.set_defaults(func=cmd_verify_ledger)
     p = sub.add_parser("ledger", help="ledger tables (pandas): export")
     ledger_sub = p.add_subparsers(dest="ledger_command", required=True)
     p = ledger_sub.add_parser("export", help="one verified row per record, as CSV")
     p.add_argument("ledger", type=Path)
     p.add_argument("--csv", type=Path, required=True, metavar="FILE")
-    p.add_argument("--restricted", action="store_true",
-                   help="add the restricted sibling's columns (subsets, lambdas, seed); the CSV "
-                        "is then mode 0600")  # fmt: skip
+    p.add_argument(
+        "--restricted",
+        action="store_true",
+        help="add the restricted sibling's columns (subsets, lambdas, seed); the CSV "
+        "is then mode 0600",
+    )
     p.set_defaults(func=cmd_ledger_export)
     p = sub.add_parser("keygen", help="an Ed25519 key pair that signs a deployment's ledger")
-    p.add_argument("--out", type=Path, default=Path("deployment"),
-                   help="writes OUT.key (mode 0600) and OUT.pub")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("deployment"),
+        help="writes OUT.key (mode 0600) and OUT.pub",
+    )
     p.set_defaults(func=cmd_keygen)
     p = sub.add_parser("account", help="recompute the privacy a ledger spent (dp-accounting)")
     p.add_argument("ledger", type=Path)
@@ -140,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = sub.add_parser(name, help=what)
         if name == "demo":
-            p.add_argument("--no-power", action="store_true",
-                           help="skip the audit-power stage (planted violations with 100 sound-"
-                                "twin seeds each, the DP-SGD test beds): about 4 minutes")  # fmt: skip
+            p.add_argument(
+                "--no-power",
+                action="store_true",
+                help="skip the audit-power stage (planted violations with 100 sound-"
+                "twin seeds each, the DP-SGD test beds): about 4 minutes",
+            )
         p.add_argument("--out", "--run", dest="out", type=Path, default=Path("runs/demo"))
         p.add_argument("--quick", action="store_true", help="small models and budget (minutes)")
         p.add_argument(
@@ -157,28 +204,54 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help='your private records: JSON lines {"user": ..., "text": ...}',
         )
-        p.add_argument("--members", type=int, default=None,
-                       help="ensemble members N (one per user partition); default 32, quick 8")  # fmt: skip
-        p.add_argument("--salt", default=None,
-                       help="the public salt of the user partition hash (fixed before training)")  # fmt: skip
-        p.add_argument("--base", type=Path, default=None, metavar="PATH",
-                       help="your base model folder (save_pretrained of model and tokenizer): "
-                            "members are LoRA adapters on it; needs --private-jsonl")  # fmt: skip
-        p.add_argument("--lora-targets", default=None, metavar="A,B",
-                       help="--base: the modules LoRA adapts (default: peft's for the "
-                            "architecture)")  # fmt: skip
+        p.add_argument(
+            "--members",
+            type=int,
+            default=None,
+            help="ensemble members N (one per user partition); default 32, quick 8",
+        )
+        p.add_argument(
+            "--salt",
+            default=None,
+            help="the public salt of the user partition hash (fixed before training)",
+        )
+        p.add_argument(
+            "--base",
+            type=Path,
+            default=None,
+            metavar="PATH",
+            help="your base model folder (save_pretrained of model and tokenizer): "
+            "members are LoRA adapters on it; needs --private-jsonl",
+        )
+        p.add_argument(
+            "--lora-targets",
+            default=None,
+            metavar="A,B",
+            help="--base: the modules LoRA adapts (default: peft's for the architecture)",
+        )
         _executor_args(p)
         p.set_defaults(func=func)
     p = sub.add_parser("audit", help="audit a trained run: exact pairs, MIAs, controls")
     _source_args(p)
     _executor_args(p)
-    p.add_argument("--mutants", action="store_true",
-                   help="audit power instead: planted violations with their sound twins and the "
-                        "DP-SGD test beds; writes RUN/power.json (the report shows it)")  # fmt: skip
-    p.add_argument("--scale", choices=sorted(TESTBED_RUNS), default="quick",
-                   help="--mutants: quick (minutes) or full (10^5 test-bed runs per world)")  # fmt: skip
-    p.add_argument("--repetitions", type=int, default=100,
-                   help="--mutants: seeds over which each cheap twin's false alarms are counted")  # fmt: skip
+    p.add_argument(
+        "--mutants",
+        action="store_true",
+        help="audit power instead: planted violations with their sound twins and the "
+        "DP-SGD test beds; writes RUN/power.json (the report shows it)",
+    )
+    p.add_argument(
+        "--scale",
+        choices=sorted(TESTBED_RUNS),
+        default="quick",
+        help="--mutants: quick (minutes) or full (10^5 test-bed runs per world)",
+    )
+    p.add_argument(
+        "--repetitions",
+        type=int,
+        default=100,
+        help="--mutants: seeds over which each cheap twin's false alarms are counted",
+    )
     p.add_argument("--seed", type=int, default=0, help="--mutants: the audit's root seed")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("report", help="rebuild report.json/.md/.html of a run from its files")
@@ -190,11 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--on-exhausted", choices=["public", "refuse"], default="public")
-    p.add_argument("--truncate-prompt", action="store_true",
-                   help="drop a too-long prompt's oldest tokens instead of refusing it")  # fmt: skip
-    p.add_argument("--seed", type=int, default=None,
-                   help="audit deployments only, fixed when the ledger is created; default: OS "
-                        "entropy")  # fmt: skip
+    p.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="drop a too-long prompt's oldest tokens instead of refusing it",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="audit deployments only, fixed when the ledger is created; default: OS entropy",
+    )
     _deployment_args(p, GENERATE_LEDGER)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="serve a trained run over HTTP (POST /v1/completions)")
@@ -202,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--on-exhausted", choices=["public", "refuse"], default="refuse")
     p.add_argument("--max-batch", type=int, default=32, help="prompts advanced together")
-    p.add_argument("--sampled-members-only", action="store_true",
-                   help="compute only sampled members (faster; step latency then depends on "
-                        "the restricted subset)")  # fmt: skip
+    p.add_argument(
+        "--sampled-members-only",
+        action="store_true",
+        help="compute only sampled members (faster; step latency then depends on "
+        "the restricted subset)",
+    )
     _deployment_args(p, SERVE_LEDGER)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -23,9 +23,20 @@ from pmixed.train import GPT2_TARGETS, LoraSpec, ModelSpec
 
 __all__ = ["FULL", "QUICK", "CampaignConfig"]
 
-_POSITIVE_INTS = ("public_steps", "n_members", "member_steps", "member_batch", "finetune_steps",
-                  "dpsgd_epochs", "dpsgd_batch", "query_budget", "realized_runs",
-                  "audit_contexts", "audit_control_steps", "audit_canaries")  # fmt: skip
+_POSITIVE_INTS = (
+    "public_steps",
+    "n_members",
+    "member_steps",
+    "member_batch",
+    "finetune_steps",
+    "dpsgd_epochs",
+    "dpsgd_batch",
+    "query_budget",
+    "realized_runs",
+    "audit_contexts",
+    "audit_control_steps",
+    "audit_canaries",
+)
 _POSITIVE_REALS = ("member_lr", "dpsgd_lr", "dpsgd_clip", "epsilon")
 _PATHS = ("public_dir", "private_jsonl", "base")
 
@@ -83,8 +94,10 @@ class CampaignConfig:
         d = dict(d)
         version = d.pop("version", 1)
         if version != cls.VERSION:
-            raise ValueError(f"campaign config version {version!r} is not supported (this "
-                             f"library reads version {cls.VERSION}).")  # fmt: skip
+            raise ValueError(
+                f"campaign config version {version!r} is not supported (this "
+                f"library reads version {cls.VERSION})."
+            )
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"campaign config: unknown fields {unknown}.")
@@ -96,9 +109,13 @@ class CampaignConfig:
 
     def deployment(self, **overrides: object) -> PMixEDConfig:
         """The PMixED deployment of this campaign (certified, add_remove unless overridden)."""
-        common = dict(n_members=self.n_members, sampling_rate=self.sampling_rate,
-                      epsilon=self.epsilon, delta=self.delta,
-                      query_budget=self.query_budget)  # fmt: skip
+        common = dict(
+            n_members=self.n_members,
+            sampling_rate=self.sampling_rate,
+            epsilon=self.epsilon,
+            delta=self.delta,
+            query_budget=self.query_budget,
+        )
         return PMixEDConfig(**{**common, **overrides})
 
 
@@ -125,8 +142,9 @@ def _problems(c: CampaignConfig) -> list[str]:
     if c.max_private_records is not None and (
         not is_int(c.max_private_records) or c.max_private_records < 1
     ):
-        p.append(f"max_private_records must be None or an integer >= 1. "
-                 f"Found {c.max_private_records!r}.")  # fmt: skip
+        p.append(
+            f"max_private_records must be None or an integer >= 1. Found {c.max_private_records!r}."
+        )
     for name in _PATHS:
         v = getattr(c, name)
         if v is not None and (not isinstance(v, str) or not v):
@@ -146,8 +164,16 @@ def _problems(c: CampaignConfig) -> list[str]:
 
 FULL = CampaignConfig()
 QUICK = replace(
-    FULL, model=ModelSpec(vocab_size=1024, block_size=64, n_embd=64, n_layer=2, n_head=2),
-    public_steps=150, n_members=8, member_steps=10, finetune_steps=60, dpsgd_batch=32,
-    sampling_rate=0.1, query_budget=64, max_private_records=4000, audit_control_steps=600,
+    FULL,
+    model=ModelSpec(vocab_size=1024, block_size=64, n_embd=64, n_layer=2, n_head=2),
+    public_steps=150,
+    n_members=8,
+    member_steps=10,
+    finetune_steps=60,
+    dpsgd_batch=32,
+    sampling_rate=0.1,
+    query_budget=64,
+    max_private_records=4000,
+    audit_control_steps=600,
     audit_canaries=250,
-)  # fmt: skip
+)

@@ -30,11 +30,18 @@ def _deployment(args: argparse.Namespace, path: Path, pcfg: PMixEDConfig):
         key = load_private_key(args.signing_key)
     if path.exists():
         if _deployment_flags(args):
-            raise ValueError(f"{', '.join(_deployment_flags(args))}: fixed when a deployment is "
-                             f"created; {path} exists.")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(_deployment_flags(args))}: fixed when a deployment is "
+                f"created; {path} exists."
+            )
         return Deployment.open(path, on_exhausted=args.on_exhausted, signing_key=key)
-    return Deployment.create(path, pcfg.calibrate(), seed=getattr(args, "seed", None),
-                             on_exhausted=args.on_exhausted, signing_key=key)  # fmt: skip
+    return Deployment.create(
+        path,
+        pcfg.calibrate(),
+        seed=getattr(args, "seed", None),
+        on_exhausted=args.on_exhausted,
+        signing_key=key,
+    )
 
 
 #: Deployment settings a --base/--adapters deployment takes from flags (a run has its own).
@@ -60,8 +67,10 @@ def _load_lm(args: argparse.Namespace, ledger: str):
         from campaign.run import config_from_run, load_run
 
         if given:
-            raise ValueError(f"{', '.join(given)}: a run's deployment settings are its own "
-                             "(only with --base/--adapters).")  # fmt: skip
+            raise ValueError(
+                f"{', '.join(given)}: a run's deployment settings are its own "
+                "(only with --base/--adapters)."
+            )
         run = args.run or Path("runs/demo")
         _, tok, model, members = load_run(run)
         pcfg = config_from_run(run).deployment()
@@ -86,22 +95,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pcfg, tok, lm, _, path = _load_lm(args, GENERATE_LEDGER)
     if path.exists() and args.seed is not None:
-        raise InvalidRequest("seed", f"is fixed when a deployment is created; {path} exists",
-                             args.seed)  # fmt: skip
+        raise InvalidRequest(
+            "seed", f"is fixed when a deployment is created; {path} exists", args.seed
+        )
     prompts = [tok(p)["input_ids"] for p in args.prompt]
     check_sampling(args.temperature, args.top_k, lm.vocab_size)  # before any file is touched
     for p in prompts:
-        check_prompt(p, vocab_size=lm.vocab_size, max_positions=lm.max_positions,
-                     new_tokens=args.max_new_tokens, truncate=args.truncate_prompt)  # fmt: skip
+        check_prompt(
+            p,
+            vocab_size=lm.vocab_size,
+            max_positions=lm.max_positions,
+            new_tokens=args.max_new_tokens,
+            truncate=args.truncate_prompt,
+        )
     deployment = _deployment(args, path, pcfg)
     with deployment:
         if deployment.seeded:
-            print("audit deployment: its randomness is seeded (reproducible); never serve real "
-                  "users from it", file=sys.stderr)  # fmt: skip
+            print(
+                "audit deployment: its randomness is seeded (reproducible); never serve real "
+                "users from it",
+                file=sys.stderr,
+            )
         outs = PrivateGenerator(lm, deployment).generate(
-            prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            prompts,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
             truncate=args.truncate_prompt,
-        )  # fmt: skip
+        )
         spent = deployment.spent()
     for text, g in zip(args.prompt, outs):
         print(f"{text}{tok.decode(list(g.tokens))}")
@@ -110,8 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             status += f"; prompt truncated by {g.prompt_truncated} tokens on the left"
         print(f"  [{g.private_steps} private, {g.public_steps} public-model tokens; {status}]")
     signed = "signed" if deployment.signed else "unsigned"
-    print(f"ledger {path} ({signed}): epsilon spent {spent.epsilon:.4f} of "
-          f"{deployment.filter.budget.epsilon:g} over {spent.steps} tokens")  # fmt: skip
+    print(
+        f"ledger {path} ({signed}): epsilon spent {spent.epsilon:.4f} of "
+        f"{deployment.filter.budget.epsilon:g} over {spent.steps} tokens"
+    )
     return EXIT_REFUSED if any(g.refused for g in outs) else 0
 
 
@@ -130,7 +153,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with _deployment(args, path, pcfg) as deployment:
         gen = PrivateGenerator(lm, deployment, constant_work=not args.sampled_members_only)
         app = create_app(gen, tok, model_name=name, max_batch=args.max_batch)
-        print(f"serving {name} on http://{args.host}:{args.port} (ledger {path})",
-              file=sys.stderr)  # fmt: skip
+        print(f"serving {name} on http://{args.host}:{args.port} (ledger {path})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

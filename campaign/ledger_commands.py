@@ -50,16 +50,23 @@ def _print_summary(s: dict) -> None:
     print(f"  planned epsilon {s['planned_epsilon']:.6f} at delta={s['delta']:g}{label}")
     print(f"  optimal order   {s['optimal_order']}")
     k = s["orders"].index(s["optimal_order"])
-    print(f"  per-query RDP at the optimal order {s['per_query_rdp'][k]:.6g} "
-          f"x {s['query_budget']} queries")  # fmt: skip
+    print(
+        f"  per-query RDP at the optimal order {s['per_query_rdp'][k]:.6g} "
+        f"x {s['query_budget']} queries"
+    )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = PMixEDConfig(
-        n_members=args.n_members, sampling_rate=args.sampling_rate, epsilon=args.epsilon,
-        delta=args.delta, query_budget=args.query_budget, mode=args.mode,
-        relation=args.relation, lambda_max=args.lambda_max,
-    )  # fmt: skip
+        n_members=args.n_members,
+        sampling_rate=args.sampling_rate,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        query_budget=args.query_budget,
+        mode=args.mode,
+        relation=args.relation,
+        lambda_max=args.lambda_max,
+    )
     s = _summary(cfg.calibrate())
     print(json.dumps(s, indent=2)) if args.json else _print_summary(s)
     return 0
@@ -84,21 +91,34 @@ def cmd_exact_audit(args: argparse.Namespace) -> int:
     pm = np.array([[0.9005, 0.0979, 0.0016]])
     p0 = np.array([0.1213, 0.8682, 0.0105])
     pm, p0 = pm / pm.sum(), p0 / p0.sum()
-    common = dict(n_members=1, sampling_rate=0.1, epsilon=6.7617, delta=1e-5, query_budget=100,
-                  orders=tuple(range(2, 9)))  # fmt: skip
+    common = dict(
+        n_members=1,
+        sampling_rate=0.1,
+        epsilon=6.7617,
+        delta=1e-5,
+        query_budget=100,
+        orders=tuple(range(2, 9)),
+    )
     print("\nexact per-query audit (public toy instance: N=1, |V|=3, order 6, q=0.1)")
     for mode in ("certified", "reference"):
-        cal = PMixEDConfig(**common, mode=mode, **({"reference_alpha": 6} if mode == "reference"
-                                                    else {})).calibrate()  # fmt: skip
+        cal = PMixEDConfig(
+            **common, mode=mode, **({"reference_alpha": 6} if mode == "reference" else {})
+        ).calibrate()
         nd = neighbour_divergence(pm, p0, cal, member=0, orders=[6])
         claim = float(cal.per_query_rdp[cal.orders.index(6)])
         ratio = float(nd.worst[0]) / claim
         verdict = "within claim" if ratio <= 1 else "EXCEEDS its claim"
         label = " (UNCERTIFIED)" if not cal.certified else ""
-        print(f"  {mode:<10} exact D_6 = {nd.worst[0]:.4g}  charged = {claim:.4g}  "
-              f"ratio = {ratio:.2f}  {verdict}{label}")  # fmt: skip
-        result["exact_audit"][mode] = {"exact_rdp": float(nd.worst[0]), "charged": claim,
-                                       "ratio": ratio, "status": cal.status}  # fmt: skip
+        print(
+            f"  {mode:<10} exact D_6 = {nd.worst[0]:.4g}  charged = {claim:.4g}  "
+            f"ratio = {ratio:.2f}  {verdict}{label}"
+        )
+        result["exact_audit"][mode] = {
+            "exact_rdp": float(nd.worst[0]),
+            "charged": claim,
+            "ratio": ratio,
+            "status": cal.status,
+        }
     print(f"\nwrote {write_json(out / 'exact_audit.json', result)}")
     return 0
 
@@ -113,8 +133,9 @@ def cmd_verify_ledger(args: argparse.Namespace) -> int:
         from accounting.signing import load_public_key
 
         key = load_public_key(args.public_key)
-    result = accounting.verify(args.ledger, expect_head=head, restricted=args.restricted,
-                               public_key=key)  # fmt: skip
+    result = accounting.verify(
+        args.ledger, expect_head=head, restricted=args.restricted, public_key=key
+    )
     print(result if result.ok else f"FAIL {result} ({result.signature})")
     return 0 if result.ok else 1
 
@@ -137,8 +158,10 @@ def cmd_account(args: argparse.Namespace) -> int:
     if spent.status == "conditional":
         certified = "conditional (unproven tight amplification)"
     print(f"epsilon        {spent.epsilon:.6f}{label}")
-    print(f"delta          {spent.delta:g} (+ {spent.delta_sampler:.3g} for the token sampler's "
-          "float64 law)")  # fmt: skip
+    print(
+        f"delta          {spent.delta:g} (+ {spent.delta_sampler:.3g} for the token sampler's "
+        "float64 law)"
+    )
     print(f"optimal order  {spent.optimal_order:g}")
     print(f"steps          {spent.steps} ({spent.public_steps} answered by the public model)")
     print(f"relation       {spent.relation}")
@@ -149,8 +172,10 @@ def cmd_account(args: argparse.Namespace) -> int:
         limits = accounting.PrivacyBudget(b["epsilon"], b["delta"], spent.orders)
         for k in b["monitored_orders"]:
             used = spent.rdp[spent.orders.index(float(k))]
-            print(f"budget         epsilon {b['epsilon']:g} at delta {b['delta']:g}: RDP at order "
-                  f"{k:g} spent {used:.6g} of {limits.limits([k])[0]:.6g}")  # fmt: skip
+            print(
+                f"budget         epsilon {b['epsilon']:g} at delta {b['delta']:g}: RDP at order "
+                f"{k:g} spent {used:.6g} of {limits.limits([k])[0]:.6g}"
+            )
     for line in spent.overrun:
         print(f"OVERRUN        {line}")
     return rc
@@ -175,6 +200,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     key, pub = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
     fp = fingerprint(generate_keypair(key, pub))
     print(f"wrote {key} (private, mode 0600) and {pub} (public); key {fp}")
-    print(f"sign a deployment: pmixed generate --run DIR --signing-key {key} ...; check it: "
-          f"pmixed verify-ledger DIR/generate.jsonl --public-key {pub}")  # fmt: skip
+    print(
+        f"sign a deployment: pmixed generate --run DIR --signing-key {key} ...; check it: "
+        f"pmixed verify-ledger DIR/generate.jsonl --public-key {pub}"
+    )
     return 0

@@ -66,8 +66,18 @@ def _stage_key(obj: object) -> str:
 
 
 def _library_versions() -> dict[str, str]:
-    return {d: version(d) for d in ("pmixed-audit", "torch", "transformers", "peft", "opacus",
-                                    "dp-accounting", "numpy")}  # fmt: skip
+    return {
+        d: version(d)
+        for d in (
+            "pmixed-audit",
+            "torch",
+            "transformers",
+            "peft",
+            "opacus",
+            "dp-accounting",
+            "numpy",
+        )
+    }
 
 
 def _load_adapters(public, folder: Path):
@@ -144,44 +154,84 @@ def run_demo(
         public = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     else:  # the user's base: its fingerprint keys every later stage
         tok, public = load_base(cfg.base)
-        base_info = {"path": str(Path(cfg.base).resolve()), **base_fingerprint(public),
-                     "context": context_length(public.config, tok),
-                     "layers": getattr(public.config, "num_hidden_layers", None)}  # fmt: skip
+        base_info = {
+            "path": str(Path(cfg.base).resolve()),
+            **base_fingerprint(public),
+            "context": context_length(public.config, tok),
+            "layers": getattr(public.config, "num_hidden_layers", None),
+        }
         base_dir, t = Path(cfg.base), min(cfg.model.block_size, base_info["context"])
         keys["tokenizer"] = keys["public"] = _stage_key([base_info["sha256"], len(tok), t])
 
     # Ensemble (one adapter per partition), non-private fine-tune, DP-SGD: adapters on one base.
-    keys["ensemble"] = _stage_key([
-        keys["public"], asdict(cfg.lora), cfg.member_steps, cfg.member_batch, cfg.member_lr,
-        cfg.finetune_steps, cfg.dpsgd_epochs, cfg.dpsgd_batch, cfg.dpsgd_lr, cfg.dpsgd_clip,
-        cfg.epsilon, cfg.delta,
-    ])  # fmt: skip
+    keys["ensemble"] = _stage_key(
+        [
+            keys["public"],
+            asdict(cfg.lora),
+            cfg.member_steps,
+            cfg.member_batch,
+            cfg.member_lr,
+            cfg.finetune_steps,
+            cfg.dpsgd_epochs,
+            cfg.dpsgd_batch,
+            cfg.dpsgd_lr,
+            cfg.dpsgd_clip,
+            cfg.epsilon,
+            cfg.delta,
+        ]
+    )
     if not run.stage_is_current("ensemble", keys["ensemble"]):
-        _train_ensemble(cfg, out, keys["ensemble"], base_dir, t, parts, train_recs, tok,
-                        executor or LocalExecutor(), progress)  # fmt: skip
+        _train_ensemble(
+            cfg,
+            out,
+            keys["ensemble"],
+            base_dir,
+            t,
+            parts,
+            train_recs,
+            tok,
+            executor or LocalExecutor(),
+            progress,
+        )
     model = _load_adapters(public, out / "ensemble" / "adapters")
     if cfg.base is not None:
         _export_adapters(model, members, out, keys["ensemble"])
     dp_run = json.loads((run.stage("ensemble") / DPSGD).read_text())
     run.write_json(DPSGD, dp_run)
 
-    config = {"demo": cfg.to_dict(), "stage_hashes": keys, "corpus": corpus.name, "base": base_info,
-              "block_size": t,
-              "users": {"train": len({r.user for r in train_recs}),
-                        "heldout": len({r.user for r in held_recs})},
-              "versions": _library_versions()}  # fmt: skip
+    config = {
+        "demo": cfg.to_dict(),
+        "stage_hashes": keys,
+        "corpus": corpus.name,
+        "base": base_info,
+        "block_size": t,
+        "users": {
+            "train": len({r.user for r in train_recs}),
+            "heldout": len({r.user for r in held_recs}),
+        },
+        "versions": _library_versions(),
+    }
     run.write_json(CONFIG, config)
     if not evaluate:
         return None
 
     # Evaluation through real ledgers and budgets.
-    keys["evaluate"] = _stage_key([keys["ensemble"], cfg.sampling_rate, cfg.query_budget,
-                                   cfg.realized_runs, cfg.seed, METRICS_SCHEMA])  # fmt: skip
+    keys["evaluate"] = _stage_key(
+        [
+            keys["ensemble"],
+            cfg.sampling_rate,
+            cfg.query_budget,
+            cfg.realized_runs,
+            cfg.seed,
+            METRICS_SCHEMA,
+        ]
+    )
     if (run / METRICS).exists() and run.read_json(METRICS).get("hash") == keys["evaluate"]:
         metrics = run.read_json(METRICS)
     else:
-        metrics = _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, keys["evaluate"],
-                            progress)  # fmt: skip
+        metrics = _evaluate(
+            cfg, out, model, members, tok, t, held_recs, dp_run, keys["evaluate"], progress
+        )
     if audit:
         cals = {name: pcfg.calibrate() for name, (_, pcfg) in pmixed_runs(cfg).items()}
         plan = AuditPlan(
@@ -200,13 +250,33 @@ def run_demo(
         )
         recipe = MemberRecipe(cfg.lora, _member_spec(cfg), cfg.seed)
         partitions = [blocks(_texts(p), tok, t) for p in parts]
-        dpsgd = dict(lora=cfg.lora, epsilon=cfg.epsilon, delta=cfg.delta,
-                     batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr, max_grad_norm=cfg.dpsgd_clip,
-                     vocab=len(tok))  # fmt: skip
-        run_audit_stage(out, keys["evaluate"], model, members, blocks(_texts(train_recs), tok, t),
-                        blocks(_texts(held_recs), tok, t), cals, metrics, plan, progress,
-                        dpsgd, tok, partitions, recipe, base=base_dir,
-                        executor=executor)  # fmt: skip
+        dpsgd = dict(
+            lora=cfg.lora,
+            epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            batch_size=cfg.dpsgd_batch,
+            lr=cfg.dpsgd_lr,
+            max_grad_norm=cfg.dpsgd_clip,
+            vocab=len(tok),
+        )
+        run_audit_stage(
+            out,
+            keys["evaluate"],
+            model,
+            members,
+            blocks(_texts(train_recs), tok, t),
+            blocks(_texts(held_recs), tok, t),
+            cals,
+            metrics,
+            plan,
+            progress,
+            dpsgd,
+            tok,
+            partitions,
+            recipe,
+            base=base_dir,
+            executor=executor,
+        )
         write_report(out)  # the last stage: rebuilt from the files above every time (seconds)
     return metrics
 
@@ -226,10 +296,13 @@ def load_run(out: Path):
     cfg = config["demo"]
     if cfg.get("base") is not None:
         tok, public = load_base(cfg["base"])
-        if base_fingerprint(public) != {k: config["base"][k] for k in ("model_type", "vocab_size",
-                                                                        "sha256")}:  # fmt: skip
-            raise ValueError(f"the base {cfg['base']} has changed since {out} was trained "
-                             "(its fingerprint differs): retrain or restore it.")  # fmt: skip
+        if base_fingerprint(public) != {
+            k: config["base"][k] for k in ("model_type", "vocab_size", "sha256")
+        }:
+            raise ValueError(
+                f"the base {cfg['base']} has changed since {out} was trained "
+                "(its fingerprint differs): retrain or restore it."
+            )
     else:
         tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
         public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
@@ -241,10 +314,12 @@ def pmixed_runs(cfg: CampaignConfig) -> dict[str, tuple[str, PMixEDConfig]]:
     """The three PMixED deployments the demo evaluates and audits: name -> (ledger file, config)."""
     return {
         "pmixed_certified_add_remove": ("ledger.jsonl", cfg.deployment()),
-        "pmixed_certified_replace_one": ("ledger-replace_one.jsonl",
-                                         cfg.deployment(relation="replace_one")),
+        "pmixed_certified_replace_one": (
+            "ledger-replace_one.jsonl",
+            cfg.deployment(relation="replace_one"),
+        ),
         "pmixed_reference": ("ledger-reference.jsonl", cfg.deployment(mode="reference")),
-    }  # fmt: skip
+    }
 
 
 def _export_adapters(model, members: list[str], out: Path, key: str) -> None:
@@ -255,8 +330,10 @@ def _export_adapters(model, members: list[str], out: Path, key: str) -> None:
     if folder.exists():
         if (folder / marker).is_file() and (folder / marker).read_text() == key:
             return
-        raise ValueError(f"{folder} holds members of an earlier training of this run (and perhaps "
-                         "their deployment ledgers): move it away to export the new ones.")  # fmt: skip
+        raise ValueError(
+            f"{folder} holds members of an earlier training of this run (and perhaps "
+            "their deployment ledgers): move it away to export the new ones."
+        )
     save_adapters(model, members, folder, extra={marker: key})
 
 
@@ -275,16 +352,31 @@ def _public_stages(cfg: CampaignConfig, out: Path, corpus, keys: dict, progress:
         model = build_public_model(cfg.model, tok, cfg.seed)
         data = blocks(corpus.public, tok, cfg.model.block_size)
         bar = progress("public model", cfg.public_steps)
-        train_lm(model, data, TrainSpec(steps=cfg.public_steps), torch.Generator().manual_seed(cfg.seed),
-                 progress=lambda step, _loss: bar(step + 1))  # fmt: skip
+        train_lm(
+            model,
+            data,
+            TrainSpec(steps=cfg.public_steps),
+            torch.Generator().manual_seed(cfg.seed),
+            progress=lambda step, _loss: bar(step + 1),
+        )
         tmp = run.temp_folder()
         model.save_pretrained(tmp)
         run.commit_stage(tmp, "public", keys["public"], _library_versions())
     return tok, out / "public"
 
 
-def _train_ensemble(cfg: CampaignConfig, out: Path, key: str, base: Path, t: int, parts, train_recs,
-                    tok, executor, progress: Progress) -> None:  # fmt: skip
+def _train_ensemble(
+    cfg: CampaignConfig,
+    out: Path,
+    key: str,
+    base: Path,
+    t: int,
+    parts,
+    train_recs,
+    tok,
+    executor,
+    progress: Progress,
+) -> None:
     """Members, the non-private fine-tune and DP-SGD as independent jobs on ``executor``, each
     writing its adapter into the stage folder, then the stage is committed under ``key``. The
     files are the same under any executor: each job seeds itself."""
@@ -303,16 +395,47 @@ def _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, pro
     folder.mkdir()
     all_private = blocks(_texts(train_recs), tok, t)
     finetune = TrainSpec(steps=cfg.finetune_steps, batch_size=16, lr=cfg.member_lr)
-    dpsgd = dict(epsilon=cfg.epsilon, delta=cfg.delta, epochs=cfg.dpsgd_epochs,
-                 batch_size=cfg.dpsgd_batch, lr=cfg.dpsgd_lr, max_grad_norm=cfg.dpsgd_clip,
-                 seed=cfg.seed + 2)  # fmt: skip
+    dpsgd = dict(
+        epsilon=cfg.epsilon,
+        delta=cfg.delta,
+        epochs=cfg.dpsgd_epochs,
+        batch_size=cfg.dpsgd_batch,
+        lr=cfg.dpsgd_lr,
+        max_grad_norm=cfg.dpsgd_clip,
+        seed=cfg.seed + 2,
+    )
     # The longest job (DP-SGD) first, so a cluster runs it while the members train beside it.
-    jobs = [Job(dpsgd_job, (base, "dpsgd", all_private, lora, folder / "dpsgd.safetensors", dpsgd)),
-            Job(finetune_job, (base, "finetuned", all_private, lora, finetune, cfg.seed + 1,
-                               folder / "finetuned.safetensors"))]  # fmt: skip
-    jobs += [Job(member_job, (base, name, i, blocks(_texts(p), tok, t), lora, _member_spec(cfg),
-                              cfg.seed, folder / f"{name}.safetensors"))
-             for i, (name, p) in enumerate(zip(members, parts))]  # fmt: skip
+    jobs = [
+        Job(dpsgd_job, (base, "dpsgd", all_private, lora, folder / "dpsgd.safetensors", dpsgd)),
+        Job(
+            finetune_job,
+            (
+                base,
+                "finetuned",
+                all_private,
+                lora,
+                finetune,
+                cfg.seed + 1,
+                folder / "finetuned.safetensors",
+            ),
+        ),
+    ]
+    jobs += [
+        Job(
+            member_job,
+            (
+                base,
+                name,
+                i,
+                blocks(_texts(p), tok, t),
+                lora,
+                _member_spec(cfg),
+                cfg.seed,
+                folder / f"{name}.safetensors",
+            ),
+        )
+        for i, (name, p) in enumerate(zip(members, parts))
+    ]
     bar = progress(f"ensemble, fine-tune, DP-SGD ({executor.name} executor)", len(jobs))
     dp = executor.map(jobs, progress=bar)[0]
     names = [*members, "finetuned", "dpsgd"]
@@ -328,36 +451,74 @@ def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress
     ppl = {name: lm_perplexity(model, held, adapter, n_predictions=n) for name, adapter in models}
     dp = from_opacus([tuple(h) for h in dp_run["history"]], cfg.delta)
     privacy = {
-        "public": {"epsilon": 0.0, "delta": 0.0, "accountant": "none needed: no private data",
-                   "unit": "n/a", "relation": "n/a", "certified": True,
-                   "note": "trained on public text only"},
-        "finetuned": {"epsilon": None, "delta": None, "accountant": "none",
-                      "unit": "none", "relation": "n/a", "certified": False,
-                      "note": "no privacy: non-private fine-tune"},
-        "dpsgd": {"epsilon": dp.rdp, "epsilon_pld": dp.pld, "epsilon_opacus": dp.opacus,
-                  "delta": cfg.delta, "accountant": "dp-accounting RDP (Opacus history)",
-                  "unit": f"one {t}-token training block (record level)", "relation": "add_remove",
-                  "certified": True},
-    }  # fmt: skip
+        "public": {
+            "epsilon": 0.0,
+            "delta": 0.0,
+            "accountant": "none needed: no private data",
+            "unit": "n/a",
+            "relation": "n/a",
+            "certified": True,
+            "note": "trained on public text only",
+        },
+        "finetuned": {
+            "epsilon": None,
+            "delta": None,
+            "accountant": "none",
+            "unit": "none",
+            "relation": "n/a",
+            "certified": False,
+            "note": "no privacy: non-private fine-tune",
+        },
+        "dpsgd": {
+            "epsilon": dp.rdp,
+            "epsilon_pld": dp.pld,
+            "epsilon_opacus": dp.opacus,
+            "delta": cfg.delta,
+            "accountant": "dp-accounting RDP (Opacus history)",
+            "unit": f"one {t}-token training block (record level)",
+            "relation": "add_remove",
+            "certified": True,
+        },
+    }
     runs = pmixed_runs(cfg)
-    units = {"add_remove": "one ensemble member (one partition of users)",
-             "replace_one": "one user (its partition's member replaced)"}  # fmt: skip
+    units = {
+        "add_remove": "one ensemble member (one partition of users)",
+        "replace_one": "one user (its partition's member replaced)",
+    }
     work = RunDir(out).temp_folder()
     for i, (name, (fname, pcfg)) in enumerate(runs.items()):
         cal = pcfg.calibrate()
         with Deployment.create(work / fname, cal, seed=cfg.seed + i) as deployment:
-            score = pmixed_perplexity(model, members, held, deployment,
-                                      n_queries=pcfg.query_budget, runs=cfg.realized_runs,
-                                      progress=progress(name, pcfg.query_budget))  # fmt: skip
+            score = pmixed_perplexity(
+                model,
+                members,
+                held,
+                deployment,
+                n_queries=pcfg.query_budget,
+                runs=cfg.realized_runs,
+                progress=progress(name, pcfg.query_budget),
+            )
         spent = compose(work / fname, pcfg.delta)
-        ppl[name] = {"exact": score.exact_ppl, "realized_mean": score.realized_ppl_mean,
-                     "realized_sd": score.realized_ppl_sd, "queries": score.queries}  # fmt: skip
-        privacy[name] = {"epsilon": spent.epsilon, "delta": spent.delta,
-                         "optimal_order": spent.optimal_order, "steps": spent.steps,
-                         "accountant": "dp-accounting RDP (PMixEDAccountant over the ledger)",
-                         "ledger": fname, "unit": units[pcfg.relation], "relation": pcfg.relation,
-                         "certified": spent.certified, "status": spent.status,
-                         "beta": cal.beta, "beta_by_size": list(cal.beta_by_size[:6])}  # fmt: skip
+        ppl[name] = {
+            "exact": score.exact_ppl,
+            "realized_mean": score.realized_ppl_mean,
+            "realized_sd": score.realized_ppl_sd,
+            "queries": score.queries,
+        }
+        privacy[name] = {
+            "epsilon": spent.epsilon,
+            "delta": spent.delta,
+            "optimal_order": spent.optimal_order,
+            "steps": spent.steps,
+            "accountant": "dp-accounting RDP (PMixEDAccountant over the ledger)",
+            "ledger": fname,
+            "unit": units[pcfg.relation],
+            "relation": pcfg.relation,
+            "certified": spent.certified,
+            "status": spent.status,
+            "beta": cal.beta,
+            "beta_by_size": list(cal.beta_by_size[:6]),
+        }
     for f in work.iterdir():
         f.rename(out / f.name)
     work.rmdir()

@@ -52,25 +52,36 @@ def _campaign_config(args: argparse.Namespace):
         if not args.salt:
             raise InvalidRequest("salt", "must be a non-empty string", args.salt)
         cfg = replace(cfg, salt=args.salt)
-    for flag, path in (("--public-dir", args.public_dir), ("--private-jsonl", args.private_jsonl),
-                       ("--base", args.base)):  # fmt: skip
+    for flag, path in (
+        ("--public-dir", args.public_dir),
+        ("--private-jsonl", args.private_jsonl),
+        ("--base", args.base),
+    ):
         if path is not None and not path.exists():
             raise ValueError(f"{flag} {path} does not exist.")
     if args.base is not None:  # a model of the user's own: no public text needed
         if args.private_jsonl is None:
             raise ValueError("--base needs --private-jsonl: the records its members learn from.")
         targets = None if args.lora_targets is None else tuple(args.lora_targets.split(","))
-        cfg = replace(cfg, base=str(args.base), private_jsonl=str(args.private_jsonl),
-                      public_dir=None if args.public_dir is None else str(args.public_dir),
-                      lora=replace(cfg.lora, target_modules=targets),
-                      max_private_records=None)  # fmt: skip
+        cfg = replace(
+            cfg,
+            base=str(args.base),
+            private_jsonl=str(args.private_jsonl),
+            public_dir=None if args.public_dir is None else str(args.public_dir),
+            lora=replace(cfg.lora, target_modules=targets),
+            max_private_records=None,
+        )
     elif args.lora_targets is not None:
         raise ValueError("--lora-targets needs --base (the demo's GPT-2 targets are fixed).")
     elif args.public_dir is not None or args.private_jsonl is not None:
         if args.public_dir is None or args.private_jsonl is None:
             raise ValueError("--public-dir and --private-jsonl must be given together.")
-        cfg = replace(cfg, public_dir=str(args.public_dir), private_jsonl=str(args.private_jsonl),
-                      max_private_records=None)  # fmt: skip
+        cfg = replace(
+            cfg,
+            public_dir=str(args.public_dir),
+            private_jsonl=str(args.private_jsonl),
+            max_private_records=None,
+        )
     return cfg
 
 
@@ -142,10 +153,12 @@ def _print_audit(result: dict) -> None:
         pair = m.get("exact_pair", {})
         auc = m.get("risk", {}).get("reference", m.get("risk", {}).get("loss", {}))
         ub = m["claim"]["epsilon_ub"]
-        cells = ["-" if ub is None else f"{ub:.3f}",
-                 f"{pair['epsilon_pair']:.4f}" if pair else "-",
-                 f"{pair['worst_ratio_exact_over_charged']:.3g}" if pair.get("comparable") else "-",
-                 f"{auc['auc']['value']:.3f}" if auc else "-"]  # fmt: skip
+        cells = [
+            "-" if ub is None else f"{ub:.3f}",
+            f"{pair['epsilon_pair']:.4f}" if pair else "-",
+            f"{pair['worst_ratio_exact_over_charged']:.3g}" if pair.get("comparable") else "-",
+            f"{auc['auc']['value']:.3f}" if auc else "-",
+        ]
         flag = "ALARM" if m.get("alarms") else "none"
         if ub is None:
             flag += " (no privacy claim)"
@@ -156,27 +169,38 @@ def _print_audit(result: dict) -> None:
         if "game" in m:
             g = m["game"]
             lbs = ", ".join(f"{e['score']} {e['epsilon_lb']:.3f}" for e in g["empirical"])
-            print(f"PMixED game vs {name}: {g['trials_per_world']} trials/world x "
-                  f"{g['queries_per_trial']} queries; eps_pair {g['epsilon_pair']:.4f}; "
-                  f"eps_lb {lbs}")  # fmt: skip
+            print(
+                f"PMixED game vs {name}: {g['trials_per_world']} trials/world x "
+                f"{g['queries_per_trial']} queries; eps_pair {g['epsilon_pair']:.4f}; "
+                f"eps_lb {lbs}"
+            )
         if "exposure" in m:
             x = m["exposure"]
             p, c = x["pmixed"], x["non_private_release"]
-            print(f"exposure vs {name}: {p['trials']} trials, K={x['references']}; first "
-                  f"{p['first_places']}/{p['trials']}, eps_lb {p['epsilon_lb']:.3f}, "
-                  f"{p['mean_exposure_bits']:.2f} bits; non-private release first "
-                  f"{c['first_places']}/{c['trials']}, eps_lb {c['epsilon_lb']:.3f}, "
-                  f"{c['mean_exposure_bits']:.2f} bits")  # fmt: skip
+            print(
+                f"exposure vs {name}: {p['trials']} trials, K={x['references']}; first "
+                f"{p['first_places']}/{p['trials']}, eps_lb {p['epsilon_lb']:.3f}, "
+                f"{p['mean_exposure_bits']:.2f} bits; non-private release first "
+                f"{c['first_places']}/{c['trials']}, eps_lb {c['epsilon_lb']:.3f}, "
+                f"{c['mean_exposure_bits']:.2f} bits"
+            )
         for e in m.get("empirical", []):
             if "one_run" in e:
                 r = e["one_run"]
-                print(f"canary one-run vs {name} ({e['target']}): eps_lb {r['epsilon_lb']:.3f} "
-                      f"by {r['attack']} (precision {r['precision']:.2f} of {r['r']} guesses, "
-                      f"m={r['m']}); AUC " + ", ".join(f"{a} {v['risk']['auc']['value']:.3f}"
-                                                     for a, v in e["attacks"].items()))  # fmt: skip
+                print(
+                    f"canary one-run vs {name} ({e['target']}): eps_lb {r['epsilon_lb']:.3f} "
+                    f"by {r['attack']} (precision {r['precision']:.2f} of {r['r']} guesses, "
+                    f"m={r['m']}); AUC "
+                    + ", ".join(
+                        f"{a} {v['risk']['auc']['value']:.3f}" for a, v in e["attacks"].items()
+                    )
+                )
     ok = "all passed" if result["controls_passed"] else "FAILED"
-    print("controls: " + ", ".join(f"{c['id']} {'ok' if c['passed'] else 'FAILED'}"
-                                   for c in result["controls"]) + f" ({ok})")  # fmt: skip
+    print(
+        "controls: "
+        + ", ".join(f"{c['id']} {'ok' if c['passed'] else 'FAILED'}" for c in result["controls"])
+        + f" ({ok})"
+    )
 
 
 #: Runs per world of the logistic-regression test bed, by --scale.
@@ -199,33 +223,49 @@ def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_repo
     from audit.mutants import MUTANTS, run_mutants
 
     logging.getLogger("absl").setLevel(logging.ERROR)
-    mutants = run_mutants(scale, seed=seed, repetitions=repetitions,
-                          progress=bars("audit: planted violations", len(MUTANTS)))  # fmt: skip
-    plan = ManyRunPlan(runs=TESTBED_RUNS[scale], pilot_runs=TESTBED_RUNS[scale],
-                       seed=seed)  # fmt: skip
-    rows = corrected_dpsgd_audit(plan, progress=bars("audit: LR DP-SGD test bed",
-                                                      len(plan.claims)))  # fmt: skip
-    power = {"seed": seed, "scale": scale, "mutants": mutants,
-             "testbed": {"plan": plan.__dict__, "rows": rows, "tightness": tightness(rows)},
-             "seed_dpsgd": seed_dpsgd_audit(seed=seed)}  # fmt: skip
+    mutants = run_mutants(
+        scale,
+        seed=seed,
+        repetitions=repetitions,
+        progress=bars("audit: planted violations", len(MUTANTS)),
+    )
+    plan = ManyRunPlan(runs=TESTBED_RUNS[scale], pilot_runs=TESTBED_RUNS[scale], seed=seed)
+    rows = corrected_dpsgd_audit(plan, progress=bars("audit: LR DP-SGD test bed", len(plan.claims)))
+    power = {
+        "seed": seed,
+        "scale": scale,
+        "mutants": mutants,
+        "testbed": {"plan": plan.__dict__, "rows": rows, "tightness": tightness(rows)},
+        "seed_dpsgd": seed_dpsgd_audit(seed=seed),
+    }
     RunDir(run).write_json(POWER, json.loads(json.dumps(power, default=float)))
-    print(f"\npower ({scale}): planted violations detected {mutants['detected']} of "
-          f"{mutants['total']}; sound twins {'clean' if mutants['twins_clean'] else 'ALARMED'}")  # fmt: skip
+    print(
+        f"\npower ({scale}): planted violations detected {mutants['detected']} of "
+        f"{mutants['total']}; sound twins {'clean' if mutants['twins_clean'] else 'ALARMED'}"
+    )
     for name, m in mutants["mutants"].items():
         rate = m["twin_false_alarm_rate"]
         fa = "-" if rate is None else f"{m['twin_false_alarms']}/{m['twin_repetitions']}"
-        print(f"  {name:<30} {'detected' if m['detected'] else 'MISSED':<9} {m['evidence']}; "
-              f"twin false alarms {fa}")  # fmt: skip
-    print(f"LR DP-SGD test bed ({plan.runs} runs per world, white-box Dirac canary, q={plan.q}, "
-          f"{plan.steps} steps):")  # fmt: skip
+        print(
+            f"  {name:<30} {'detected' if m['detected'] else 'MISSED':<9} {m['evidence']}; "
+            f"twin false alarms {fa}"
+        )
+    print(
+        f"LR DP-SGD test bed ({plan.runs} runs per world, white-box Dirac canary, q={plan.q}, "
+        f"{plan.steps} steps):"
+    )
     for r in rows:
         one = r["one_run"]["epsilon_lb"] if r["one_run"] else float("nan")
-        print(f"  claim {r['claim']['epsilon']:.3f}: eps_lb {r['epsilon_lb']:.3f} "
-              f"({r['ratio']:.2f} of the claim, {r['best']}); one-run {one:.3f}")  # fmt: skip
+        print(
+            f"  claim {r['claim']['epsilon']:.3f}: eps_lb {r['epsilon_lb']:.3f} "
+            f"({r['ratio']:.2f} of the claim, {r['best']}); one-run {one:.3f}"
+        )
     sd = power["seed_dpsgd"]
-    print(f"seed DP-SGD: claimed {sd['claimed_epsilon']:.3f}, eps_lb "
-          f"{max(b['epsilon_lb'] for b in sd['bounds'].values()):.3f} "
-          f"({'VIOLATION detected' if sd['violation'] else 'not detected'})")  # fmt: skip
+    print(
+        f"seed DP-SGD: claimed {sd['claimed_epsilon']:.3f}, eps_lb "
+        f"{max(b['epsilon_lb'] for b in sd['bounds'].values()):.3f} "
+        f"({'VIOLATION detected' if sd['violation'] else 'not detected'})"
+    )
     print(f"wrote {run / POWER}")
     if (run / METRICS).exists():
         from reports.report import write_report
@@ -255,13 +295,17 @@ def _run_of(args: argparse.Namespace) -> Path:
     marker, run = args.adapters / "ensemble-stage.txt", args.adapters.parent
     config = run / CONFIG
     if not marker.is_file() or not config.is_file():
-        raise ValueError(f"--adapters {args.adapters} was not exported by `pmixed train --base`: "
-                         "an audit needs the private records and the recipe behind the adapters "
-                         "(train them with pmixed train --base PATH --private-jsonl FILE).")  # fmt: skip
+        raise ValueError(
+            f"--adapters {args.adapters} was not exported by `pmixed train --base`: "
+            "an audit needs the private records and the recipe behind the adapters "
+            "(train them with pmixed train --base PATH --private-jsonl FILE)."
+        )
     config = json.loads(config.read_text())
     if config["stage_hashes"].get("ensemble") != marker.read_text():
-        raise ValueError(f"--adapters {args.adapters} are not the members of {run} (another "
-                         "training): audit that run with --run.")  # fmt: skip
+        raise ValueError(
+            f"--adapters {args.adapters} are not the members of {run} (another "
+            "training): audit that run with --run."
+        )
     base = base_fingerprint(load_base(args.base)[1])
     if config.get("base") is None or base["sha256"] != config["base"]["sha256"]:
         raise ValueError(f"--base {args.base} is not the base {run} was trained on.")
@@ -303,8 +347,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check = accounting.verify(ledger, restricted=True)
     spent = accounting.compose(ledger, 1e-5)
     print(f"ledger {ledger}: {'intact' if check.ok else 'FAILED ' + str(check)}, head {check.head}")
-    print(f"pmixed account {ledger} --delta 1e-5  ->  epsilon {spent.epsilon:.6f} "
-          f"(certified: {'yes' if spent.certified else 'no'})")  # fmt: skip
+    print(
+        f"pmixed account {ledger} --delta 1e-5  ->  epsilon {spent.epsilon:.6f} "
+        f"(certified: {'yes' if spent.certified else 'no'})"
+    )
     report_rc = _print_report(args.out, RunDir(args.out).read_json(REPORT_FILES[0]))
     return rc if check.ok and report_rc == 0 else 1
 

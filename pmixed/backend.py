@@ -58,8 +58,10 @@ def context_length(config: object, tokenizer: object | None = None) -> int:
         n = m if m is not None and m < _UNKNOWN_LENGTH else None
     if n is None or int(n) < 2:
         kind = getattr(config, "model_type", type(config).__name__)
-        raise BackendError(f"the {kind} config has no max_position_embeddings and the tokenizer "
-                           "no model_max_length: cannot bound a prompt.")  # fmt: skip
+        raise BackendError(
+            f"the {kind} config has no max_position_embeddings and the tokenizer "
+            "no model_max_length: cannot bound a prompt."
+        )
     return int(n)
 
 
@@ -72,30 +74,49 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str] | None = None) -> 
     if names is None:
         names = DEFAULTS.get(kind)
         if not names:
-            raise BackendError(f"peft has no default LoRA targets for model_type {kind!r}: "
-                               "name them (--lora-targets, LoraSpec.target_modules).")  # fmt: skip
+            raise BackendError(
+                f"peft has no default LoRA targets for model_type {kind!r}: "
+                "name them (--lora-targets, LoraSpec.target_modules)."
+            )
     suffixes = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     unknown = [n for n in names if n not in suffixes]
     if unknown:
-        raise BackendError(f"--lora-targets {','.join(unknown)} match no module of the "
-                           f"{kind} model.")  # fmt: skip
+        raise BackendError(
+            f"--lora-targets {','.join(unknown)} match no module of the {kind} model."
+        )
     return list(names)
 
 
-def lora_config(model: torch.nn.Module, *, r: int, alpha: int, dropout: float,
-                target_modules: Sequence[str] | None):  # fmt: skip
+def lora_config(
+    model: torch.nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Sequence[str] | None,
+):
     """peft's ``LoraConfig`` for ``model``: resolved targets, ``fan_in_fan_out`` from their type."""
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
     targets = lora_targets(model, target_modules)
     # A module that already carries LoRA (a PeftModel gaining an adapter) wraps the original.
-    kinds = {type(getattr(m, "base_layer", m)) for n, m in model.named_modules()
-             if n.rsplit(".", 1)[-1] in targets}  # fmt: skip
+    kinds = {
+        type(getattr(m, "base_layer", m))
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in targets
+    }
     if Conv1D in kinds and len(kinds) > 1:
         raise BackendError(f"LoRA targets {targets} mix Conv1D and other layers: name one kind.")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      fan_in_fan_out=Conv1D in kinds, bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        fan_in_fan_out=Conv1D in kinds,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_base(path: str | os.PathLike) -> tuple[object, torch.nn.Module]:
@@ -113,14 +134,21 @@ def load_base(path: str | os.PathLike) -> tuple[object, torch.nn.Module]:
     if tok.pad_token_id is None and tok.eos_token_id is None:
         raise BackendError(f"--base {folder}: the tokenizer has neither a pad nor an eos token.")
     if len(tok) > model.config.vocab_size:
-        raise BackendError(f"--base {folder}: the tokenizer has {len(tok)} tokens, the model "
-                           f"{model.config.vocab_size}.")  # fmt: skip
+        raise BackendError(
+            f"--base {folder}: the tokenizer has {len(tok)} tokens, the model "
+            f"{model.config.vocab_size}."
+        )
     context_length(model.config, tok)  # refuse a model whose prompts cannot be bounded
     return tok, model
 
 
-def save_adapters(model: torch.nn.Module, names: Sequence[str], folder: str | os.PathLike, *,
-                  extra: dict[str, str] | None = None) -> None:  # fmt: skip
+def save_adapters(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    folder: str | os.PathLike,
+    *,
+    extra: dict[str, str] | None = None,
+) -> None:
     """Each adapter of ``names`` as ``folder/<name>/`` in peft's format (+ ``extra`` text files by
     name); ``folder`` appears whole (written beside it, then renamed) and must not exist yet."""
     folder = Path(folder)
@@ -161,8 +189,11 @@ def base_fingerprint(model: torch.nn.Module) -> dict:
         h.update(name.replace(".base_layer", "").encode() + str(tuple(p.shape)).encode())
         h.update(head.tobytes())
     cfg = base.config
-    return {"model_type": getattr(cfg, "model_type", None), "vocab_size": int(cfg.vocab_size),
-            "sha256": h.hexdigest()}  # fmt: skip
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "vocab_size": int(cfg.vocab_size),
+        "sha256": h.hexdigest(),
+    }
 
 
 def _move_top(src: Path, dst: Path) -> None:
@@ -180,27 +211,34 @@ def load_adapters(base: torch.nn.Module, folder: str | os.PathLike) -> tuple[obj
     from peft import PeftModel
 
     folder = Path(folder)
-    names = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file()) \
-        if folder.is_dir() else []  # fmt: skip
+    names = (
+        sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+        if folder.is_dir()
+        else []
+    )
     if not names:
-        raise BackendError(f"--adapters {folder} holds no peft adapter folder "
-                           "(<name>/adapter_config.json).")  # fmt: skip
+        raise BackendError(
+            f"--adapters {folder} holds no peft adapter folder (<name>/adapter_config.json)."
+        )
     kind = getattr(base.config, "model_type", None)
     if (folder / MEMBERS_FILE).is_file():
         listed = json.loads((folder / MEMBERS_FILE).read_text())
         missing = [m for m in listed if m not in names]
         if missing or len(names) != len(listed):
-            raise BackendError(f"--adapters {folder} lists {len(listed)} members in "
-                               f"{MEMBERS_FILE} and holds {len(names)}: missing "
-                               f"{missing or 'none'}, extra "
-                               f"{[n for n in names if n not in listed] or 'none'}.")  # fmt: skip
+            raise BackendError(
+                f"--adapters {folder} lists {len(listed)} members in "
+                f"{MEMBERS_FILE} and holds {len(names)}: missing "
+                f"{missing or 'none'}, extra "
+                f"{[n for n in names if n not in listed] or 'none'}."
+            )
         names = list(listed)
     if (folder / BASE_FILE).is_file():
         want, have = json.loads((folder / BASE_FILE).read_text()), base_fingerprint(base)
         if want != have:
             a, b = ([d["model_type"], d["vocab_size"], d["sha256"][:12]] for d in (want, have))
-            raise BackendError(f"--adapters {folder} was trained on another base ({a}; --base "
-                               f"is {b}).")  # fmt: skip
+            raise BackendError(
+                f"--adapters {folder} was trained on another base ({a}; --base is {b})."
+            )
     model = None
     for name in names:
         meta = json.loads((folder / name / "adapter_config.json").read_text())
@@ -212,8 +250,9 @@ def load_adapters(base: torch.nn.Module, folder: str | os.PathLike) -> tuple[obj
             else:
                 model.load_adapter(folder / name, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise BackendError(f"--adapters {folder / name} does not fit the {kind} base: "
-                               f"{_first_line(e)}") from e  # fmt: skip
+            raise BackendError(
+                f"--adapters {folder / name} does not fit the {kind} base: {_first_line(e)}"
+            ) from e
     return model.eval(), names
 
 

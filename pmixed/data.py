@@ -39,12 +39,26 @@ __all__ = [
 
 #: Plays whose full text is public (the public model's training data); all others are private.
 PUBLIC_PLAYS = (
-    "comedy_of_errors", "taming_of_the_shrew", "two_gentlemen_of_verona", "loves_labours_lost",
-    "midsummer_nights_dream", "merchant_of_venice", "much_ado_about_nothing", "as_you_like_it",
-    "twelfth_night", "merry_wives_of_windsor", "henry_iv_part_1", "henry_v",
-)  # fmt: skip
-_POEMS = {"sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
-          "rape_of_lucrece"}  # fmt: skip
+    "comedy_of_errors",
+    "taming_of_the_shrew",
+    "two_gentlemen_of_verona",
+    "loves_labours_lost",
+    "midsummer_nights_dream",
+    "merchant_of_venice",
+    "much_ado_about_nothing",
+    "as_you_like_it",
+    "twelfth_night",
+    "merry_wives_of_windsor",
+    "henry_iv_part_1",
+    "henry_v",
+)
+_POEMS = {
+    "sonnets",
+    "lovers_complaint",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+}
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{0,40}?)\.$")
 _HEADING = re.compile(r"^(ACT|SCENE|Scene|PROLOGUE|EPILOGUE|Prologue|Epilogue)\b")
 

@@ -104,8 +104,9 @@ def check_prompt(
     oldest tokens (the caller reports how many).
     """
     if not is_int(new_tokens) or not 0 <= new_tokens <= max_positions:
-        raise InvalidRequest("max_new_tokens", f"must be an integer in [0, {max_positions}]",
-                             new_tokens)  # fmt: skip
+        raise InvalidRequest(
+            "max_new_tokens", f"must be an integer in [0, {max_positions}]", new_tokens
+        )
     toks = list(tokens)
     if not toks:
         raise InvalidRequest("prompt", "must hold at least one token", "")
@@ -117,8 +118,11 @@ def check_prompt(
         return toks, 0
     if not truncate:
         raise InvalidRequest(
-            "prompt", f"must fit the context: at most {room} tokens for {new_tokens} new ones "
-            f"(the model holds {max_positions}; or ask for truncation)", f"{len(toks)} tokens")  # fmt: skip
+            "prompt",
+            f"must fit the context: at most {room} tokens for {new_tokens} new ones "
+            f"(the model holds {max_positions}; or ask for truncation)",
+            f"{len(toks)} tokens",
+        )
     return toks[len(toks) - room :], len(toks) - room
 
 
@@ -205,8 +209,14 @@ class Deployment:
         budget = PrivacyBudget(cfg.epsilon, cfg.delta, calibration.orders)
         budget_filter = RenyiFilter.for_plan(budget, query_event(calibration), cfg.query_budget)
         seed = None if seed is None else int(seed)
-        ledger = create_ledger(path, calibration, budget=budget_filter.header_record(), seed=seed,
-                               fsync=fsync, signing_key=signing_key)  # fmt: skip
+        ledger = create_ledger(
+            path,
+            calibration,
+            budget=budget_filter.header_record(),
+            seed=seed,
+            fsync=fsync,
+            signing_key=signing_key,
+        )
         rng = np.random.default_rng(None if seed is None else int(seed))
         return cls(calibration, ledger, rng, on_exhausted=on_exhausted)
 
@@ -228,12 +238,16 @@ class Deployment:
             header = ledger.header["calibration"]
             rebuilt = _config_from_header(header).calibrate()
             if calibration is not None and calibration.config != rebuilt.config:
-                raise ValueError(f"{path} was created for another configuration: "
-                                 f"{rebuilt.config} != {calibration.config}.")  # fmt: skip
+                raise ValueError(
+                    f"{path} was created for another configuration: "
+                    f"{rebuilt.config} != {calibration.config}."
+                )
             cal = calibration or rebuilt
             if list(cal.per_query_rdp_values) != list(header["per_query_rdp"]):
-                raise ValueError(f"{path}: the calibration recomputed here differs from the "
-                                 "one in its header (another library version?).")  # fmt: skip
+                raise ValueError(
+                    f"{path}: the calibration recomputed here differs from the "
+                    "one in its header (another library version?)."
+                )
             seed = _seed_of(Path(path)) if ledger.header["seeded"] else None
             state = None if seed is None else [int(seed), ledger.contents().next_seq]
             return cls(cal, ledger, np.random.default_rng(state), on_exhausted=on_exhausted)

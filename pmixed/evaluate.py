@@ -30,8 +30,14 @@ __all__ = ["PMixEDScore", "lm_perplexity", "member_logprobs", "pmixed_perplexity
 
 
 @torch.no_grad()
-def lm_perplexity(model: torch.nn.Module, data: torch.Tensor, adapter: str | None, *,
-                  n_predictions: int | None = None, batch_size: int = 16) -> float:  # fmt: skip
+def lm_perplexity(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    adapter: str | None,
+    *,
+    n_predictions: int | None = None,
+    batch_size: int = 16,
+) -> float:
     """exp(mean next-token NLL) on blocks ``[n, T]``; ``adapter=None`` is the public model.
 
     ``n_predictions`` keeps the first predictions in block order (block 0 positions 1..T−1, then
@@ -42,8 +48,9 @@ def lm_perplexity(model: torch.nn.Module, data: torch.Tensor, adapter: str | Non
         x = data[i : i + batch_size]
         names = ["__base__" if adapter is None else adapter] * len(x)
         logits = model(input_ids=x, adapter_names=names).logits[:, :-1].double()
-        per = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                x[:, 1:].reshape(-1), reduction="none")  # fmt: skip
+        per = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+        )
         nll.append(per)
         if n_predictions is not None and sum(map(len, nll)) >= n_predictions:
             break
@@ -146,5 +153,11 @@ def pmixed_perplexity(
     if done < n_queries:
         raise ValueError(f"data holds {done} predictions; n_queries={n_queries} were asked for.")
     ppl = [math.exp(-float(np.mean(r))) for r in realized]
-    return PMixEDScore(math.exp(-float(np.mean(exact))), float(np.mean(ppl)),
-                       float(np.std(ppl, ddof=1)) if runs > 1 else 0.0, runs, done, public)  # fmt: skip
+    return PMixEDScore(
+        math.exp(-float(np.mean(exact))),
+        float(np.mean(ppl)),
+        float(np.std(ppl, ddof=1)) if runs > 1 else 0.0,
+        runs,
+        done,
+        public,
+    )

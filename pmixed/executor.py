@@ -80,8 +80,13 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
-                 object_store_memory: int = 256 * 2**20) -> None:  # fmt: skip
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        object_store_memory: int = 256 * 2**20,
+    ) -> None:
         try:
             import ray
         except ImportError as e:
@@ -89,8 +94,12 @@ class RayExecutor:
         self._ray = ray
         if not ray.is_initialized():
             if address is None:
-                ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
-                         include_dashboard=False, log_to_driver=False)  # fmt: skip
+                ray.init(
+                    num_cpus=num_cpus,
+                    object_store_memory=object_store_memory,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             else:
                 ray.init(address=address, log_to_driver=False)
 
@@ -98,9 +107,12 @@ class RayExecutor:
         """Each job's return value, in job order; ``progress(done)`` as jobs finish."""
         ray = self._ray
         body = ray.remote(_run_with_threads)
-        refs = [body.options(num_cpus=j.resources.num_cpus, num_gpus=j.resources.num_gpus,
-                             max_retries=0).remote(j.fn, j.resources.num_cpus, *j.args)
-                for j in jobs]  # fmt: skip
+        refs = [
+            body.options(
+                num_cpus=j.resources.num_cpus, num_gpus=j.resources.num_gpus, max_retries=0
+            ).remote(j.fn, j.resources.num_cpus, *j.args)
+            for j in jobs
+        ]
         pending, done = list(refs), 0
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -104,25 +104,31 @@ class PrivateGenerator:
     def _private_tokens(self, states: list[SequenceState], rngs, temperature: float, top_k):
         """One private token per state: subsets drawn per state, ONE forward over all rows."""
         cfg = self.calibration.config
-        subsets = [sample_subset(cfg.n_members, cfg.sampling_rate, rng,
-                                 sampler=cfg.reference_sampler) for rng in rngs]  # fmt: skip
+        subsets = [
+            sample_subset(cfg.n_members, cfg.sampling_rate, rng, sampler=cfg.reference_sampler)
+            for rng in rngs
+        ]
         every = list(range(cfg.n_members))
         computed = [every if self.constant_work else sorted({int(i) for i in s}) for s in subsets]
         outs = self.lm.next_logprobs_many(list(zip(states, computed)))
         queries = []
         for (lp0, lps), subset, members in zip(outs, subsets, computed):
             sampled = lps.numpy()[[members.index(int(i)) for i in subset]]
-            lp0, sampled = public_transform(lp0.numpy(), sampled, temperature=temperature,
-                                            top_k=top_k)  # fmt: skip
+            lp0, sampled = public_transform(
+                lp0.numpy(), sampled, temperature=temperature, top_k=top_k
+            )
             queries.append((sampled, lp0))
         released = release_log_many(queries, self.calibration, rngs)
-        return [(token, {"subset": subset, "subset_size": len(subset), "lambdas": lam})
-                for (token, lam, _), subset in zip(released, subsets)]  # fmt: skip
+        return [
+            (token, {"subset": subset, "subset_size": len(subset), "lambdas": lam})
+            for (token, lam, _), subset in zip(released, subsets)
+        ]
 
     def _public_token(self, state: SequenceState, temperature: float, top_k: int | None, rng):
         lp0, _ = self.lm.next_logprobs(state, [])
-        lp0, _ = public_transform(lp0.numpy(), np.zeros((0, lp0.shape[0])),
-                                  temperature=temperature, top_k=top_k)  # fmt: skip
+        lp0, _ = public_transform(
+            lp0.numpy(), np.zeros((0, lp0.shape[0])), temperature=temperature, top_k=top_k
+        )
         return sample_token(lp0, rng)
 
     @torch.no_grad()
@@ -147,8 +153,12 @@ class PrivateGenerator:
         """
         vocab, ctx = self.lm.vocab_size, self.lm.max_positions
         check_sampling(temperature, top_k, vocab)
-        fitted = [check_prompt(p, vocab_size=vocab, max_positions=ctx, new_tokens=max_new_tokens,
-                               truncate=truncate) for p in prompts]  # fmt: skip
+        fitted = [
+            check_prompt(
+                p, vocab_size=vocab, max_positions=ctx, new_tokens=max_new_tokens, truncate=truncate
+            )
+            for p in prompts
+        ]
         rngs = self.deployment.streams(len(fitted))
         states = [SequenceState(list(prompt)) for prompt, _ in fitted]
         private, public = [0] * len(states), [0] * len(states)
@@ -158,10 +168,12 @@ class PrivateGenerator:
             answers = self.deployment.serve_batch(
                 [rngs[i] for i in active],
                 lambda idx, gens, act=active: self._private_tokens(
-                    [states[act[j]] for j in idx], gens, temperature, top_k),
-                lambda j, gen, act=active: self._public_token(states[act[j]], temperature,
-                                                              top_k, gen),
-            )  # fmt: skip
+                    [states[act[j]] for j in idx], gens, temperature, top_k
+                ),
+                lambda j, gen, act=active: self._public_token(
+                    states[act[j]], temperature, top_k, gen
+                ),
+            )
             for i, answer in zip(active, answers):
                 if answer.refused:
                     refused[i] = True
@@ -172,7 +184,14 @@ class PrivateGenerator:
             active = [i for i in active if not refused[i]]
             if not active:
                 break
-        return [Generation(tuple(original), tuple(state.tokens[len(prompt) :]), private[i],
-                           public[i], refused[i], dropped)
-                for i, ((prompt, dropped), original, state) in
-                enumerate(zip(fitted, prompts, states))]  # fmt: skip
+        return [
+            Generation(
+                tuple(original),
+                tuple(state.tokens[len(prompt) :]),
+                private[i],
+                public[i],
+                refused[i],
+                dropped,
+            )
+            for i, ((prompt, dropped), original, state) in enumerate(zip(fitted, prompts, states))
+        ]

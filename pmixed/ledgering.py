@@ -19,9 +19,15 @@ __all__ = ["CALIBRATION_KEYS", "create_ledger", "public_calibration", "query_eve
 #: The public header's calibration keys: the config's fields and the calibration's public values
 #: (all data-independent). The mechanism supplies them; accounting only checks their shape.
 CALIBRATION_KEYS = frozenset(PMixEDConfig.__dataclass_fields__) | {
-    "status", "beta", "beta_by_size", "per_query_rdp", "planned_epsilon", "planned_order",
-    "sampler", "sampler_tv_per_query",
-}  # fmt: skip
+    "status",
+    "beta",
+    "beta_by_size",
+    "per_query_rdp",
+    "planned_epsilon",
+    "planned_order",
+    "sampler",
+    "sampler_tv_per_query",
+}
 
 
 def query_event(cal: Calibration) -> PMixEDQueryEvent:

@@ -61,16 +61,20 @@ class BatchedLora:
             # float32 sub-batches to rounding, whatever the batch composition.
             a = [layer.lora_A[m].weight.detach().double() for m in self.members]
             b = [layer.lora_B[m].weight.detach().double() for m in self.members]
-            scale = torch.tensor([float(layer.scaling[m]) for m in self.members] + [0.0],
-                                 dtype=b[0].dtype, device=b[0].device)  # fmt: skip
+            scale = torch.tensor(
+                [float(layer.scaling[m]) for m in self.members] + [0.0],
+                dtype=b[0].dtype,
+                device=b[0].device,
+            )
             r = max(w.shape[0] for w in a)  # ranks may differ: pad with zeros
             a_stack = a[0].new_zeros(len(a) + 1, r, a[0].shape[1])
             b_stack = b[0].new_zeros(len(b) + 1, b[0].shape[0], r)
             for i, (wa, wb) in enumerate(zip(a, b)):
                 a_stack[i, : wa.shape[0]] = wa
                 b_stack[i, :, : wb.shape[1]] = wb
-            stacks.append((a_stack.transpose(1, 2).contiguous(),
-                           b_stack.transpose(1, 2).contiguous(), scale))  # fmt: skip
+            stacks.append(
+                (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous(), scale)
+            )
         self._stacks, self._versions = stacks, versions
 
     def forward(self, model: torch.nn.Module, rows: torch.Tensor, **inputs):

@@ -141,8 +141,9 @@ def draw_index(weights: np.ndarray, next_word) -> int:
 def _draw_exact(w: np.ndarray, x: int, next_word) -> int:
     """The slow exact path of :func:`draw_index`, continuing from the first word ``x``."""
     scale = 2**1074
-    cum = list(itertools.accumulate(n * (scale // d) for n, d in
-                                    (float(v).as_integer_ratio() for v in w)))  # fmt: skip
+    cum = list(
+        itertools.accumulate(n * (scale // d) for n, d in (float(v).as_integer_ratio() for v in w))
+    )
     total, a, bits = cum[-1], x, 64
     while True:  # X ∈ [a, a+1) / 2**bits; stop once X·S lies inside one token's interval
         y = bisect.bisect_right(cum, a * total, key=lambda v, b=bits: v << b)

@@ -92,8 +92,11 @@ class EnsembleLM:
         self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         #: One gather + batched matmul per LoRA layer instead of peft's per-adapter sub-batches
         #: (None: a LoRA variant or layer type it does not cover; peft's mixed batch then runs).
-        self.batched_lora = (BatchedLora(self._lora_layers, self.members)
-                             if BatchedLora.supports(self._lora_layers, self.members) else None)  # fmt: skip
+        self.batched_lora = (
+            BatchedLora(self._lora_layers, self.members)
+            if BatchedLora.supports(self._lora_layers, self.members)
+            else None
+        )
         self.pad_id = int(pad_id)
         self.max_positions = context_length(model.config)
         self.vocab_size = int(model.config.vocab_size)
@@ -162,8 +165,15 @@ class EnsembleLM:
         names = [PUBLIC if r is None else self.members[r] for _, r in rows]
         # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
         # was most of the vocabulary-dependent work of a step.
-        out = self._mixed_forward(names, input_ids=ids, attention_mask=mask, position_ids=pos,
-                                  cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = self._mixed_forward(
+            names,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logp = torch.log_softmax(out.logits[:, -1, :].double(), dim=-1)  # [rows, V]
         layers = [(lay.keys, lay.values) for lay in out.cache.layers]
         for state, batch, slots in groups:  # each row's new keys go after its cached ones

@@ -152,13 +152,15 @@ def solve_lambdas(lp: object, lp0: object, cons: Constraints, *, device: str = "
     if rows.size == 0:
         return lam
     if cons.start == "zero":
-        lam[rows] = reference_lambdas(lp[rows], lp0[rows], orders, radii[None], fwd, cons.n_iter,
-                                      cons.lambda_cap)[0]  # fmt: skip
+        lam[rows] = reference_lambdas(
+            lp[rows], lp0[rows], orders, radii[None], fwd, cons.n_iter, cons.lambda_cap
+        )[0]
         return lam
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     summary = tuple(map(as_t, _summary(lp[rows], lp0[rows])))
-    search = _Search(as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons,
-                     summary)  # fmt: skip
+    search = _Search(
+        as_t(lp[rows]), as_t(lp0[rows]), *map(as_t, (orders, radii, fwd)), cons, summary
+    )
     with torch.inference_mode():
         lam[rows] = search.run().cpu().numpy()
     return lam
@@ -187,8 +189,9 @@ def solve_lambdas_sizes(lp: object, lp0: object, sets: list[Constraints]) -> np.
     rows = np.flatnonzero(~off)
     if rows.size:
         radii = np.stack([c.arrays()[1] for c in sets])
-        lam[:, rows] = reference_lambdas(lp[rows], lp0[rows], orders, radii, fwd, cons.n_iter,
-                                         cons.lambda_cap)  # fmt: skip
+        lam[:, rows] = reference_lambdas(
+            lp[rows], lp0[rows], orders, radii, fwd, cons.n_iter, cons.lambda_cap
+        )
     return lam
 
 
@@ -257,9 +260,14 @@ class _Search:
         g, d = self.log_gap(first, rows, c)
         over = g > 0
         zero, cap, unknown = (torch.full_like(first, x) for x in (0.0, self.cap, torch.nan))
-        lam = self.newton(rows, c, torch.where(over, zero, first), torch.where(over, first, cap),
-                          at_lo=(torch.where(over, unknown, g), torch.where(over, unknown, d)),
-                          at_hi=(torch.where(over, g, unknown), torch.where(over, d, unknown)))  # fmt: skip
+        lam = self.newton(
+            rows,
+            c,
+            torch.where(over, zero, first),
+            torch.where(over, first, cap),
+            at_lo=(torch.where(over, unknown, g), torch.where(over, unknown, d)),
+            at_hi=(torch.where(over, g, unknown), torch.where(over, d, unknown)),
+        )
         todo = rows
         for _ in range(self.n_iter):
             ok_t, c_t = self.certify(lam[todo], todo)
@@ -359,8 +367,9 @@ class _Search:
         need = torch.nonzero(g_hi.isnan()).flatten()
         if need.numel():
             g_hi[need], d_hi[need] = self.log_gap(hi[need], rows[need], c[need])
-        zero_guess = torch.sqrt(self.aim[c] / (self.theta[c] * (self.theta[c] - 1.0) / 2.0
-                                               * self.chi2[rows]))  # fmt: skip
+        zero_guess = torch.sqrt(
+            self.aim[c] / (self.theta[c] * (self.theta[c] - 1.0) / 2.0 * self.chi2[rows])
+        )
         g_lo, d_lo = (x.clone() for x in (at_lo or (nan, nan)))
         g_lo = torch.where(lo > 0, g_lo, -torch.inf)
         d_lo = torch.where(lo > 0, d_lo, 1.0)
@@ -438,8 +447,9 @@ class _Search:
                 break
             open_, kt, kf, unsettled = open_[more], kt[more], kf[more], unsettled[more]
             excess = torch.where(unsettled, upper[more] - limit, -torch.inf)
-            sides = [side for side in (self.theta > 0, self.theta < 0)
-                     if bool((unsettled & side).any())]  # fmt: skip
+            sides = [
+                side for side in (self.theta > 0, self.theta < 0) if bool((unsettled & side).any())
+            ]
             pick = torch.stack(
                 [torch.where(side, excess, -torch.inf).argmax(-1) for side in sides], 1
             )

@@ -161,8 +161,16 @@ class _Search:
         single = np.zeros((idx.size, self.orders.size), bool)
         single[np.arange(idx.size), probe[idx]] = True
         rows = r[idx]
-        d = _divergences(self.lp[rows], self.lp0[rows], lam[idx], self.orders, self.radii,
-                         self.fwd, single, prune=False)  # fmt: skip
+        d = _divergences(
+            self.lp[rows],
+            self.lp0[rows],
+            lam[idx],
+            self.orders,
+            self.radii,
+            self.fwd,
+            single,
+            prune=False,
+        )
         out[idx] = _excess(d, self.orders, self.radii)[np.arange(idx.size), probe[idx]]
         full = np.flatnonzero(~(out > 0))
         if full.size:
@@ -246,8 +254,9 @@ def _staircase(lpbar, lp0, orders, radii, fwd, need, out, rounds: int = 3) -> np
             pc.append(cols[top])
         pr, pc = np.concatenate(pr), np.concatenate(pc)
         f = fwd[pc][:, None]
-        d = renyi_divergence_pairs(np.where(f, lpbar[pr], lp0[pr]), np.where(f, lp0[pr], lpbar[pr]),
-                                   orders[pc])  # fmt: skip
+        d = renyi_divergence_pairs(
+            np.where(f, lpbar[pr], lp0[pr]), np.where(f, lp0[pr], lpbar[pr]), orders[pc]
+        )
         out[pr, pc] = d
         need[pr, pc] = False
         covered = (

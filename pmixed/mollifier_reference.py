@@ -94,8 +94,9 @@ def reference_lambdas(lp, lp0, orders, radii, forward, n_iter: int, cap: float) 
     per = max(1, CHUNK // max(1, t.shape[1] * len(orders)))
     with torch.inference_mode():
         table_x = float(cap) * 2.0 ** (-torch.arange(TABLE, dtype=torch.float64) / 2)
-        table = torch.stack([_divergences(t, p0, torch.full((n_r,), float(x)), o, f)[0]
-                             for x in table_x])  # [TABLE, R, C]  # fmt: skip
+        table = torch.stack(
+            [_divergences(t, p0, torch.full((n_r,), float(x)), o, f)[0] for x in table_x]
+        )  # [TABLE, R, C]
         pairs = [(s, m) for s in range(n_s) for m in range(n_r)]
         for i in range(0, len(pairs), per):
             s_idx = torch.tensor([p[0] for p in pairs[i : i + per]])
@@ -157,8 +158,9 @@ def _solve(t, lp0, orders, radii, forward, table, table_x, n_iter) -> torch.Tens
     if todo.numel():
         args = (t[todo], lp0[todo])
         ok_lo = (k[todo] == 0) | _feasible(*args, grid_lo[todo], orders, radii[todo], forward)
-        ok_hi = (grid_hi[todo] == 1.0) | ~_feasible(*args, grid_hi[todo], orders, radii[todo],
-                                                     forward)  # fmt: skip
+        ok_hi = (grid_hi[todo] == 1.0) | ~_feasible(
+            *args, grid_hi[todo], orders, radii[todo], forward
+        )
         ok[todo] = ok_lo & ok_hi
     lam = torch.where(at_cap, torch.ones(n, dtype=torch.float64), grid_lo)
     bad = torch.nonzero(~ok).squeeze(1)

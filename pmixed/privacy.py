@@ -201,8 +201,9 @@ class Calibration:
             raise ValueError(f"orders must be <= {max(self.orders)}. Found {orders.max()}.")
         cfg = self.config
         amp = "tight" if tight else "general"
-        probe = PMixEDConfig(**{**_fields(cfg), "amplification": amp,
-                                "accept_unproven_amplification": True})  # fmt: skip
+        probe = PMixEDConfig(
+            **{**_fields(cfg), "amplification": amp, "accept_unproven_amplification": True}
+        )
         return _curve_add_remove(probe, mode, self.beta)[orders]
 
     def total_rdp(self, n_queries: int | None = None) -> np.ndarray:
@@ -247,8 +248,12 @@ class FixedBetaMode:
     def validate(self, config: PMixEDConfig) -> list[str]:
         """The default rules: no λ cap, tight amplification only if accepted, the full grid,
         Poisson sampling."""
-        return [*rule_lambda_max(config, required=False), *rule_tight_needs_acceptance(config),
-                *rule_grid_all(config), *rule_poisson_sampler(config)]  # fmt: skip
+        return [
+            *rule_lambda_max(config, required=False),
+            *rule_tight_needs_acceptance(config),
+            *rule_grid_all(config),
+            *rule_poisson_sampler(config),
+        ]
 
     def calibrate(self, config: PMixEDConfig) -> Calibration:
         return calibrate_fixed(config, self)
@@ -260,8 +265,11 @@ class FixedBetaMode:
         return "conditional" if config.amplification == "tight" else "certified"
 
     def event_fields(self, config: PMixEDConfig) -> dict:
-        return {"amplification": config.amplification, "constraint_grid": config.constraint_grid,
-                "reference_alpha": None}  # fmt: skip
+        return {
+            "amplification": config.amplification,
+            "constraint_grid": config.constraint_grid,
+            "reference_alpha": None,
+        }
 
     def base_rdp(self, config: PMixEDConfig, beta: float, ks: np.ndarray) -> np.ndarray:
         """ε_base(k) at the orders ``ks`` (floats) for this β."""
@@ -289,8 +297,10 @@ def rule_lambda_max(c: PMixEDConfig, *, required: bool) -> list[str]:
 
 def rule_tight_needs_acceptance(c: PMixEDConfig) -> list[str]:
     if c.amplification == "tight" and c.accept_unproven_amplification is not True:
-        return ["amplification='tight' needs accept_unproven_amplification=True: its condition "
-                "is unproven for PMixED (PMIXED_MATH.md §8)."]  # fmt: skip
+        return [
+            "amplification='tight' needs accept_unproven_amplification=True: its condition "
+            "is unproven for PMixED (PMIXED_MATH.md §8)."
+        ]
     return []
 
 
@@ -331,8 +341,11 @@ def _validate(c: PMixEDConfig) -> list[str]:
         check_integer_orders(c.orders)
     except ValueError as err:
         p.append(str(err))
-    choices = (("amplification", ("general", "tight")), ("constraint_grid", ("all", "coarse")),
-               ("reference_sampler", ("poisson", "with_replacement")))  # fmt: skip
+    choices = (
+        ("amplification", ("general", "tight")),
+        ("constraint_grid", ("all", "coarse")),
+        ("reference_sampler", ("poisson", "with_replacement")),
+    )
     bad_choice = False
     for name, allowed in choices:
         value = getattr(c, name)

@@ -99,9 +99,13 @@ class _Worker:
             for (n, temperature, top_k, truncate), items in groups.items():
                 try:
                     with self.lock:
-                        outs = self.generator.generate([c.prompt for c in items], n,
-                                                       temperature=temperature, top_k=top_k,
-                                                       truncate=truncate)  # fmt: skip
+                        outs = self.generator.generate(
+                            [c.prompt for c in items],
+                            n,
+                            temperature=temperature,
+                            top_k=top_k,
+                            truncate=truncate,
+                        )
                 except BaseException as exc:  # handed to every waiting request
                     for c in items:
                         c.done.set_exception(exc)
@@ -114,8 +118,9 @@ class _Worker:
         self.thread.join()
 
 
-def create_app(generator: PrivateGenerator, tokenizer, *, model_name: str = "pmixed",
-               max_batch: int = 32):  # fmt: skip
+def create_app(
+    generator: PrivateGenerator, tokenizer, *, model_name: str = "pmixed", max_batch: int = 32
+):
     """The FastAPI application serving ``generator``'s deployment (text in, text out)."""
     lm, deployment = generator.lm, generator.deployment
     worker: _Worker | None = None
@@ -153,18 +158,27 @@ def create_app(generator: PrivateGenerator, tokenizer, *, model_name: str = "pmi
 
         spent, queries = await asyncio.to_thread(read)
         total = deployment.filter.budget.epsilon
-        return {"epsilon_spent": spent.epsilon, "epsilon_budget": total,
-                "epsilon_remaining": max(total - spent.epsilon, 0.0),
-                "delta": deployment.filter.budget.delta, "queries": queries,
-                "overrun": bool(spent.overrun)}  # fmt: skip
+        return {
+            "epsilon_spent": spent.epsilon,
+            "epsilon_budget": total,
+            "epsilon_remaining": max(total - spent.epsilon, 0.0),
+            "delta": deployment.filter.budget.delta,
+            "queries": queries,
+            "overrun": bool(spent.overrun),
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_sampling(req.temperature, req.top_k, lm.vocab_size)
         ids = tokenizer(req.prompt)["input_ids"]
         try:
-            check_prompt(ids, vocab_size=lm.vocab_size, max_positions=lm.max_positions,
-                         new_tokens=req.max_tokens, truncate=req.truncate_prompt)  # fmt: skip
+            check_prompt(
+                ids,
+                vocab_size=lm.vocab_size,
+                max_positions=lm.max_positions,
+                new_tokens=req.max_tokens,
+                truncate=req.truncate_prompt,
+            )
         except InvalidRequest as err:  # the API's name for the field
             name = {"max_new_tokens": "max_tokens"}.get(err.param, err.param)
             raise InvalidRequest(name, err.rule, err.found) from None

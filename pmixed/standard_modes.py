@@ -45,8 +45,11 @@ class CertifiedMode(FixedBetaMode):
     name = "certified"
 
     def validate(self, config: PMixEDConfig) -> list[str]:
-        return [*rule_lambda_max(config, required=False), *rule_tight_needs_acceptance(config),
-                *rule_poisson_sampler(config)]  # fmt: skip
+        return [
+            *rule_lambda_max(config, required=False),
+            *rule_tight_needs_acceptance(config),
+            *rule_poisson_sampler(config),
+        ]
 
     def base_rdp(self, config: PMixEDConfig, beta: float, ks: np.ndarray) -> np.ndarray:
         return base_rdp_certified(beta, ks)
@@ -72,8 +75,12 @@ class CappedMode(FixedBetaMode):
     floor = "the amplification floor and the lambda_max term"
 
     def validate(self, config: PMixEDConfig) -> list[str]:
-        return [*rule_lambda_max(config, required=True), *rule_tight_needs_acceptance(config),
-                *rule_grid_all(config), *rule_poisson_sampler(config)]  # fmt: skip
+        return [
+            *rule_lambda_max(config, required=True),
+            *rule_tight_needs_acceptance(config),
+            *rule_grid_all(config),
+            *rule_poisson_sampler(config),
+        ]
 
     def base_rdp(self, config: PMixEDConfig, beta: float, ks: np.ndarray) -> np.ndarray:
         return base_rdp_capped(beta, float(config.lambda_max), ks)
@@ -82,8 +89,9 @@ class CappedMode(FixedBetaMode):
         ks = tuple(float(k) for k in range(2, max(config.orders) + 1))
         radii = tuple(beta * k for k in ks)
         n = len(ks)
-        return Constraints(ks * 2, radii * 2, (True,) * n + (False,) * n,
-                           float(config.lambda_max), 100)  # fmt: skip
+        return Constraints(
+            ks * 2, radii * 2, (True,) * n + (False,) * n, float(config.lambda_max), 100
+        )
 
     def pair_bound(self, config: PMixEDConfig, beta: float, k: np.ndarray) -> np.ndarray:
         return beta * k - math.log1p(-float(config.lambda_max))
@@ -110,8 +118,11 @@ class ReferenceMode:
 
     def calibrate(self, config: PMixEDConfig) -> Calibration:
         alpha = config.reference_alpha
-        eps_rdp = (config.epsilon - math.log((alpha - 1) / alpha)
-                   + (math.log(config.delta) + math.log(alpha)) / (alpha - 1))  # fmt: skip
+        eps_rdp = (
+            config.epsilon
+            - math.log((alpha - 1) / alpha)
+            + (math.log(config.delta) + math.log(alpha)) / (alpha - 1)
+        )
         if eps_rdp <= 0:
             raise InfeasibleBudget(
                 f"reference mode: the RDP budget at alpha={alpha} is {eps_rdp:.4g}."
@@ -144,8 +155,11 @@ class ReferenceMode:
         return UNCERTIFIED
 
     def event_fields(self, config: PMixEDConfig) -> dict:
-        return {"amplification": "tight", "constraint_grid": "single",
-                "reference_alpha": config.reference_alpha}  # fmt: skip
+        return {
+            "amplification": "tight",
+            "constraint_grid": "single",
+            "reference_alpha": config.reference_alpha,
+        }
 
 
 def _reference_beta(cfg: PMixEDConfig, n: int, r_q: float) -> float:

@@ -93,8 +93,13 @@ class LoraSpec:
 
     def config(self, model: torch.nn.Module) -> LoraConfig:
         """peft's config for ``model`` (targets resolved, ``fan_in_fan_out`` from their type)."""
-        return lora_config(model, r=self.r, alpha=self.alpha, dropout=self.dropout,
-                           target_modules=self.target_modules)  # fmt: skip
+        return lora_config(
+            model,
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.target_modules,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraSpec:
@@ -112,11 +117,16 @@ def train_tokenizer(public_texts: Sequence[str], vocab_size: int) -> PreTrainedT
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(public_texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
-                                   pad_token=EOS)  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS
+    )
 
 
 def blocks(
@@ -138,10 +148,17 @@ def build_public_model(
     """A freshly initialised GPT-2 from ``spec`` (untied embeddings), seeded for reproducibility."""
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"vocab_size must be >= the tokenizer's {len(tokenizer)}.")
-    cfg = GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.block_size, n_embd=spec.n_embd,
-                     n_layer=spec.n_layer, n_head=spec.n_head, tie_word_embeddings=False,
-                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=spec.vocab_size,
+        n_positions=spec.block_size,
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -359,16 +376,23 @@ def dpsgd_state(
 
     torch.manual_seed(seed)
     work = get_peft_model(base, lora.config(base), adapter_name=name)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size,
-                                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data),
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     params = [p for p in work.parameters() if p.requires_grad]
     sigma = noise_for_epsilon(epsilon, delta, 1 / len(loader), epochs * len(loader))
     engine = PrivacyEngine(accountant="rdp")
     dp_model, opt, dp_loader = engine.make_private(
-        module=work, optimizer=torch.optim.SGD(params, lr=lr), data_loader=loader,
-        noise_multiplier=sigma, max_grad_norm=max_grad_norm, poisson_sampling=True,
+        module=work,
+        optimizer=torch.optim.SGD(params, lr=lr),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
         noise_generator=torch.Generator().manual_seed(seed + 1),
-    )  # fmt: skip
+    )
     positions = torch.arange(data.shape[1])
     empty = steps = 0
     dp_model.train()
@@ -390,8 +414,15 @@ def dpsgd_state(
                 progress(steps, epochs * len(loader))
     state = get_peft_model_state_dict(work, adapter_name=name)
     hist = tuple((float(s), float(q), int(n)) for s, q, n in engine.accountant.history)
-    return state, DpsgdResult(float(opt.noise_multiplier), float(dp_loader.sample_rate), steps,
-                              empty, max_grad_norm, hist, float(engine.get_epsilon(delta)))  # fmt: skip
+    return state, DpsgdResult(
+        float(opt.noise_multiplier),
+        float(dp_loader.sample_rate),
+        steps,
+        empty,
+        max_grad_norm,
+        hist,
+        float(engine.get_epsilon(delta)),
+    )
 
 
 def spec_dict(*specs: object) -> dict:

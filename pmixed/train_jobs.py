@@ -42,22 +42,32 @@ def _write(state: dict, out: str | os.PathLike) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def member_job(public_dir, name: str, index: int, data: torch.Tensor, lora: LoraSpec,
-               spec: TrainSpec, seed: int, out) -> str:  # fmt: skip
+def member_job(
+    public_dir,
+    name: str,
+    index: int,
+    data: torch.Tensor,
+    lora: LoraSpec,
+    spec: TrainSpec,
+    seed: int,
+    out,
+) -> str:
     """Member ``index`` (adapter ``name``) trained on its partition ``data``; its file's digest."""
     model = train_member(_base(public_dir), name, index, data, lora, spec, seed)
     return _write(get_peft_model_state_dict(model, adapter_name=name), out)
 
 
-def finetune_job(public_dir, name: str, data: torch.Tensor, lora: LoraSpec, spec: TrainSpec,
-                 seed: int, out) -> str:  # fmt: skip
+def finetune_job(
+    public_dir, name: str, data: torch.Tensor, lora: LoraSpec, spec: TrainSpec, seed: int, out
+) -> str:
     """A non-private adapter trained on ``data``; its file's digest."""
     model = add_trained_adapter(_base(public_dir), name, data, lora, spec, seed)
     return _write(get_peft_model_state_dict(model, adapter_name=name), out)
 
 
-def dpsgd_job(public_dir, name: str, data: torch.Tensor, lora: LoraSpec, out,
-              settings: dict) -> DpsgdResult:  # fmt: skip
+def dpsgd_job(
+    public_dir, name: str, data: torch.Tensor, lora: LoraSpec, out, settings: dict
+) -> DpsgdResult:
     """An Opacus DP-SGD adapter (``settings``: :func:`~pmixed.train.dpsgd_state`'s keywords);
     its run record."""
     state, result = dpsgd_state(_base(public_dir), name, data, lora, **settings)

@@ -11,8 +11,18 @@ from pathlib import Path
 __all__ = ["METRICS_COLUMNS", "metrics_frame"]
 
 #: One row per model; ``perplexity`` is the exact one for PMixED (the realized runs beside it).
-METRICS_COLUMNS = ("model", "perplexity", "realized_mean", "realized_sd", "epsilon", "delta",
-                   "status", "relation", "unit", "accountant")  # fmt: skip
+METRICS_COLUMNS = (
+    "model",
+    "perplexity",
+    "realized_mean",
+    "realized_sd",
+    "epsilon",
+    "delta",
+    "status",
+    "relation",
+    "unit",
+    "accountant",
+)
 
 
 def _num(x: object) -> float:
@@ -31,10 +41,18 @@ def metrics_frame(metrics: Mapping | str | os.PathLike):
         p = metrics["privacy"][model]
         plain = not isinstance(ppl, Mapping)
         status = p.get("status") or ("certified" if p["certified"] else "no guarantee")
-        rows.append({"model": model, "perplexity": _num(ppl if plain else ppl["exact"]),
-                     "realized_mean": math.nan if plain else _num(ppl["realized_mean"]),
-                     "realized_sd": math.nan if plain else _num(ppl["realized_sd"]),
-                     "epsilon": _num(p["epsilon"]), "delta": _num(p["delta"]), "status": status,
-                     "relation": p["relation"], "unit": p["unit"],
-                     "accountant": p["accountant"]})  # fmt: skip
+        rows.append(
+            {
+                "model": model,
+                "perplexity": _num(ppl if plain else ppl["exact"]),
+                "realized_mean": math.nan if plain else _num(ppl["realized_mean"]),
+                "realized_sd": math.nan if plain else _num(ppl["realized_sd"]),
+                "epsilon": _num(p["epsilon"]),
+                "delta": _num(p["delta"]),
+                "status": status,
+                "relation": p["relation"],
+                "unit": p["unit"],
+                "accountant": p["accountant"],
+            }
+        )
     return pd.DataFrame(rows, columns=list(METRICS_COLUMNS))

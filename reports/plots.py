@@ -18,8 +18,15 @@ import matplotlib.pyplot as plt
 
 __all__ = ["figures"]
 
-_RC = {"svg.hashsalt": "pmixed-audit", "svg.fonttype": "none", "font.size": 9,
-       "figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "path.simplify": False}  # fmt: skip
+_RC = {
+    "svg.hashsalt": "pmixed-audit",
+    "svg.fonttype": "none",
+    "font.size": 9,
+    "figure.dpi": 100,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "path.simplify": False,
+}
 _NAMES = {
     "pmixed_certified_add_remove": "PMixED certified (add/remove member)",
     "pmixed_certified_replace_one": "PMixED certified (replace one user)",
@@ -60,8 +67,9 @@ def _burn_down(doc: dict):
         else:
             b.plot([r["steps"] for r in rows], [r["epsilon"] for r in rows], label="RDP")
             pld = [r for r in rows if r.get("epsilon_pld") is not None]
-            b.plot([r["steps"] for r in pld], [r["epsilon_pld"] for r in pld], "s--", ms=3,
-                   label="PLD")  # fmt: skip
+            b.plot(
+                [r["steps"] for r in pld], [r["epsilon_pld"] for r in pld], "s--", ms=3, label="PLD"
+            )
             b.axhline(budget["epsilon"], color="k", lw=0.8, ls=":", label="target")
     if eps_budget is not None:
         a.axhline(eps_budget, color="k", lw=0.8, ls=":", label="budget")
@@ -84,8 +92,10 @@ def _cost_trace(doc: dict):
         if pub:
             ax.plot(pub, [0.0] * len(pub), "k|", label="public fallback (zero cost)")
     ax.ticklabel_format(axis="y", useOffset=False)
-    top = max((max(ledger["cost_trace"]["rdp"], default=0.0) for ledger in doc["ledgers"].values()),
-              default=0.0)  # fmt: skip
+    top = max(
+        (max(ledger["cost_trace"]["rdp"], default=0.0) for ledger in doc["ledgers"].values()),
+        default=0.0,
+    )
     ax.set_ylim(0, 1.2 * top if top > 0 else 1.0)  # equal costs would sit on the frame
     ax.set(xlabel="query", ylabel="RDP charged", title="Per-query cost at the optimal order")
     ax.legend(fontsize=7)
@@ -102,8 +112,12 @@ def _rdp(doc: dict):
         line = b.plot(orders, [_f(e) for e in acc["by_order"]], label=_NAMES.get(name, name))[0]
         b.plot([acc["optimal_order"]], [acc["epsilon"]], "o", color=line.get_color())
     a.set(xlabel="order alpha", ylabel="total RDP", yscale="log", title="RDP curve")
-    b.set(xlabel="order alpha", ylabel="epsilon from this order", yscale="log",
-          title="Conversion per order (dot: optimum)")  # fmt: skip
+    b.set(
+        xlabel="order alpha",
+        ylabel="epsilon from this order",
+        yscale="log",
+        title="Conversion per order (dot: optimum)",
+    )
     b.legend(fontsize=7)
     return fig
 
@@ -111,12 +125,21 @@ def _rdp(doc: dict):
 def _profile(doc: dict):
     fig, ax = plt.subplots(figsize=(5, 3))
     for name, acc in doc["accounting"].items():
-        ax.plot([p["delta"] for p in acc["profile"]], [p["epsilon"] for p in acc["profile"]],
-                "o-", ms=3, label=f"{_NAMES.get(name, name)}, RDP")  # fmt: skip
+        ax.plot(
+            [p["delta"] for p in acc["profile"]],
+            [p["epsilon"] for p in acc["profile"]],
+            "o-",
+            ms=3,
+            label=f"{_NAMES.get(name, name)}, RDP",
+        )
         if acc["profile"] and "epsilon_pld" in acc["profile"][0]:
-            ax.plot([p["delta"] for p in acc["profile"]],
-                    [p["epsilon_pld"] for p in acc["profile"]], "s--", ms=3,
-                    label=f"{_NAMES.get(name, name)}, PLD")  # fmt: skip
+            ax.plot(
+                [p["delta"] for p in acc["profile"]],
+                [p["epsilon_pld"] for p in acc["profile"]],
+                "s--",
+                ms=3,
+                label=f"{_NAMES.get(name, name)}, PLD",
+            )
     ax.set(xscale="log", xlabel="delta", ylabel="epsilon", title="Privacy profile epsilon(delta)")
     ax.legend(fontsize=7)
     return fig
@@ -138,11 +161,18 @@ def _roc(doc: dict):
     ax.plot(grid, grid, "k:", lw=0.8, label="chance")
     eps, delta = rows.get("dpsgd", {}).get("epsilon_ub"), rows.get("dpsgd", {}).get("delta")
     if eps is not None:
-        bound = [min(math.exp(eps) * f + delta, 1 - math.exp(-eps) * (1 - delta - f), 1.0)
-                 for f in grid]  # fmt: skip
+        bound = [
+            min(math.exp(eps) * f + delta, 1 - math.exp(-eps) * (1 - delta - f), 1.0) for f in grid
+        ]
         ax.plot(grid, bound, "r--", lw=0.8, label=f"DP bound at epsilon {eps:.2f}")
-    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
-           title="Membership inference ROC (log-log)", ylim=(1e-4, 1.05))  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="Membership inference ROC (log-log)",
+        ylim=(1e-4, 1.05),
+    )
     ax.legend(fontsize=7)
     return fig
 
@@ -191,26 +221,46 @@ def _power(doc: dict):
 
 
 _FIGURES = {
-    "burn_down": (_burn_down, "Epsilon at the report's delta against tokens released (PMixED, "
-                  "each ledger's prefix composed by dp-accounting RDP) and training steps (DP-SGD, "
-                  "dp-accounting RDP and PLD); dotted: budget/target."),
-    "cost_trace": (_cost_trace, "RDP charged by each query at its ledger's optimal order; every "
-                   "charge is data-independent (fixed before the query)."),
-    "rdp_curve": (_rdp, "Total RDP over the order grid and the epsilon each order alone gives "
-                  "(dp-accounting conversion); the dot marks the optimal order."),
-    "privacy_profile": (_profile, "Epsilon as a function of delta for each mechanism "
-                        "(RDP conversion; DP-SGD also by PLD)."),
-    "roc": (_roc, "ROC hull of the strongest attack per model on log-log axes. PMixED "
-            "replace_one: the black-box game's exact log-likelihood-ratio score over fresh "
-            "deployments with and without the canary member (the other PMixED rows rest on the "
-            "exact pair); DP-SGD and the fine-tune: the canary audit (Poisson-included canaries); "
-            "public: training vs held-out blocks; red: the DP trade-off bound at DP-SGD's claim."),
-    "power": (_power, "Audit power: each claim next to the exact-pair and empirical lower bounds "
-              "that the audit reached (PMixED deployments, DP-SGD, and the logistic-regression "
-              "DP-SGD test bed of `pmixed audit --power`)."),
-    "utility": (_utility, "Held-out perplexity (exact mixture for PMixED) against epsilon; "
-                "utility is measured outside the guarantee."),
-}  # fmt: skip
+    "burn_down": (
+        _burn_down,
+        "Epsilon at the report's delta against tokens released (PMixED, "
+        "each ledger's prefix composed by dp-accounting RDP) and training steps (DP-SGD, "
+        "dp-accounting RDP and PLD); dotted: budget/target.",
+    ),
+    "cost_trace": (
+        _cost_trace,
+        "RDP charged by each query at its ledger's optimal order; every "
+        "charge is data-independent (fixed before the query).",
+    ),
+    "rdp_curve": (
+        _rdp,
+        "Total RDP over the order grid and the epsilon each order alone gives "
+        "(dp-accounting conversion); the dot marks the optimal order.",
+    ),
+    "privacy_profile": (
+        _profile,
+        "Epsilon as a function of delta for each mechanism (RDP conversion; DP-SGD also by PLD).",
+    ),
+    "roc": (
+        _roc,
+        "ROC hull of the strongest attack per model on log-log axes. PMixED "
+        "replace_one: the black-box game's exact log-likelihood-ratio score over fresh "
+        "deployments with and without the canary member (the other PMixED rows rest on the "
+        "exact pair); DP-SGD and the fine-tune: the canary audit (Poisson-included canaries); "
+        "public: training vs held-out blocks; red: the DP trade-off bound at DP-SGD's claim.",
+    ),
+    "power": (
+        _power,
+        "Audit power: each claim next to the exact-pair and empirical lower bounds "
+        "that the audit reached (PMixED deployments, DP-SGD, and the logistic-regression "
+        "DP-SGD test bed of `pmixed audit --power`).",
+    ),
+    "utility": (
+        _utility,
+        "Held-out perplexity (exact mixture for PMixED) against epsilon; "
+        "utility is measured outside the guarantee.",
+    ),
+}
 
 
 def figures(doc: dict) -> dict[str, dict]:
@@ -220,6 +270,9 @@ def figures(doc: dict) -> dict[str, dict]:
     with plt.rc_context(_RC):
         for name, (draw, caption) in _FIGURES.items():
             svg = _svg(draw(doc))
-            out[name] = {"svg": svg, "caption": f"{caption} delta = {delta:g}.",
-                         "sha256": "sha256:" + hashlib.sha256(svg.encode()).hexdigest()}  # fmt: skip
+            out[name] = {
+                "svg": svg,
+                "caption": f"{caption} delta = {delta:g}.",
+                "sha256": "sha256:" + hashlib.sha256(svg.encode()).hexdigest(),
+            }
     return out

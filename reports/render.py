@@ -31,40 +31,58 @@ def fmt(x: object) -> str:
 
 
 def _env(autoescape: bool) -> Environment:
-    env = Environment(loader=FileSystemLoader(_TEMPLATES), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["html"]) if autoescape else False,
-                      trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)  # fmt: skip
+    env = Environment(
+        loader=FileSystemLoader(_TEMPLATES),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(["html"]) if autoescape else False,
+        trim_blocks=False,
+        lstrip_blocks=False,
+        keep_trailing_newline=True,
+    )
     env.globals["fmt"] = fmt
     return env
 
 
 def render_html(doc: dict, figures: dict[str, dict]) -> str:
     figs = {
-        name: Markup(f'<figure id="fig-{name}">{f["svg"]}<figcaption>{escape(f["caption"])}'
-                     f"</figcaption></figure>")
+        name: Markup(
+            f'<figure id="fig-{name}">{f["svg"]}<figcaption>{escape(f["caption"])}'
+            f"</figcaption></figure>"
+        )
         for name, f in figures.items()
-    }  # fmt: skip
+    }
     return _env(True).get_template("report.html.j2").render(doc=doc, figs=figs)
 
 
 def render_markdown(doc: dict, figures: dict[str, dict]) -> str:
-    figs = {name: f"*Figure `{name}`*: {f['caption']} (SVG in report.html, {f['sha256']})"
-            for name, f in figures.items()}  # fmt: skip
+    figs = {
+        name: f"*Figure `{name}`*: {f['caption']} (SVG in report.html, {f['sha256']})"
+        for name, f in figures.items()
+    }
     return _env(False).get_template("report.md.j2").render(doc=doc, figs=figs)
 
 
 def render_annex(annex: dict, report_id: str) -> str:
     """The restricted annex as Markdown, with its banner."""
-    lines = ["# RESTRICTED: not covered by the privacy guarantee", "",
-             f"Annex of report {report_id}. These values derive from private data (mixing weights,",
-             "the audited member, the canary token). Keep this file at mode 0600; never publish,",
-             "link or plot it.", ""]  # fmt: skip
+    lines = [
+        "# RESTRICTED: not covered by the privacy guarantee",
+        "",
+        f"Annex of report {report_id}. These values derive from private data (mixing weights,",
+        "the audited member, the canary token). Keep this file at mode 0600; never publish,",
+        "link or plot it.",
+        "",
+    ]
     for name, s in annex.get("lambda_statistics", {}).items():
         q = ", ".join(f"{v:.6g}" for v in s["lambda_min_p5_median_p95_max"])
-        lines.append(f"- {name}: lambda min/p5/median/p95/max {q}; mean {s['lambda_mean']:.6g}; "
-                     f"mean subset size {s['subset_size_mean']:.4g} over {s['queries']} queries")  # fmt: skip
+        lines.append(
+            f"- {name}: lambda min/p5/median/p95/max {q}; mean {s['lambda_mean']:.6g}; "
+            f"mean subset size {s['subset_size_mean']:.4g} over {s['queries']} queries"
+        )
     audit = annex.get("audit")
     if audit:
-        lines += ["", f"- audited member: {audit.get('member')}",
-                  f"- canary game: {audit.get('game')}"]  # fmt: skip
+        lines += [
+            "",
+            f"- audited member: {audit.get('member')}",
+            f"- canary game: {audit.get('game')}",
+        ]
     return "\n".join(lines) + "\n"

@@ -64,14 +64,18 @@ def write_report(run: str | Path) -> dict:
     figs = figures(doc)
     doc["created"] = _created()
     doc["figures"] = {n: {"caption": f["caption"], "sha256": f["sha256"]} for n, f in figs.items()}
-    doc["annex"] = {"file": "report.restricted.md",
-                    "sha256": "sha256:" + hashlib.sha256(annex_md).hexdigest()}  # fmt: skip
+    doc["annex"] = {
+        "file": "report.restricted.md",
+        "sha256": "sha256:" + hashlib.sha256(annex_md).hexdigest(),
+    }
     doc["verdict"] = compute_verdict(doc)
     doc = seal_report(doc)
     validate(doc)
-    files = {"report.json": canonical_bytes(doc),
-             "report.md": render_markdown(doc, figs).encode(),
-             "report.html": render_html(doc, figs).encode()}  # fmt: skip
+    files = {
+        "report.json": canonical_bytes(doc),
+        "report.md": render_markdown(doc, figs).encode(),
+        "report.html": render_html(doc, figs).encode(),
+    }
     secrets = {s for s in restricted_numbers(annex) if len(s) >= 6}
     for name, data in files.items():
         leaked = leaks(data.decode(), secrets)

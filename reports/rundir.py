@@ -76,8 +76,9 @@ class RunDir:
         """``FileNotFoundError`` naming the first missing file and the command that makes it."""
         for name in names:
             if not (self.root / name).exists():
-                raise FileNotFoundError(f"{self.root / name} is missing: run `pmixed demo --out "
-                                        f"{self.root}` first.")  # fmt: skip
+                raise FileNotFoundError(
+                    f"{self.root / name} is missing: run `pmixed demo --out {self.root}` first."
+                )
 
     @property
     def is_trained(self) -> bool:
@@ -92,8 +93,11 @@ class RunDir:
 
     def inputs(self) -> list[Path]:
         """The JSON files a report is built from (public ones; not the report itself)."""
-        return [p for p in sorted(self.root.glob("*.json"))
-                if "restricted" not in p.name and p.name != REPORT_FILES[0]]  # fmt: skip
+        return [
+            p
+            for p in sorted(self.root.glob("*.json"))
+            if "restricted" not in p.name and p.name != REPORT_FILES[0]
+        ]
 
     # ------------------------------------------------------------------------------ stages
 
@@ -125,5 +129,8 @@ class RunDir:
 
 def _digests(folder: Path) -> dict[str, str]:
     """SHA-256 of every file of a stage (its content hash), by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STAGE_FILE}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != STAGE_FILE
+    }

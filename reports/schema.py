@@ -20,8 +20,15 @@ from pathlib import Path
 
 from jsonschema import Draft202012Validator
 
-__all__ = ["GROUPS", "SCHEMA_PATH", "SCHEMA_VERSION", "canonical_bytes", "json_schema", "seal_report",
-           "validate"]  # fmt: skip
+__all__ = [
+    "GROUPS",
+    "SCHEMA_PATH",
+    "SCHEMA_VERSION",
+    "canonical_bytes",
+    "json_schema",
+    "seal_report",
+    "validate",
+]
 
 SCHEMA_VERSION = "1.0.0"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "report-v1.json"
@@ -70,8 +77,10 @@ def json_schema() -> dict:
         if required:
             prop["required"] = list(required)
         if name in _MECH_REQUIRED:
-            prop["additionalProperties"] = {"type": "object",
-                                            "required": list(_MECH_REQUIRED[name])}  # fmt: skip
+            prop["additionalProperties"] = {
+                "type": "object",
+                "required": list(_MECH_REQUIRED[name]),
+            }
         props[name] = prop
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -111,8 +120,9 @@ def validate(doc: dict) -> None:
 
 def canonical_bytes(doc: dict) -> bytes:
     """UTF-8, sorted keys, round-trip floats; NaN and ±∞ floats are refused."""
-    return (json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
-            + "\n").encode()  # fmt: skip
+    return (
+        json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    ).encode()
 
 
 def seal_report(doc: dict) -> dict:

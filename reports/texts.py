@@ -79,8 +79,10 @@ def statement(name: str, m: dict, unit: dict, audit: dict) -> str:
                 f"The audit raised {len(row['alarms'])} alarm(s): a lower bound exceeds the claim."
             )
         elif row.get("inconclusive"):
-            found = (f"The empirical audit is INCONCLUSIVE: a positive control failed, so it could "
-                     f"not have seen a leak ({pair}{lb}); this is not evidence for the claim.")  # fmt: skip
+            found = (
+                f"The empirical audit is INCONCLUSIVE: a positive control failed, so it could "
+                f"not have seen a leak ({pair}{lb}); this is not evidence for the claim."
+            )
         else:
             found = f"An empirical audit found no evidence against the claim: {pair}{lb}."
     if mech["kind"] == "dpsgd":

@@ -40,7 +40,8 @@ def ray_cluster():
     """One local Ray cluster for the test session: 2 CPUs, a 128 MiB object store (a small
     /dev/shm must not stop it), no dashboard."""
     ray = pytest.importorskip("ray", reason="Ray is the optional extra pmixed-audit[ray]")
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False
+    )
     yield ray
     ray.shutdown()

@@ -31,8 +31,13 @@ def byo(tmp_path_factory):
     with open(root / "private.jsonl", "w") as f:
         for r in corpus.private[:600]:
             f.write(json.dumps({"user": r.user, "text": r.text}) + "\n")
-    cfg = replace(TINY, base=str(root / "base"), private_jsonl=str(root / "private.jsonl"),
-                  lora=LoraSpec(), max_private_records=None)  # fmt: skip
+    cfg = replace(
+        TINY,
+        base=str(root / "base"),
+        private_jsonl=str(root / "private.jsonl"),
+        lora=LoraSpec(),
+        max_private_records=None,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -56,8 +61,21 @@ def test_the_run_trains_members_on_the_users_base(byo):
 def test_generate_from_base_and_adapters_by_path(byo, tmp_path, capsys):
     base, _, run = byo
     ledger = tmp_path / "g.jsonl"
-    args = ["generate", "--base", str(base), "--adapters", str(run / "adapters"), "--prompt",
-            "To be", "--max-new-tokens", "4", "--ledger", str(ledger), "--query-budget", "8"]  # fmt: skip
+    args = [
+        "generate",
+        "--base",
+        str(base),
+        "--adapters",
+        str(run / "adapters"),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "4",
+        "--ledger",
+        str(ledger),
+        "--query-budget",
+        "8",
+    ]
     assert main([*args, "--seed", "1"]) == 0
     assert "4 private, 0 public-model tokens" in capsys.readouterr().out
     contents = accounting.read_ledger(ledger)
@@ -73,26 +91,41 @@ def test_generate_from_base_and_adapters_by_path(byo, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--base", "{base}"], "--base and --adapters must be given together"),
-     (["--base", "{other}", "--adapters", "{adapters}"], "was trained on another base"),
-     (["--base", "{base}", "--adapters", "{empty}"], "holds no peft adapter"),
-     (["--run", "{run}", "--base", "{base}", "--adapters", "{adapters}"], "not both"),
-     (["--run", "{run}", "--epsilon", "2"], "--epsilon: a run's deployment settings"),
-     (["--base", "{base}", "--adapters", "{partial}"], "missing ['member-02']")],
-)  # fmt: skip
-def test_a_mismatched_deployment_is_refused_before_any_ledger_exists(byo, tmp_path, capsys,
-                                                                     extra, message):  # fmt: skip
+    [
+        (["--base", "{base}"], "--base and --adapters must be given together"),
+        (["--base", "{other}", "--adapters", "{adapters}"], "was trained on another base"),
+        (["--base", "{base}", "--adapters", "{empty}"], "holds no peft adapter"),
+        (["--run", "{run}", "--base", "{base}", "--adapters", "{adapters}"], "not both"),
+        (["--run", "{run}", "--epsilon", "2"], "--epsilon: a run's deployment settings"),
+        (["--base", "{base}", "--adapters", "{partial}"], "missing ['member-02']"),
+    ],
+)
+def test_a_mismatched_deployment_is_refused_before_any_ledger_exists(
+    byo, tmp_path, capsys, extra, message
+):
     base, _, run = byo
     tok = train_tokenizer(["another public text entirely, for another base " * 50], 320)
     save_base("llama", tmp_path / "other", tok, context=96)
     (tmp_path / "empty").mkdir()
     shutil.copytree(run / "adapters", tmp_path / "partial")
     shutil.rmtree(tmp_path / "partial" / "member-02")
-    paths = dict(base=base, other=tmp_path / "other", adapters=run / "adapters", run=run,
-                 empty=tmp_path / "empty", partial=tmp_path / "partial")  # fmt: skip
+    paths = dict(
+        base=base,
+        other=tmp_path / "other",
+        adapters=run / "adapters",
+        run=run,
+        empty=tmp_path / "empty",
+        partial=tmp_path / "partial",
+    )
     ledger = tmp_path / "never.jsonl"
-    argv = ["generate", *[a.format(**paths) for a in extra], "--prompt", "To be",
-            "--ledger", str(ledger)]  # fmt: skip
+    argv = [
+        "generate",
+        *[a.format(**paths) for a in extra],
+        "--prompt",
+        "To be",
+        "--ledger",
+        str(ledger),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
@@ -119,19 +152,54 @@ def test_train_flags_for_a_base_are_checked(byo, tmp_path, capsys):
     assert "--base needs --private-jsonl" in capsys.readouterr().err
     assert main(["train", "--lora-targets", "q_proj", "--out", str(out)]) == 2
     assert "--lora-targets needs --base" in capsys.readouterr().err
-    assert main(["train", "--base", str(base), "--private-jsonl", str(private), "--lora-targets",
-                 "nope", "--members", "2", "--quick", "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(base),
+                "--private-jsonl",
+                str(private),
+                "--lora-targets",
+                "nope",
+                "--members",
+                "2",
+                "--quick",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--lora-targets nope match no module" in capsys.readouterr().err
     assert not out.exists()  # nothing half-made
     out.mkdir()  # an existing run folder: the failed stage leaves no temporary folder in it
     (out / "notes.txt").write_text("mine")
-    assert main(["train", "--base", str(base), "--private-jsonl", str(private), "--lora-targets",
-                 "nope", "--members", "2", "--quick", "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(base),
+                "--private-jsonl",
+                str(private),
+                "--lora-targets",
+                "nope",
+                "--members",
+                "2",
+                "--quick",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them(byo, tmp_path,
-                                                                                 capsys):  # fmt: skip
+def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them(
+    byo, tmp_path, capsys
+):
     base, _, run = byo
     # The run is found and checked; this one was only trained, so the report has no metrics yet.
     assert main(["report", "--base", str(base), "--adapters", str(run / "adapters")]) == 2
@@ -141,8 +209,9 @@ def test_audit_and_report_by_base_and_adapters_resolve_the_run_that_trained_them
     assert main(["audit", "--base", str(base), "--adapters", str(tmp_path / "foreign")]) == 2
     assert "was not exported by `pmixed train --base`" in capsys.readouterr().err
     save_base("llama", tmp_path / "other", train_tokenizer(["other words " * 80], 320), context=96)
-    assert main(["audit", "--base", str(tmp_path / "other"), "--adapters",
-                 str(run / "adapters")]) == 2  # fmt: skip
+    assert (
+        main(["audit", "--base", str(tmp_path / "other"), "--adapters", str(run / "adapters")]) == 2
+    )
     assert "is not the base" in capsys.readouterr().err
     # The audit's DP-SGD runs take an executor as training does; its flags are checked first.
     assert main(["audit", "--run", str(run), "--ray-address", "auto"]) == 2

@@ -21,8 +21,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def _pmixed(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "campaign.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=ENV)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "campaign.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=ENV,
+    )
 
 
 def _free_port() -> int:
@@ -47,8 +53,18 @@ def test_base_and_adapters_train_audit_report_generate_and_serve(tmp_path, kind)
         for r in corpus.private[:3000]:
             f.write(json.dumps({"user": r.user, "text": r.text}) + "\n")
     run, base, adapters = tmp_path / "run", tmp_path / "base", tmp_path / "run" / "adapters"
-    proc = _pmixed("train", "--quick", "--base", str(base), "--private-jsonl",
-                   str(tmp_path / "private.jsonl"), "--members", "4", "--out", str(run))  # fmt: skip
+    proc = _pmixed(
+        "train",
+        "--quick",
+        "--base",
+        str(base),
+        "--private-jsonl",
+        str(tmp_path / "private.jsonl"),
+        "--members",
+        "4",
+        "--out",
+        str(run),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # The deployment's audit: the run that trained --adapters on --base is found and checked.
     proc = _pmixed("audit", "--base", str(base), "--adapters", str(adapters))
@@ -61,15 +77,39 @@ def test_base_and_adapters_train_audit_report_generate_and_serve(tmp_path, kind)
     report = json.loads((run / "report.json").read_text())
     assert f"the base model at {base.resolve()} ({kind}" in report["identity"]["public_model"]
     assert report["identity"]["corpus"] == "user:private.jsonl"
-    proc = _pmixed("generate", "--base", str(base), "--adapters", str(adapters), "--prompt",
-                   "To be", "--max-new-tokens", "6")  # fmt: skip
+    proc = _pmixed(
+        "generate",
+        "--base",
+        str(base),
+        "--adapters",
+        str(adapters),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "6",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 private, 0 public-model tokens" in proc.stdout
     assert accounting.read_ledger(adapters / "generate.jsonl").n_queries == 6
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "campaign.cli", "serve", "--base", str(base),
-                               "--adapters", str(adapters), "--port", str(port)], cwd=ROOT,
-                              env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "campaign.cli",
+            "serve",
+            "--base",
+            str(base),
+            "--adapters",
+            str(adapters),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):
@@ -78,8 +118,9 @@ def test_base_and_adapters_train_audit_report_generate_and_serve(tmp_path, kind)
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Friends", "max_tokens": 3},
-                       timeout=60)  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "Friends", "max_tokens": 3}, timeout=60
+        )
         assert r.status_code == 200, r.text
     finally:
         server.terminate()

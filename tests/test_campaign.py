@@ -25,14 +25,26 @@ def run(tiny_run):
 
 def test_run_directory_holds_the_promised_files(run):
     out, metrics = run
-    files = ("config.json", "metrics.json", "dpsgd.json", "ledger.jsonl", "ledger.restricted.jsonl",
-             "ledger-replace_one.jsonl", "ledger-reference.jsonl")  # fmt: skip
+    files = (
+        "config.json",
+        "metrics.json",
+        "dpsgd.json",
+        "ledger.jsonl",
+        "ledger.restricted.jsonl",
+        "ledger-replace_one.jsonl",
+        "ledger-reference.jsonl",
+    )
     for name in files:
         assert (out / name).exists(), name
     assert stat.S_IMODE((out / "ledger.restricted.jsonl").stat().st_mode) == 0o600
-    assert set(metrics["perplexity"]) == {"public", "finetuned", "dpsgd",
-                                          "pmixed_certified_add_remove",
-                                          "pmixed_certified_replace_one", "pmixed_reference"}  # fmt: skip
+    assert set(metrics["perplexity"]) == {
+        "public",
+        "finetuned",
+        "dpsgd",
+        "pmixed_certified_add_remove",
+        "pmixed_certified_replace_one",
+        "pmixed_reference",
+    }
     priv = metrics["privacy"]
     for name in ("dpsgd", "pmixed_certified_add_remove", "pmixed_certified_replace_one"):
         assert priv[name]["epsilon"] <= 8.0 and priv[name]["certified"] is True
@@ -81,8 +93,9 @@ def served(tiny_run, tmp_path_factory):
 
 
 def _generate(out, *extra, prompt="To be", tokens="5"):
-    return main(["generate", "--run", str(out), "--prompt", prompt, "--max-new-tokens", tokens,
-                 *extra])  # fmt: skip
+    return main(
+        ["generate", "--run", str(out), "--prompt", prompt, "--max-new-tokens", tokens, *extra]
+    )
 
 
 def test_generate_charges_a_persistent_deployment_ledger(served, capsys):
@@ -100,15 +113,18 @@ def test_generate_charges_a_persistent_deployment_ledger(served, capsys):
 
 @pytest.mark.parametrize(
     ("extra", "prompt", "message"),
-    [(["--temperature", "0"], "To be", "--temperature must be in [0.01, 100]. Found 0.0."),
-     (["--temperature", "1e-310"], "To be", "--temperature must be in"),
-     (["--top-k", "0"], "To be", "--top-k must be an integer in [1, "),
-     ([], "", "--prompt must hold at least one token"),
-     (["--max-new-tokens", "-1"], "To be", "--max-new-tokens must be an integer in [0, "),
-     (["--seed", "3"], "To be", "--seed is fixed when a deployment is created")],
-)  # fmt: skip
-def test_bad_generate_input_names_the_flag_and_spends_nothing(served, capsys, extra, prompt,
-                                                              message):  # fmt: skip
+    [
+        (["--temperature", "0"], "To be", "--temperature must be in [0.01, 100]. Found 0.0."),
+        (["--temperature", "1e-310"], "To be", "--temperature must be in"),
+        (["--top-k", "0"], "To be", "--top-k must be an integer in [1, "),
+        ([], "", "--prompt must hold at least one token"),
+        (["--max-new-tokens", "-1"], "To be", "--max-new-tokens must be an integer in [0, "),
+        (["--seed", "3"], "To be", "--seed is fixed when a deployment is created"),
+    ],
+)
+def test_bad_generate_input_names_the_flag_and_spends_nothing(
+    served, capsys, extra, prompt, message
+):
     out = served
     if not (out / "generate.jsonl").exists():
         assert _generate(out, tokens="1") == 0
@@ -172,10 +188,17 @@ def test_account_into_a_closed_pipe_exits_quietly(tiny_run):
     import sys
 
     ledger = tiny_run[0] / "ledger.jsonl"
-    code = ("import sys; from campaign.cli import main; "
-            f"sys.exit(main(['account', {str(ledger)!r}, '--delta', '1e-5']))")  # fmt: skip
-    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    code = (
+        "import sys; from campaign.cli import main; "
+        f"sys.exit(main(['account', {str(ledger)!r}, '--delta', '1e-5']))"
+    )
+    proc = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -1',
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.startswith("epsilon") and "Traceback" not in proc.stderr
     assert "BrokenPipe" not in proc.stderr
 
@@ -185,13 +208,32 @@ def test_a_failed_run_leaves_no_half_made_folder(tmp_path, capsys):
     missing = tmp_path / "no-such.jsonl"
     pub = tmp_path / "pub"
     pub.mkdir()
-    assert main(["train", "--out", str(out), "--public-dir", str(pub), "--private-jsonl",
-                 str(missing)]) == 2  # fmt: skip
+    assert (
+        main(
+            ["train", "--out", str(out), "--public-dir", str(pub), "--private-jsonl", str(missing)]
+        )
+        == 2
+    )
     assert "--private-jsonl" in capsys.readouterr().err and not out.exists()
     (tmp_path / "p.jsonl").write_text('{"user": "u", "text": "hello there"}\n')
     (pub / "a.txt").write_text("public text " * 50)
-    assert main(["train", "--quick", "--out", str(out), "--public-dir", str(pub),
-                 "--private-jsonl", str(tmp_path / "p.jsonl"), "--members", "4"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--quick",
+                "--out",
+                str(out),
+                "--public-dir",
+                str(pub),
+                "--private-jsonl",
+                str(tmp_path / "p.jsonl"),
+                "--members",
+                "4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--members" in err and not out.exists()
     assert main(["train", "--out", str(out), "--members", "0"]) == 2
@@ -202,8 +244,11 @@ def test_user_supplied_data_and_a_tampered_stage_is_rebuilt(tmp_path):
     pub = tmp_path / "public"
     pub.mkdir()
     (pub / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 300)
-    rows = [{"user": f"user{u}", "text": f"User {u} writes about apples and pears, item {i}. " * 3}
-            for u in range(24) for i in range(6)]  # fmt: skip
+    rows = [
+        {"user": f"user{u}", "text": f"User {u} writes about apples and pears, item {i}. " * 3}
+        for u in range(24)
+        for i in range(6)
+    ]
     priv = tmp_path / "private.jsonl"
     priv.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
@@ -236,9 +281,14 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
     result = json.loads(public_text)
     restricted = json.loads((out / "audit.restricted.json").read_text())
     assert stat.S_IMODE((out / "audit.restricted.json").stat().st_mode) == 0o600
-    assert set(result["mechanisms"]) == {"public", "finetuned", "dpsgd",
-                                         "pmixed_certified_add_remove",
-                                         "pmixed_certified_replace_one", "pmixed_reference"}  # fmt: skip
+    assert set(result["mechanisms"]) == {
+        "public",
+        "finetuned",
+        "dpsgd",
+        "pmixed_certified_add_remove",
+        "pmixed_certified_replace_one",
+        "pmixed_reference",
+    }
     for name in ("pmixed_certified_add_remove", "pmixed_certified_replace_one"):
         m = result["mechanisms"][name]
         pair = m["exact_pair"]

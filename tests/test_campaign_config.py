@@ -21,11 +21,21 @@ def test_round_trip_through_json_is_identity_and_the_layout_is_unchanged(cfg):
 
 
 BAD = [
-    ("n_members", 0), ("n_members", 2.5), ("member_steps", True), ("sampling_rate", 0.0),
-    ("sampling_rate", 1.5), ("delta", 1.0), ("epsilon", float("inf")), ("heldout_fraction", 1.0),
-    ("salt", ""), ("seed", -1), ("max_private_records", 0), ("base", ""),
-    ("model", ModelSpec(n_embd=30, n_head=4)), ("lora", {"r": 8}),
-]  # fmt: skip
+    ("n_members", 0),
+    ("n_members", 2.5),
+    ("member_steps", True),
+    ("sampling_rate", 0.0),
+    ("sampling_rate", 1.5),
+    ("delta", 1.0),
+    ("epsilon", float("inf")),
+    ("heldout_fraction", 1.0),
+    ("salt", ""),
+    ("seed", -1),
+    ("max_private_records", 0),
+    ("base", ""),
+    ("model", ModelSpec(n_embd=30, n_head=4)),
+    ("lora", {"r": 8}),
+]
 
 
 @pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])

@@ -9,8 +9,15 @@ from campaign.cli import main
 
 
 def test_public_api_names_are_exported():
-    for name in ("renyi_divergence", "PMixEDConfig", "Calibration", "mollify", "step",
-                 "exact_released_law", "StepResult"):  # fmt: skip
+    for name in (
+        "renyi_divergence",
+        "PMixEDConfig",
+        "Calibration",
+        "mollify",
+        "step",
+        "exact_released_law",
+        "StepResult",
+    ):
         assert name in pmixed.__all__
         assert hasattr(pmixed, name)
 
@@ -42,8 +49,15 @@ def _ledger(tmp_path, mode="certified"):
     from pmixed.ledgering import create_ledger, query_event
 
     extra = {"mode": "reference"} if mode == "reference" else {}
-    cal = pmixed.PMixEDConfig(n_members=4, sampling_rate=0.1, epsilon=8.0, delta=1e-5,
-                              query_budget=50, orders=tuple(range(2, 13)), **extra).calibrate()  # fmt: skip
+    cal = pmixed.PMixEDConfig(
+        n_members=4,
+        sampling_rate=0.1,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=50,
+        orders=tuple(range(2, 13)),
+        **extra,
+    ).calibrate()
     path = tmp_path / f"{mode}.jsonl"
     budget = {"epsilon": 8.0, "delta": 1e-5, "monitored_orders": [cal.planned_order]}
     with create_ledger(path, cal, budget=budget) as led:

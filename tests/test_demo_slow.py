@@ -18,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_demo_writes_its_files_and_the_ledger_recomputes(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "campaign.cli", "demo", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "campaign.cli", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pmixed_certified_add_remove" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())

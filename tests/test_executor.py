@@ -46,10 +46,20 @@ def test_ray_executor_keeps_job_order_and_declared_resources(ray_cluster):
     ex = RayExecutor()  # joins the session's cluster
     done = []
     assert ex.map([Job(_square, (i,)) for i in range(6)], progress=done.append) == [
-        0, 1, 4, 9, 16, 25]  # fmt: skip
+        0,
+        1,
+        4,
+        9,
+        16,
+        25,
+    ]
     assert done == list(range(1, 7))
-    one, two = ex.map([Job(_threads_and_gpus, (), Resources(num_cpus=1)),
-                       Job(_threads_and_gpus, (), Resources(num_cpus=2))])  # fmt: skip
+    one, two = ex.map(
+        [
+            Job(_threads_and_gpus, (), Resources(num_cpus=1)),
+            Job(_threads_and_gpus, (), Resources(num_cpus=2)),
+        ]
+    )
     assert one == (1, []) and two == (2, [])  # torch uses exactly the declared cores
     with pytest.raises(Exception, match="job 3 failed"):
         ex.map([Job(_square, (1,)), Job(_fail, (3,))])

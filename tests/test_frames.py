@@ -63,8 +63,9 @@ def test_restricted_columns_only_on_request_and_csv_export_round_trips(run, tmp_
     for col in [c for c in public.columns if c.startswith(("rdp@", "spent@"))]:
         assert np.allclose(back[col], public[col], rtol=0, atol=0, equal_nan=True)  # repr floats
     assert stat.S_IMODE(os.stat(tmp_path / "l.csv").st_mode) == 0o644
-    assert main(["ledger", "export", str(path), "--csv", str(tmp_path / "r.csv"),
-                 "--restricted"]) == 0  # fmt: skip
+    assert (
+        main(["ledger", "export", str(path), "--csv", str(tmp_path / "r.csv"), "--restricted"]) == 0
+    )
     assert stat.S_IMODE(os.stat(tmp_path / "r.csv").st_mode) == 0o600
     subsets = pd.read_csv(tmp_path / "r.csv")["restricted.subset"].dropna().map(json.loads)
     assert subsets.tolist() == queries["restricted.subset"].tolist()
@@ -99,7 +100,8 @@ def test_audit_results_and_metrics_as_frames(run):
     scores = scores_frame(run, restricted=True)
     annex = json.loads((run / "audit.restricted.json").read_text())
     assert len(scores[(scores.model == "dpsgd") & (scores.attack == "loss")]) == len(
-        annex["dpsgd"]["loss"]["in"]) + len(annex["dpsgd"]["loss"]["out"])  # fmt: skip
+        annex["dpsgd"]["loss"]["in"]
+    ) + len(annex["dpsgd"]["loss"]["out"])
     metrics = metrics_frame(run)
     assert list(metrics.columns) == list(METRICS_COLUMNS)
     raw = json.loads((run / "metrics.json").read_text())
@@ -110,7 +112,9 @@ def test_audit_results_and_metrics_as_frames(run):
 
 
 def test_accounting_and_pmixed_import_without_pandas():
-    code = ("import sys, accounting, accounting.frames, pmixed, pmixed.generator, pmixed.backend; "
-            "print('pandas' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, accounting, accounting.frames, pmixed, pmixed.generator, pmixed.backend; "
+        "print('pandas' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -19,8 +19,15 @@ from pathlib import Path
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_report.json"
 #: Keys whose values identify one execution (anywhere in the report).
-EXECUTION_KEYS = {"created", "code_git_sha", "report_id", "report_sha256", "head", "file_sha256",
-                  "recompute_command"}  # fmt: skip
+EXECUTION_KEYS = {
+    "created",
+    "code_git_sha",
+    "report_id",
+    "report_sha256",
+    "head",
+    "file_sha256",
+    "recompute_command",
+}
 MASK = "<execution-specific>"
 
 

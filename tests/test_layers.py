@@ -16,8 +16,14 @@ def lint_imports(config: Path) -> subprocess.CompletedProcess:
     """import-linter in a child process (it takes over the console): exit code and output."""
     call = f"lint_imports(config_filename={str(config)!r}, no_cache=True, no_logo=True)"
     code = f"import sys; from importlinter.cli import lint_imports; sys.exit({call})"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"}, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        timeout=300,
+    )
 
 
 def test_layers_no_upward_import_and_no_cycle():

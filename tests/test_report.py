@@ -24,8 +24,20 @@ from reports.schema import SCHEMA_PATH, json_schema, validate
 from reports.verdict import compute_verdict
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-SECTIONS = ("verdict", "epsilon", "statement", "data", "mechanism", "accounting", "budget",
-            "ledger", "audit", "utility", "implementation", "governance")  # fmt: skip
+SECTIONS = (
+    "verdict",
+    "epsilon",
+    "statement",
+    "data",
+    "mechanism",
+    "accounting",
+    "budget",
+    "ledger",
+    "audit",
+    "utility",
+    "implementation",
+    "governance",
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +166,16 @@ def test_html_is_self_contained_and_shows_the_json_values(report):
     assert page.cells and all(
         text.strip() in (fmt(_at(doc, ptr)), f"Verdict: {fmt(_at(doc, ptr)).upper()}")
         for ptr, text in page.cells
-    )  # fmt: skip
+    )
     assert len(html.encode()) < 5_000_000 and html.count("<svg") == 7
 
 
 def test_verdict_rules_fire_on_the_evidence(report):
     _, doc = report
     # The tiny model learns nothing, so its positive control C3-lm fails: F7, audit invalid.
-    assert compute_verdict(doc)["level"] == ("fail" if not doc["audit"]["controls_passed"] else
-                                             compute_verdict(doc)["level"])  # fmt: skip
+    assert compute_verdict(doc)["level"] == (
+        "fail" if not doc["audit"]["controls_passed"] else compute_verdict(doc)["level"]
+    )
     ok = copy.deepcopy(doc)
     for c in ok["audit"]["controls"]:
         c["passed"] = True
@@ -180,8 +193,12 @@ def test_verdict_rules_fire_on_the_evidence(report):
     v = compute_verdict(broken)
     ids = {(r["id"], r["mechanism"]) for r in v["rules"]}
     assert v["level"] == "fail"
-    assert {("F2", "pmixed_certified_add_remove"), ("F1", "pmixed_certified_replace_one"),
-            ("F3", "dpsgd"), ("F7", None)} <= ids  # fmt: skip
+    assert {
+        ("F2", "pmixed_certified_add_remove"),
+        ("F1", "pmixed_certified_replace_one"),
+        ("F3", "dpsgd"),
+        ("F7", None),
+    } <= ids
 
 
 def _copy(tiny_run, tmp_path) -> Path:
@@ -253,8 +270,9 @@ def test_an_overrun_ledger_gives_an_f3_fail(tiny_run, tmp_path):
     assert doc["verdict"]["level"] == "fail"
 
 
-def test_audit_power_is_reported_and_a_failed_control_makes_the_audit_inconclusive(tiny_run,
-                                                                                   tmp_path):  # fmt: skip
+def test_audit_power_is_reported_and_a_failed_control_makes_the_audit_inconclusive(
+    tiny_run, tmp_path
+):
     """The tiny run's models learn nothing, so its positive control C3-lm fails: every mechanism's
     audit is INCONCLUSIVE (W10), never "no evidence against the claim"; power.json (mutants and
     the test bed) appears in the Audit power section and figure."""
@@ -266,10 +284,12 @@ def test_audit_power_is_reported_and_a_failed_control_makes_the_audit_inconclusi
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     out = _copy(tiny_run, tmp_path)
-    mutants = run_mutants("test", repetitions=3,
-                          names=["pmixed_unmollified", "generator_skips_tenth_charge"])  # fmt: skip
-    rows = corrected_dpsgd_audit(ManyRunPlan(claims=(4.0,), runs=300, pilot_runs=300,
-                                             one_run_canaries=0))  # fmt: skip
+    mutants = run_mutants(
+        "test", repetitions=3, names=["pmixed_unmollified", "generator_skips_tenth_charge"]
+    )
+    rows = corrected_dpsgd_audit(
+        ManyRunPlan(claims=(4.0,), runs=300, pilot_runs=300, one_run_canaries=0)
+    )
     write_json(out / "power.json", {"seed": 0, "mutants": mutants, "testbed": {"rows": rows}})
     doc = write_report(out)
     power = doc["audit"]["power"]
@@ -301,20 +321,30 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium here: `make test` installs Debian's "
-                    "chromium; this machine could not (no apt or no root)")  # fmt: skip
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no Chromium here: `make test` installs Debian's "
+    "chromium; this machine could not (no apt or no root)",
+)
 def test_report_renders_in_headless_chromium(report, tmp_path):
     from PIL import Image
 
     out, doc = report
-    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-background-networking", f"--user-data-dir={tempfile.mkdtemp()}",
-             "--window-size=1280,2400"]  # fmt: skip
+    flags = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        "--window-size=1280,2400",
+    ]
     shot = tmp_path / "shot.png"
     url = (out / "report.html").resolve().as_uri()
     env = {**os.environ, "HOME": str(tmp_path)}
-    proc = subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0 and "Page load failed" not in proc.stderr, proc.stderr[-1000:]
     img = np.asarray(Image.open(shot).convert("RGB"), np.float64)
     assert img.shape[:2] == (2400, 1280) and img.std() > 10  # not blank
@@ -322,8 +352,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     colour = np.array(banner[doc["verdict"]["level"]])
     top = img[:400]
     assert (np.abs(top - colour).sum(axis=-1) < 30).sum() > 5000  # the verdict banner is drawn
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120, env=env).stdout  # fmt: skip
+    dom = subprocess.run(
+        [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, env=env
+    ).stdout
     assert all(f'id="{s}"' in dom for s in SECTIONS)
     assert f"Verdict: <strong>{doc['verdict']['level'].upper()}</strong>" in dom
     assert "Claims and evidence" in dom and fmt(doc["accounting"]["dpsgd"]["epsilon"]) in dom

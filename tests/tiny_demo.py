@@ -8,10 +8,18 @@ from campaign.config import QUICK
 from pmixed.train import ModelSpec
 
 TINY = replace(
-    QUICK, model=ModelSpec(vocab_size=300, block_size=32, n_embd=32, n_layer=1, n_head=2),
-    public_steps=4, n_members=4, member_steps=2, finetune_steps=2, dpsgd_batch=64,
-    sampling_rate=0.2, query_budget=16, realized_runs=2, max_private_records=600,
-)  # fmt: skip
+    QUICK,
+    model=ModelSpec(vocab_size=300, block_size=32, n_embd=32, n_layer=1, n_head=2),
+    public_steps=4,
+    n_members=4,
+    member_steps=2,
+    finetune_steps=2,
+    dpsgd_batch=64,
+    sampling_rate=0.2,
+    query_budget=16,
+    realized_runs=2,
+    max_private_records=600,
+)
 
 
 def quiet(name, total):

@@ -84,8 +84,11 @@ def dpsgd_claim(sigma: float, q: float, steps: int, delta: float) -> dict:
     acc.compose(event)
     racc = rdp.RdpAccountant(orders=list(range(2, 257)))  # integer orders: no fractional series
     racc.compose(event)
-    return {"epsilon": float(acc.get_epsilon(delta)), "epsilon_rdp": float(racc.get_epsilon(delta)),
-            "accountant": "dp-accounting PLD (RDP beside it)"}  # fmt: skip
+    return {
+        "epsilon": float(acc.get_epsilon(delta)),
+        "epsilon_rdp": float(racc.get_epsilon(delta)),
+        "accountant": "dp-accounting PLD (RDP beside it)",
+    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,8 +166,9 @@ def train_batched(
     return TrainedRuns(torch.cat(finals), torch.cat(traces))
 
 
-def scores(runs: TrainedRuns, *, q: float, sigma: float, clip: float, lr: float,
-           n: int) -> dict[str, np.ndarray]:  # fmt: skip
+def scores(
+    runs: TrainedRuns, *, q: float, sigma: float, clip: float, lr: float, n: int
+) -> dict[str, np.ndarray]:
     """White-box (every iterate, exact LLR) and black-box (final weight) scores; higher = D."""
     step = runs.canary_trace.diff(dim=1)  # [R, T]
     u = (-step * (q * n) / (lr * clip)).numpy()  # = b_t·C/(C+1e-6) + σ·z_t

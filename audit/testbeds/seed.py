@@ -57,8 +57,9 @@ def seed_claimed_epsilon(cfg: SeedConfig) -> float:
     )
 
 
-def train_seed(cfg: SeedConfig, *, runs: int, canary: bool, rng: np.random.Generator,
-               canary_scale: float = 1e3) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def train_seed(
+    cfg: SeedConfig, *, runs: int, canary: bool, rng: np.random.Generator, canary_scale: float = 1e3
+) -> tuple[np.ndarray, np.ndarray]:
     """R runs of the seed's algorithm on its synthetic task: (final weights ``[R, d]``, the canary
     coordinate's update at every step ``[R, steps]``).
 

@@ -15,9 +15,18 @@ def curve(label: str = "", scale: float = 1e-3, orders=ORDERS) -> RdpCurveEvent:
 
 
 def new_ledger(path, *, budget=None, seed=None, fsync=False, mode="custom", status="certified"):
-    return Ledger.create(path, mode=mode, relation="add_remove", status=status, orders=ORDERS,
-                         calibration={"epsilon": 4.0, "delta": 1e-5}, budget=budget,
-                         seeded=seed is not None, seed=seed, fsync=fsync)  # fmt: skip
+    return Ledger.create(
+        path,
+        mode=mode,
+        relation="add_remove",
+        status=status,
+        orders=ORDERS,
+        calibration={"epsilon": 4.0, "delta": 1e-5},
+        budget=budget,
+        seeded=seed is not None,
+        seed=seed,
+        fsync=fsync,
+    )
 
 
 @pytest.fixture

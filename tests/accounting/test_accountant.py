@@ -90,8 +90,11 @@ def test_ten_thousand_query_ledger_matches_an_independent_fsum_to_1e9(big_ledger
     for r in records:
         if r["kind"] == "query":
             e = events[r["event_seq"]]
-            curves.append([math.inf if x == "inf" else x for x in e["rdp"]] if "rdp" in e else
-                          [0.0] * len(cal.orders))  # fmt: skip
+            curves.append(
+                [math.inf if x == "inf" else x for x in e["rdp"]]
+                if "rdp" in e
+                else [0.0] * len(cal.orders)
+            )
     total = [math.fsum(col) for col in zip(*curves)]
     eps, order = compute_epsilon(list(cal.orders), total, 1e-5)
     assert len(curves) == spent.steps == 10_000 and spent.public_steps == 500

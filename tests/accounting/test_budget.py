@@ -31,15 +31,27 @@ from pmixed.ledgering import create_ledger, query_event
 from tests.accounting.conftest import ORDERS, new_ledger
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = dict(n_members=4, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=200,
-             orders=tuple(range(2, 13)))  # fmt: skip
+SMALL = dict(
+    n_members=4,
+    sampling_rate=0.1,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=200,
+    orders=tuple(range(2, 13)),
+)
 
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"epsilon": 0.0}, "epsilon"), ({"epsilon": float("inf")}, "epsilon"), ({"delta": 1.0}, "delta"),
-     ({"orders": (3, 2)}, "orders"), ({"orders": (1, 2)}, "orders"), ({"orders": ()}, "orders")],
-)  # fmt: skip
+    [
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": float("inf")}, "epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"orders": (3, 2)}, "orders"),
+        ({"orders": (1, 2)}, "orders"),
+        ({"orders": ()}, "orders"),
+    ],
+)
 def test_budget_rejects_bad_input_naming_the_parameter(kw, match):
     with pytest.raises(ValueError, match=match):
         PrivacyBudget(**{"epsilon": 1.0, "delta": 1e-5, "orders": (2, 3), **kw})
@@ -68,8 +80,9 @@ def test_filter_admits_exactly_the_planned_queries_then_writes_nothing(tmp_path,
     plan = RenyiFilter.for_plan(budget, ev, cfg.query_budget)
     assert plan.monitored == (cal.planned_order,)
     path = tmp_path / "l.jsonl"
-    filt = RenyiFilter.for_plan(budget, ev, cfg.query_budget,
-                                ledger=create_ledger(path, cal, budget=plan.header_record()))  # fmt: skip
+    filt = RenyiFilter.for_plan(
+        budget, ev, cfg.query_budget, ledger=create_ledger(path, cal, budget=plan.header_record())
+    )
     for _ in range(cfg.query_budget):
         filt.charge(ev)
         plan.charge(ev)
@@ -155,8 +168,13 @@ def test_sigkilled_writers_never_corrupt_the_ledger_nor_overspend(tmp_path):
     rng = np.random.default_rng(20261128)
     counts = []
     for _ in range(20):
-        proc = subprocess.Popen([sys.executable, str(script), str(path), repr(cost)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path), repr(cost)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = proc.stdout.readline().strip()
         assert line == "ready", (line, proc.wait(), proc.stderr.read())
         time.sleep(rng.uniform(0.0, 0.15))
@@ -167,16 +185,24 @@ def test_sigkilled_writers_never_corrupt_the_ledger_nor_overspend(tmp_path):
         counts.append(result.queries)
     assert counts == sorted(counts) and counts[-1] > counts[0]  # the kills hit running writers
     # The last writer runs to exhaustion: the total never exceeds the budget.
-    out = subprocess.run([sys.executable, str(script), str(path), repr(cost)], env=env,
-                         capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), repr(cost)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert out.stdout.split() == ["ready", "exhausted"], (out.returncode, out.stderr)
     spent = compose(path, 1e-5)
     assert spent.rdp[ORDERS.index(8)] <= limit
     assert spent.steps >= 5999
 
 
-@given(st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.7, 1.3, "public"]), max_size=60),
-       st.sampled_from([[2], [8], [3, 6]]))  # fmt: skip
+@given(
+    st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.7, 1.3, "public"]), max_size=60),
+    st.sampled_from([[2], [8], [3, 6]]),
+)
 def test_spent_never_exceeds_the_limit_on_any_path_and_refusals_are_exact(costs, monitored):
     budget = PrivacyBudget(12.0, 1e-5, ORDERS)
     f = RenyiFilter(budget, monitored)

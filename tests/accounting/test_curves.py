@@ -27,8 +27,9 @@ def ledger(tmp_path_factory):
     budget = PrivacyBudget(cfg.epsilon, cfg.delta, cal.orders)
     plan = RenyiFilter.for_plan(budget, query_event(cal), cfg.query_budget)
     path = tmp_path_factory.mktemp("curves") / "l.jsonl"
-    filt = RenyiFilter(budget, plan.monitored,
-                       ledger=create_ledger(path, cal, budget=plan.header_record()))  # fmt: skip
+    filt = RenyiFilter(
+        budget, plan.monitored, ledger=create_ledger(path, cal, budget=plan.header_record())
+    )
     for i in range(30):
         filt.charge(PublicStepEvent() if i % 7 == 3 else query_event(cal))
     return path, cal

@@ -22,10 +22,14 @@ def test_golden_values():
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [((0.0, 0.01, 10, 1e-5), "noise_multiplier"), ((1.0, 1.5, 10, 1e-5), "sample_rate"),
-     ((1.0, 0.01, -1, 1e-5), "steps"), ((1.0, 0.01, 1.5, 1e-5), "steps"),
-     ((1.0, 0.01, 10, 0.0), "delta")],
-)  # fmt: skip
+    [
+        ((0.0, 0.01, 10, 1e-5), "noise_multiplier"),
+        ((1.0, 1.5, 10, 1e-5), "sample_rate"),
+        ((1.0, 0.01, -1, 1e-5), "steps"),
+        ((1.0, 0.01, 1.5, 1e-5), "steps"),
+        ((1.0, 0.01, 10, 0.0), "delta"),
+    ],
+)
 def test_bad_input_names_the_parameter(args, match):
     with pytest.raises(ValueError, match=match):
         dpsgd_epsilon(*args)
@@ -76,10 +80,13 @@ def test_from_opacus_reads_a_real_privacy_engine():
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     engine = PrivacyEngine(accountant="rdp")
     model, optim, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader, noise_multiplier=1.1, max_grad_norm=1.0,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=1.1,
+        max_grad_norm=1.0,
         noise_generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     for x, y in loader:
         optim.zero_grad()
         if len(x):

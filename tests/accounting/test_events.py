@@ -21,8 +21,14 @@ from accounting import (
 from pmixed import PMixEDConfig
 from pmixed.ledgering import query_event
 
-SMALL = dict(n_members=4, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=64,
-             orders=tuple(range(2, 13)))  # fmt: skip
+SMALL = dict(
+    n_members=4,
+    sampling_rate=0.1,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=64,
+    orders=tuple(range(2, 13)),
+)
 CONFIGS = {
     "certified": PMixEDConfig(**SMALL),
     "capped": PMixEDConfig(**SMALL, mode="capped", lambda_max=0.3),
@@ -121,8 +127,13 @@ def test_curve_event_accepts_exactly_nonnegative_or_inf_values(values):
     st.data(),
 )
 def test_curve_event_json_round_trip_property(orders, data):
-    rdp = data.draw(st.lists(st.one_of(st.floats(0, 1e6), st.just(math.inf)),
-                             min_size=len(orders), max_size=len(orders)))  # fmt: skip
+    rdp = data.draw(
+        st.lists(
+            st.one_of(st.floats(0, 1e6), st.just(math.inf)),
+            min_size=len(orders),
+            max_size=len(orders),
+        )
+    )
     ev = RdpCurveEvent(orders=tuple(orders), rdp=tuple(rdp), certified=data.draw(st.booleans()))
     assert event_from_json(event_to_json(ev)) == ev
 

@@ -27,22 +27,69 @@ ROOT = Path(__file__).resolve().parents[2]
 # added to this test as well as to the code.
 PUBLIC_ALLOW_LIST = {
     # record structure
-    "kind", "seq", "prev", "hash", "event", "event_seq", "status", "type",
+    "kind",
+    "seq",
+    "prev",
+    "hash",
+    "event",
+    "event_seq",
+    "status",
+    "type",
     # header
-    "schema", "run_id", "created", "mode", "relation", "orders", "calibration", "budget",
-    "versions", "seeded",
+    "schema",
+    "run_id",
+    "created",
+    "mode",
+    "relation",
+    "orders",
+    "calibration",
+    "budget",
+    "versions",
+    "seeded",
     # calibration summary and budget (data-independent)
-    "n_members", "sampling_rate", "epsilon", "delta", "query_budget", "lambda_max",
-    "amplification", "accept_unproven_amplification", "constraint_grid", "reference_alpha",
-    "reference_sampler", "beta", "beta_by_size", "per_query_rdp", "planned_epsilon",
-    "planned_order", "monitored_orders", "sampler", "sampler_tv_per_query",
+    "n_members",
+    "sampling_rate",
+    "epsilon",
+    "delta",
+    "query_budget",
+    "lambda_max",
+    "amplification",
+    "accept_unproven_amplification",
+    "constraint_grid",
+    "reference_alpha",
+    "reference_sampler",
+    "beta",
+    "beta_by_size",
+    "per_query_rdp",
+    "planned_epsilon",
+    "planned_order",
+    "monitored_orders",
+    "sampler",
+    "sampler_tv_per_query",
     # a signed ledger: the header's public key and each record's signature
-    "signing", "algorithm", "public_key", "sig",
+    "signing",
+    "algorithm",
+    "public_key",
+    "sig",
     # event fields
-    "rdp", "certified", "label",
-}  # fmt: skip
-FORBIDDEN = {"subset", "subset_size", "lambdas", "lambda", "tau", "beta_t", "seed", "data",
-             "probabilities", "logprobs", "epsilon_dd", "divergence"}  # fmt: skip
+    "rdp",
+    "certified",
+    "label",
+}
+FORBIDDEN = {
+    "subset",
+    "subset_size",
+    "lambdas",
+    "lambda",
+    "tau",
+    "beta_t",
+    "seed",
+    "data",
+    "probabilities",
+    "logprobs",
+    "epsilon_dd",
+    "divergence",
+}
 
 
 def _keys(obj, out):
@@ -56,16 +103,26 @@ def _keys(obj, out):
     return out
 
 
-SMALL = dict(n_members=4, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=64,
-             orders=tuple(range(2, 13)))  # fmt: skip
+SMALL = dict(
+    n_members=4,
+    sampling_rate=0.1,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=64,
+    orders=tuple(range(2, 13)),
+)
 
 
 @pytest.mark.parametrize(
     "cfg",
-    [PMixEDConfig(**SMALL), PMixEDConfig(**SMALL, mode="capped", lambda_max=0.3),
-     PMixEDConfig(**SMALL, mode="reference"), PMixEDConfig(**SMALL, relation="replace_one")],
+    [
+        PMixEDConfig(**SMALL),
+        PMixEDConfig(**SMALL, mode="capped", lambda_max=0.3),
+        PMixEDConfig(**SMALL, mode="reference"),
+        PMixEDConfig(**SMALL, relation="replace_one"),
+    ],
     ids=["certified", "capped", "reference", "replace_one"],
-)  # fmt: skip
+)
 def test_public_file_holds_only_allow_listed_keys_and_no_restricted_value(tmp_path, cfg):
     cal = cfg.calibrate()
     path = tmp_path / "ledger.jsonl"
@@ -73,8 +130,16 @@ def test_public_file_holds_only_allow_listed_keys_and_no_restricted_value(tmp_pa
     with create_ledger(path, cal, seed=987654321) as led:
         for i in range(20):
             r = led.append(query_event(cal))
-            led.append_restricted(r, {"subset": [i % 4], "subset_size": 1, "lambdas": [secret],
-                                      "tau": secret, "epsilon_dd": secret})  # fmt: skip
+            led.append_restricted(
+                r,
+                {
+                    "subset": [i % 4],
+                    "subset_size": 1,
+                    "lambdas": [secret],
+                    "tau": secret,
+                    "epsilon_dd": secret,
+                },
+            )
     raw = path.read_bytes()
     keys = set()
     for line in raw.splitlines():
@@ -96,8 +161,16 @@ def test_header_records_what_a_reviewer_needs(tmp_path):
     path = tmp_path / "l.jsonl"
     new_ledger(path).close()
     h = json.loads(path.read_bytes().splitlines()[0])
-    for key in ("run_id", "schema", "created", "mode", "orders", "calibration", "versions",
-                "seeded"):  # fmt: skip
+    for key in (
+        "run_id",
+        "schema",
+        "created",
+        "mode",
+        "orders",
+        "calibration",
+        "versions",
+        "seeded",
+    ):
         assert key in h
     assert h["seeded"] is False and h["orders"] == [2, 3, 4, 6, 8]
     assert any(v.startswith("dp-accounting==") for v in h["versions"])
@@ -302,8 +375,10 @@ def test_two_processes_appending_concurrently_keep_an_intact_chain(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, str(script), str(path), name, "300"], env=env)
-             for name in ("A", "B")]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(path), name, "300"], env=env)
+        for name in ("A", "B")
+    ]
     (tmp_path / "go").touch()
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert verify(path, restricted=True).ok

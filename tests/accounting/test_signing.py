@@ -20,8 +20,14 @@ from pmixed import PMixEDConfig
 from pmixed.deployment import Deployment
 from pmixed.ledgering import query_event
 
-CFG = PMixEDConfig(n_members=4, sampling_rate=0.1, epsilon=2.0, delta=1e-5, query_budget=20,
-                   orders=tuple(range(2, 13)))  # fmt: skip
+CFG = PMixEDConfig(
+    n_members=4,
+    sampling_rate=0.1,
+    epsilon=2.0,
+    delta=1e-5,
+    query_budget=20,
+    orders=tuple(range(2, 13)),
+)
 
 
 def forge_append(path) -> None:

@@ -13,7 +13,7 @@ from audit.attacks import (
     loss,
     min_k,
     pmixed_count,
-    pmixed_llr,  # fmt: skip
+    pmixed_llr,
     reference_calibrated,
     register,
     zlib_ratio,

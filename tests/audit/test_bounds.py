@@ -17,7 +17,7 @@ from audit.bounds import (
     cp_epsilon,
     cp_lower,
     cp_upper,
-    empirical_epsilon,  # fmt: skip
+    empirical_epsilon,
     exposure_epsilon,
     one_run_epsilon,
     one_run_p,
@@ -36,8 +36,9 @@ def test_clopper_pearson_matches_binomial_inversion(k, n):
     assert cp_upper(k, n, 0.025) == pytest.approx(binomial_inversion_upper(k, n, 0.025), rel=1e-8)
     # lower limit: P[Bin(n, p) >= k] = level
     if k:
-        lo = optimize.brentq(lambda p: stats.binom.sf(k - 1, n, p) - 0.05, 1e-15, 1 - 1e-15,
-                             xtol=1e-14)  # fmt: skip
+        lo = optimize.brentq(
+            lambda p: stats.binom.sf(k - 1, n, p) - 0.05, 1e-15, 1 - 1e-15, xtol=1e-14
+        )
         assert cp_lower(k, n, 0.05) == pytest.approx(lo, rel=1e-8)
     assert cp_upper(n, n, 0.025) == 1.0 and cp_lower(0, n, 0.05) == 0.0
 
@@ -49,8 +50,9 @@ def test_zero_errors_give_the_closed_form():
         assert cp_epsilon(0, n, 0, n, delta=DELTA) == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize(("n", "expected"), [(10, 0.81), (100, 3.3), (1000, 5.6), (10**4, 7.9),
-                                        (10**5, 10.2)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("n", "expected"), [(10, 0.81), (100, 3.3), (1000, 5.6), (10**4, 7.9), (10**5, 10.2)]
+)
 def test_perfect_attack_table_of_audit_md(n, expected):
     """AUDIT.md §6.6, first table: ε_lb ≈ ln(n/3.7) with zero errors (rounded to 0.1)."""
     assert cp_epsilon(0, n, 0, n, delta=DELTA) == pytest.approx(expected, abs=0.06)
@@ -73,13 +75,21 @@ def test_rr_shaped_table_of_audit_md(eps, n, expected):
     assert cp_epsilon(k, n, k, n, delta=DELTA) == pytest.approx(expected, abs=0.1)
 
 
-@pytest.mark.parametrize(("m", "r", "v", "delta", "expected"), [
-    (1000, 100, 100, 0.0, 3.49), (1000, 100, 100, DELTA, 3.47),
-    (1000, 1000, 1000, 0.0, 5.81), (1000, 1000, 1000, DELTA, 5.78),
-    (10**4, 10**4, 10**4, 0.0, 8.11), (10**4, 10**4, 10**4, DELTA, 7.83),
-    (10**5, 10**4, 10**4, DELTA, 5.82),
-    (1000, 1000, 990, DELTA, 4.1), (1000, 1000, 900, DELTA, 2.0), (1000, 1000, 750, DELTA, 1.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("m", "r", "v", "delta", "expected"),
+    [
+        (1000, 100, 100, 0.0, 3.49),
+        (1000, 100, 100, DELTA, 3.47),
+        (1000, 1000, 1000, 0.0, 5.81),
+        (1000, 1000, 1000, DELTA, 5.78),
+        (10**4, 10**4, 10**4, 0.0, 8.11),
+        (10**4, 10**4, 10**4, DELTA, 7.83),
+        (10**5, 10**4, 10**4, DELTA, 5.82),
+        (1000, 1000, 990, DELTA, 4.1),
+        (1000, 1000, 900, DELTA, 2.0),
+        (1000, 1000, 750, DELTA, 1.0),
+    ],
+)
 def test_one_run_caps_of_audit_md(m, r, v, delta, expected):
     """AUDIT.md §6.6 one-run caps (Steinke, Nasr, Jagielski 2023, η = 0.05)."""
     got = one_run_epsilon(m, r, v, delta=delta).epsilon
@@ -139,8 +149,9 @@ def test_identical_worlds_stay_at_zero_in_95_of_100_repetitions():
         ok = 0
         for seed in range(100):
             rng = np.random.default_rng(seed)
-            b = empirical_epsilon(rng.normal(size=500), rng.normal(size=500), delta=DELTA,
-                                  strategy=strategy)  # fmt: skip
+            b = empirical_epsilon(
+                rng.normal(size=500), rng.normal(size=500), delta=DELTA, strategy=strategy
+            )
             ok += b.epsilon <= 0.05
         assert ok >= 95, (strategy, ok)
 

@@ -38,10 +38,12 @@ def test_model_canaries_are_reproducible_samples_of_the_right_shape():
     from tests.pmixed.tiny import tiny_lm, tokenizer
 
     lm = tiny_lm(tokenizer())
-    a = model_canaries(lm.model, 6, 10, child_rng(1, "canary/draw"), first_token_range=(1, 300),
-                       batch_size=4)  # fmt: skip
-    b = model_canaries(lm.model, 6, 10, child_rng(1, "canary/draw"), first_token_range=(1, 300),
-                       batch_size=4)  # fmt: skip
+    a = model_canaries(
+        lm.model, 6, 10, child_rng(1, "canary/draw"), first_token_range=(1, 300), batch_size=4
+    )
+    b = model_canaries(
+        lm.model, 6, 10, child_rng(1, "canary/draw"), first_token_range=(1, 300), batch_size=4
+    )
     assert a.shape == (6, 10) and torch.equal(a, b) and a.min() >= 0
 
 
@@ -77,8 +79,9 @@ def test_two_scores_are_each_bounded_at_half_eta_and_the_larger_is_reported():
     strong = inclusion + 0.3 * rng.normal(size=400)
     weak = rng.normal(size=400)
     plan = OneRunPlan(m=400, k_pos=20, k_neg=20)
-    r = canary_result({"reference": weak, "lira": strong}, inclusion, plan, delta=1e-5, seed=0,
-                      bootstrap=50)  # fmt: skip
+    r = canary_result(
+        {"reference": weak, "lira": strong}, inclusion, plan, delta=1e-5, seed=0, bootstrap=50
+    )
     half = one_run_audit(strong, inclusion, OneRunPlan(400, 20, 20, eta=0.025), delta=1e-5)
     full = one_run_audit(strong, inclusion, plan, delta=1e-5)
     assert r["one_run"]["attack"] == "lira" and r["one_run"]["epsilon_lb"] == half["epsilon_lb"]
@@ -121,10 +124,19 @@ def test_the_poisoned_member_learns_the_canary_more_than_the_member_trained_with
     members = ["member-00", "member-01", "member-02"]
     lp = logprobs_at(model, prompt, ["__base__", *members])
     y = int(np.argmin(lp[0]))  # the public model's least likely token: clearly a canary
-    retrain_with_canaries(model, "canary-member", 1, partition,
-                          canary_block([*prompt, y], 32), len(partition), recipe)  # fmt: skip
-    canary = PlantedCanary("canary-member", 1, prompt, y, len(partition), lp[0], lp[1:],
-                           logprobs_at(model, prompt, ["canary-member"])[0])  # fmt: skip
+    retrain_with_canaries(
+        model, "canary-member", 1, partition, canary_block([*prompt, y], 32), len(partition), recipe
+    )
+    canary = PlantedCanary(
+        "canary-member",
+        1,
+        prompt,
+        y,
+        len(partition),
+        lp[0],
+        lp[1:],
+        logprobs_at(model, prompt, ["canary-member"])[0],
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "member-01" in n}
     poisoned = poison_member(model, canary, partition=partition, recipe=recipe)
     assert poisoned.shape == lp[0].shape

@@ -60,12 +60,24 @@ def test_pair_epsilon_is_a_lower_bound_within_discretisation(seed, delta):
 def cal(mode="certified", n=4, q=0.1, relation="add_remove", **kw):
     if mode == "capped":
         kw.setdefault("lambda_max", 0.3)
-    return PMixEDConfig(n_members=n, sampling_rate=q, epsilon=8.0, delta=1e-5, query_budget=16,
-                        mode=mode, relation=relation, orders=ORDERS, **kw).calibrate()  # fmt: skip
+    return PMixEDConfig(
+        n_members=n,
+        sampling_rate=q,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=16,
+        mode=mode,
+        relation=relation,
+        orders=ORDERS,
+        **kw,
+    ).calibrate()
 
 
-CALS = {(m, r): cal(m, relation=r) for m in ("certified", "capped")
-        for r in ("add_remove", "replace_one")}  # fmt: skip
+CALS = {
+    (m, r): cal(m, relation=r)
+    for m in ("certified", "capped")
+    for r in ("add_remove", "replace_one")
+}
 
 
 @settings(max_examples=40)
@@ -95,9 +107,16 @@ def test_shared_lambdas_give_the_same_laws_as_computing_each_world_alone(mode, n
     from audit.exact import _laws
     from pmixed.mechanism import exact_released_log_law
 
-    c = PMixEDConfig(n_members=n, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=16,
-                     mode=mode, orders=ORDERS,
-                     **({"lambda_max": 0.3} if mode == "capped" else {})).calibrate()  # fmt: skip
+    c = PMixEDConfig(
+        n_members=n,
+        sampling_rate=0.1,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=16,
+        mode=mode,
+        orders=ORDERS,
+        **({"lambda_max": 0.3} if mode == "capped" else {}),
+    ).calibrate()
     rng = np.random.default_rng(n)
     lp = np.log(rng.dirichlet(np.full(5, 0.3), size=(2, n)))
     lp0 = np.log(rng.dirichlet(np.ones(5), size=2))
@@ -118,8 +137,16 @@ def test_reference_mode_counterexample_raises_the_alarm():
     pm = np.array([[0.9005, 0.0979, 0.0016]])
     p0 = np.array([0.1213, 0.8682, 0.0105])
     pm, p0 = pm / pm.sum(), p0 / p0.sum()
-    c = PMixEDConfig(n_members=1, sampling_rate=0.1, epsilon=6.7617, delta=1e-5, query_budget=100,
-                     mode="reference", reference_alpha=6, orders=ORDERS).calibrate()  # fmt: skip
+    c = PMixEDConfig(
+        n_members=1,
+        sampling_rate=0.1,
+        epsilon=6.7617,
+        delta=1e-5,
+        query_budget=100,
+        mode="reference",
+        reference_alpha=6,
+        orders=ORDERS,
+    ).calibrate()
     pair = exact_pair_audit(np.log(pm)[None], np.log(p0)[None], c, member=0)
     assert pair.alarm and pair.worst_ratio > 2.0 and pair.status == "UNCERTIFIED"
     assert pair.to_json()["alarm"] is True
@@ -160,8 +187,9 @@ def test_game_target_is_in_the_band_and_maximises_the_poisoned_divergence():
     k = c.orders.index(c.planned_order)
 
     def d(t):
-        return exact_pair_audit(lps[None], lp0[None], c, member=0,
-                                replacement=_poisoned(lp0, t)[None]).per_query[0, k]  # fmt: skip
+        return exact_pair_audit(
+            lps[None], lp0[None], c, member=0, replacement=_poisoned(lp0, t)[None]
+        ).per_query[0, k]
 
     band = [t for t in range(40) if 1e-4 <= p0[t] <= 1e-2]
     assert d(y) == max(d(t) for t in band)
@@ -188,11 +216,18 @@ def test_the_worst_case_report_of_a_certified_deployment_stays_within_its_claim(
     rng = np.random.default_rng(4)
     lp0 = np.log(rng.dirichlet(np.ones(30), size=3))  # [C, V]
     lps = np.log(rng.dirichlet(np.ones(30), size=(3, 4)))  # [C, N, V]
-    cal = PMixEDConfig(n_members=4, sampling_rate=0.1, epsilon=4.0, delta=1e-5, query_budget=64,
-                       orders=tuple(range(2, 13))).calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=4,
+        sampling_rate=0.1,
+        epsilon=4.0,
+        delta=1e-5,
+        query_budget=64,
+        orders=tuple(range(2, 13)),
+    ).calibrate()
     pair = exact_pair_audit(lps, lp0, cal, member=1)
-    public, restricted = pmixed_worst_case(lp0, lps, cal, member=1, replacement=None, pair=pair,
-                                           rng=rng, evaluations=30)  # fmt: skip
+    public, restricted = pmixed_worst_case(
+        lp0, lps, cal, member=1, replacement=None, pair=pair, rng=rng, evaluations=30
+    )
     qc, om = public["query_control"], public["optimised_member"]
     assert qc["times"] == 64 and qc["epsilon_pair"] >= 0
     assert 0 < om["ratio"] <= 1 and not om["alarm"]

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 
 def test_the_registry_holds_the_issues_minimum_set():
-    assert {"seed_dpsgd", "dpsgd_noise_div4", "pmixed_reference", "pmixed_beta_x4",
-            "pmixed_unmollified", "generator_skips_tenth_charge"} <= set(MUTANTS)  # fmt: skip
+    assert {
+        "seed_dpsgd",
+        "dpsgd_noise_div4",
+        "pmixed_reference",
+        "pmixed_beta_x4",
+        "pmixed_unmollified",
+        "generator_skips_tenth_charge",
+    } <= set(MUTANTS)
     with pytest.raises(ValueError, match="already registered"):
         register("seed_dpsgd", "x", "y")(lambda *a: {})
 
@@ -48,11 +54,16 @@ def test_the_worst_case_search_stays_within_a_sound_claim_and_breaks_an_unmollif
     p0 /= p0.sum()
     others = np.log(p0[None] * np.exp(0.3 * rng.standard_normal((2, 100))))
     others -= np.log(np.exp(others).sum(axis=1, keepdims=True))
-    cal = PMixEDConfig(n_members=3, sampling_rate=0.05, epsilon=8.0, delta=1e-5,
-                       query_budget=1024, orders=tuple(range(2, 17))).calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=3,
+        sampling_rate=0.05,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=1024,
+        orders=tuple(range(2, 17)),
+    ).calibrate()
     charged = np.asarray(cal.per_query_rdp_add_remove)
     sound = worst_member(others, np.log(p0), cal, charged, rng=rng, evaluations=60)
-    bad = worst_member(others, np.log(p0), cal, charged, rng=rng, evaluations=60,
-                       unmollified=True)  # fmt: skip
+    bad = worst_member(others, np.log(p0), cal, charged, rng=rng, evaluations=60, unmollified=True)
     assert 0 < sound.ratio <= 1 < bad.ratio
     assert np.isclose(np.exp(sound.member).sum(), 1.0)

@@ -51,14 +51,27 @@ def test_a_batched_run_equals_a_single_opacus_run_on_the_same_randomness():
 
     task = make_task(n=40, d=4, seed=3)
     q, steps, sigma, clip, lr = 0.5, 6, 0.8, 0.5, 0.3
-    ours = train_batched(task, runs=1, steps=steps, q=q, sigma=sigma, clip=clip, lr=lr,
-                         canary=False, generator=torch.Generator().manual_seed(11))  # fmt: skip
+    ours = train_batched(
+        task,
+        runs=1,
+        steps=steps,
+        q=q,
+        sigma=sigma,
+        clip=clip,
+        lr=lr,
+        canary=False,
+        generator=torch.Generator().manual_seed(11),
+    )
     model = torch.nn.Linear(task.d, 1, bias=False).double()
     torch.nn.init.zeros_(model.weight)
     gsm = GradSampleModule(model, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=lr), noise_multiplier=sigma,
-                      max_grad_norm=clip, expected_batch_size=int(q * task.n),
-                      loss_reduction="mean")  # fmt: skip
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=lr),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=int(q * task.n),
+        loss_reduction="mean",
+    )
     g = torch.Generator().manual_seed(11)  # the same draws, in train_batched's order
     for _ in range(steps):
         mask = torch.rand(1, task.n, generator=g, dtype=torch.float64)[0] < q
@@ -71,14 +84,24 @@ def test_a_batched_run_equals_a_single_opacus_run_on_the_same_randomness():
         opt.pre_step()  # clip and accumulate
         model.weight.grad = (model.weight.summed_grad + sigma * clip * noise) / int(q * task.n)
         opt.original_optimizer.step()
-    np.testing.assert_allclose(ours.weights[0].numpy(), model.weight[0].detach().numpy(),
-                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        ours.weights[0].numpy(), model.weight[0].detach().numpy(), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_a_run_without_the_canary_leaves_its_coordinate_to_the_noise():
     task = make_task(n=50, d=4)
-    runs = train_batched(task, runs=2000, steps=5, q=0.5, sigma=2.0, clip=1.0, lr=0.1,
-                         canary=False, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    runs = train_batched(
+        task,
+        runs=2000,
+        steps=5,
+        q=0.5,
+        sigma=2.0,
+        clip=1.0,
+        lr=0.1,
+        canary=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     s = scores(runs, q=0.5, sigma=2.0, clip=1.0, lr=0.1, n=task.n)
     u_sum = s["black_box"]  # = sigma * (sum of 5 standard normals)
     assert abs(u_sum.mean()) < 0.2 and abs(u_sum.std() - 2.0 * math.sqrt(5)) < 0.3
@@ -100,8 +123,9 @@ def test_noise_for_claim_meets_the_claim_from_below():
 def test_many_run_audit_stays_below_the_claim_and_has_power():
     """Small scale (3000 runs per world): never above the claim; clearly above 0 at eps 4; the
     demo's 10^5 runs per world reach the issue's tightness (numbers in the README)."""
-    plan = ManyRunPlan(claims=(4.0,), runs=3000, pilot_runs=3000, one_run_canaries=400,
-                       one_run_guesses=40, seed=2)  # fmt: skip
+    plan = ManyRunPlan(
+        claims=(4.0,), runs=3000, pilot_runs=3000, one_run_canaries=400, one_run_guesses=40, seed=2
+    )
     (row,) = corrected_dpsgd_audit(plan)
     claim = row["claim"]["epsilon"]
     assert 0 < row["epsilon_lb"] <= claim

@@ -66,8 +66,14 @@ def test_batched_cached_forward_equals_the_per_adapter_loop(deployed, tok):
 
 def test_the_generator_releases_tokens_with_ledger_records(deployed, tok, tmp_path):
     _, _, lm = deployed
-    cfg = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=6,
-                       orders=tuple(range(2, 17)))  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=3,
+        sampling_rate=0.5,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=6,
+        orders=tuple(range(2, 17)),
+    )
     with Deployment.create(tmp_path / "l.jsonl", cfg.calibrate(), seed=1) as deployment:
         (out,) = PrivateGenerator(lm, deployment).generate([tok("To be")["input_ids"]], 5)
     assert (out.private_steps, len(out.tokens)) == (5, 5)
@@ -83,8 +89,9 @@ def test_the_exact_audit_and_the_mia_signals_run(deployed, tok):
     own, other = blocks(PRIVATE[0], tok, 24), blocks(PRIVATE[1], tok, 24)
     lp0, lps = pmixed_contexts(lm.model, MEMBERS, own, 8)
     assert lps.shape == (8, 3, V) and np.allclose(np.exp(lp0).sum(-1), 1)
-    cal = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5,
-                       query_budget=8).calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=8
+    ).calibrate()
     pair = exact_pair_audit(lps, lp0, cal, member=0)
     assert not pair.alarm and 0 < pair.epsilon_pair < 8.0
     # The loss attack separates member 0's own partition from another's.

@@ -18,8 +18,14 @@ from pmixed.deployment import Deployment, InvalidRequest
 from pmixed.privacy import compose
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=10,
-                   orders=tuple(range(2, 17)))  # fmt: skip
+CFG = PMixEDConfig(
+    n_members=3,
+    sampling_rate=0.5,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=10,
+    orders=tuple(range(2, 17)),
+)
 
 
 def test_no_module_but_the_deployment_calls_the_budget_filters_charge():

@@ -32,8 +32,15 @@ def _deployment(path, cal):
 @pytest.mark.parametrize("mode", ["certified", "reference"])
 def test_pmixed_perplexity_charges_every_query_and_exact_beats_realized(tmp_path, setup, mode):
     _, lm, held = setup
-    cfg = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
-                       orders=tuple(range(2, 17)), mode=mode)  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=3,
+        sampling_rate=0.5,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=40,
+        orders=tuple(range(2, 17)),
+        mode=mode,
+    )
     cal = cfg.calibrate()
     dep = _deployment(tmp_path / "l.jsonl", cal)
     score = pmixed_perplexity(lm.model, lm.members, held, dep, n_queries=40, runs=6)
@@ -53,8 +60,14 @@ def test_pmixed_perplexity_charges_every_query_and_exact_beats_realized(tmp_path
 
 def test_exhausted_budget_scores_the_public_model(tmp_path, setup):
     _, lm, held = setup
-    cfg = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=10,
-                       orders=tuple(range(2, 17)))  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=3,
+        sampling_rate=0.5,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=10,
+        orders=tuple(range(2, 17)),
+    )
     cal = cfg.calibrate()
     dep = _deployment(tmp_path / "l.jsonl", cal)
     score = pmixed_perplexity(lm.model, lm.members, held, dep, n_queries=25, runs=2)

@@ -24,8 +24,14 @@ from tests.pmixed.tiny import computed_rows, tiny_lm, tokenizer
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[2]
 T = 10
-CFG = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=T,
-                   orders=tuple(range(2, 17)))  # fmt: skip
+CFG = PMixEDConfig(
+    n_members=3,
+    sampling_rate=0.5,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=T,
+    orders=tuple(range(2, 17)),
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +83,18 @@ def test_same_seed_same_tokens_and_restricted_records(tmp_path, lm, tok):
     runs = []
     for i in range(2):
         gen, ledger = _generator(tmp_path / f"{i}.jsonl", lm, seed=5)
-        runs.append((gen.generate([prompt], 8, temperature=0.8, top_k=50)[0].tokens,
-                     ledger.restricted_path.read_text().splitlines()[1:]))  # fmt: skip
+        runs.append(
+            (
+                gen.generate([prompt], 8, temperature=0.8, top_k=50)[0].tokens,
+                ledger.restricted_path.read_text().splitlines()[1:],
+            )
+        )
     tokens, restricted = zip(*runs)
     assert tokens[0] == tokens[1]
-    strip = [[{k: v for k, v in json.loads(x).items() if k not in ("public", "prev", "hash")}
-              for x in r] for r in restricted]  # fmt: skip
+    strip = [
+        [{k: v for k, v in json.loads(x).items() if k not in ("public", "prev", "hash")} for x in r]
+        for r in restricted
+    ]
     assert strip[0] == strip[1]
 
 
@@ -98,11 +110,12 @@ def test_member_count_and_exhaustion_policy_are_checked(tmp_path, lm, tok):
 def _bad_requests(vocab, ctx):
     """Requests that must be refused before any charge (one bad parameter each)."""
     ok = {"prompts": [[5, 6, 7]], "max_new_tokens": 3, "temperature": 1.0, "top_k": None}
-    bad = [
-        ("temperature", t) for t in (0.0, -1.0, math.nan, math.inf, 1e-310, 1e-3, 1e3, True, "1")
-    ] + [("top_k", k) for k in (0, -1, vocab + 1, 2.5, True)] + [
-        ("prompts", p) for p in ([[]], [[-1]], [[vocab]], [[5, 1.5]], [list(range(5, 5 + ctx))])
-    ] + [("max_new_tokens", n) for n in (-1, ctx + 1, 2.0, None)]  # fmt: skip
+    bad = (
+        [("temperature", t) for t in (0.0, -1.0, math.nan, math.inf, 1e-310, 1e-3, 1e3, True, "1")]
+        + [("top_k", k) for k in (0, -1, vocab + 1, 2.5, True)]
+        + [("prompts", p) for p in ([[]], [[-1]], [[vocab]], [[5, 1.5]], [list(range(5, 5 + ctx))])]
+        + [("max_new_tokens", n) for n in (-1, ctx + 1, 2.0, None)]
+    )
     return [{**ok, k: v} for k, v in bad]
 
 
@@ -149,8 +162,10 @@ def test_a_reopened_seeded_deployment_continues_and_never_replays(tmp_path, lm, 
         assert again.seeded and again.calibration.config == CFG
         second = PrivateGenerator(lm, again).generate([prompt], 6)[0].tokens
     assert first != second  # a fresh stream keyed by (seed, records so far)
-    restricted = [json.loads(x)["data"] for x in
-                  path.with_name("l.restricted.jsonl").read_text().splitlines()[1:]]  # fmt: skip
+    restricted = [
+        json.loads(x)["data"]
+        for x in path.with_name("l.restricted.jsonl").read_text().splitlines()[1:]
+    ]
     contents = read_ledger(path)  # T = 10 private tokens, then 2 public-model ones
     assert len(restricted) == T and (contents.n_queries, contents.n_public_steps) == (12, 2)
     with Deployment.open(path) as third:  # the stream is keyed by (seed, records so far)
@@ -221,9 +236,13 @@ def test_a_process_killed_between_charge_and_release_left_the_record(tmp_path, k
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     path = tmp_path / "ledger.jsonl"
-    out = subprocess.run([sys.executable, str(script), str(path), str(ROOT), str(kill_at)],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), str(ROOT), str(kill_at)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == -9, out.stderr
     released = int(out.stdout.split()[-1])
     assert verify(path, restricted=True).ok
@@ -234,8 +253,14 @@ def test_a_process_killed_between_charge_and_release_left_the_record(tmp_path, k
 
 def test_prompts_generated_together_get_the_tokens_they_get_alone(tmp_path, lm, tok):
     prompts = [tok(t)["input_ids"] for t in ("To be", "Friends, Romans", "Now is the winter")]
-    big = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=64,
-                       orders=tuple(range(2, 17)))  # fmt: skip
+    big = PMixEDConfig(
+        n_members=3,
+        sampling_rate=0.5,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=64,
+        orders=tuple(range(2, 17)),
+    )
     gen, ledger = _generator(tmp_path / "together.jsonl", lm, cfg=big, seed=4)
     together = gen.generate(prompts, 5)
     assert read_ledger(ledger.path).n_queries == 15
@@ -247,8 +272,14 @@ def test_prompts_generated_together_get_the_tokens_they_get_alone(tmp_path, lm, 
 
 @pytest.mark.parametrize("constant", [True, False])
 def test_constant_work_computes_the_same_rows_whatever_the_subset(tmp_path, lm, tok, constant):
-    big = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=64,
-                       orders=tuple(range(2, 17)))  # fmt: skip
+    big = PMixEDConfig(
+        n_members=3,
+        sampling_rate=0.5,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=64,
+        orders=tuple(range(2, 17)),
+    )
     deployment = Deployment.create(tmp_path / "l.jsonl", big.calibrate(), seed=2)
     gen = PrivateGenerator(lm, deployment, constant_work=constant)
     with computed_rows(lm) as seen:

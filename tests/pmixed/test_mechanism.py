@@ -24,9 +24,15 @@ def config(q=0.3, n=4, mode="certified", **kw):
     if mode == "capped":
         kw.setdefault("lambda_max", 0.3)
     return PMixEDConfig(
-        n_members=n, sampling_rate=q, epsilon=8.0, delta=1e-5, query_budget=16, mode=mode,
-        orders=kw.pop("orders", ORDERS), **kw,
-    )  # fmt: skip
+        n_members=n,
+        sampling_rate=q,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=16,
+        mode=mode,
+        orders=kw.pop("orders", ORDERS),
+        **kw,
+    )
 
 
 CALIBRATED = {
@@ -133,8 +139,9 @@ def brute_force_law(pm, p0, cal, q):
         if not s:
             law += prob * p0
             continue
-        lam = solve_lambdas(logs(pm[s]), np.broadcast_to(logs(p0), pm[s].shape),
-                            cal.constraints(len(s)))  # fmt: skip
+        lam = solve_lambdas(
+            logs(pm[s]), np.broadcast_to(logs(p0), pm[s].shape), cal.constraints(len(s))
+        )
         law += prob * (lam[:, None] * pm[s] + (1 - lam[:, None]) * p0).mean(axis=0)
     return law
 
@@ -147,8 +154,9 @@ def test_closed_form_law_equals_enumeration_over_all_subsets(mode, n):
     pm = rng.dirichlet(np.ones(5) * 0.3, size=n)
     q = 0.3
     cal = config(q, n=n, mode=mode).calibrate()
-    np.testing.assert_allclose(exact_released_law(pm, p0, cal), brute_force_law(pm, p0, cal, q),
-                               rtol=1e-12, atol=1e-15)  # fmt: skip
+    np.testing.assert_allclose(
+        exact_released_law(pm, p0, cal), brute_force_law(pm, p0, cal, q), rtol=1e-12, atol=1e-15
+    )
 
 
 def test_with_replacement_sampler_has_the_same_law():
@@ -163,8 +171,9 @@ def test_with_replacement_sampler_has_the_same_law():
     for m in range(1, n + 1):
         for draw in itertools.product(range(n), repeat=m):
             rows = pm[list(draw)]
-            lam = solve_lambdas(logs(rows), np.broadcast_to(logs(p0), rows.shape),
-                                cal.constraints(m))  # fmt: skip
+            lam = solve_lambdas(
+                logs(rows), np.broadcast_to(logs(p0), rows.shape), cal.constraints(m)
+            )
             mixed = (lam[:, None] * rows + (1 - lam[:, None]) * p0).mean(axis=0)
             law += binom.pmf(m, n, q) / n**m * mixed
     np.testing.assert_allclose(exact_released_law(pm, p0, cal), law, rtol=1e-12)
@@ -262,8 +271,9 @@ def test_replace_one_can_exceed_the_add_remove_curve_so_it_needs_its_own_bound()
     worst = 0.0
     for a in np.linspace(0.01, 0.99, 25):
         for b in np.linspace(0.01, 0.99, 25):
-            nd = neighbour_divergence([[a, 1 - a]], p0, cal, member=0, replacement=[b, 1 - b],
-                                      orders=[2])  # fmt: skip
+            nd = neighbour_divergence(
+                [[a, 1 - a]], p0, cal, member=0, replacement=[b, 1 - b], orders=[2]
+            )
             worst = max(worst, nd.worst[0] / cal.per_query_rdp_add_remove[0])
     assert worst > 1.5
 
@@ -274,9 +284,15 @@ def test_replace_one_can_exceed_the_add_remove_curve_so_it_needs_its_own_bound()
 def reference(n, alpha=6, q=0.1):
     """Per-query budget r_q = 0.05 at α = 6 (ε_RDP = ε − 1.762 at δ = 1e-5, T = 100)."""
     return PMixEDConfig(
-        n_members=n, sampling_rate=q, epsilon=6.7617, delta=1e-5, query_budget=100,
-        mode="reference", reference_alpha=alpha, orders=ORDERS,
-    ).calibrate()  # fmt: skip
+        n_members=n,
+        sampling_rate=q,
+        epsilon=6.7617,
+        delta=1e-5,
+        query_budget=100,
+        mode="reference",
+        reference_alpha=alpha,
+        orders=ORDERS,
+    ).calibrate()
 
 
 def test_reference_r1_single_order_check_misses_a_rare_token_blowup():
@@ -288,8 +304,9 @@ def test_reference_r1_single_order_check_misses_a_rare_token_blowup():
     e = big_k * r ** (1 - 2 * alpha)
     p0 = np.array([1 - e, e])
     p, p2 = np.array([1 - r * e, r * e]), np.array([1 - e / r, e / r])
-    cal = PMixEDConfig(n_members=2, sampling_rate=0.03, epsilon=8, delta=1e-5, query_budget=1024,
-                       mode="reference").calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=2, sampling_rate=0.03, epsilon=8, delta=1e-5, query_budget=1024, mode="reference"
+    ).calibrate()
     tau = cal.beta_for(2) * alpha
     lam = mollify(np.stack([p, p2]), p0, cal.constraints)
     assert (lam == 1.0).all()
@@ -359,9 +376,13 @@ def test_a_token_below_half_an_ulp_of_its_prefix_is_released_with_its_exact_prob
     s0, s1 = Fraction(1), 1 + Fraction(2 * tiny)
     total = s1 + 1
     inside = (s0 + s1) / 2 / total  # the middle of token 1's interval of X
-    for x, expected in [(inside, 1), (s0 / total - Fraction(1, 2**140), 0),
-                        (s1 / total + Fraction(1, 2**140), 2), (Fraction(1, 7), 0),
-                        (Fraction(6, 7), 2)]:  # fmt: skip
+    for x, expected in [
+        (inside, 1),
+        (s0 / total - Fraction(1, 2**140), 0),
+        (s1 / total + Fraction(1, 2**140), 2),
+        (Fraction(1, 7), 0),
+        (Fraction(6, 7), 2),
+    ]:
         words = iter(_words(x))
         assert draw_index(w, words.__next__) == expected
     assert (s1 - s0) / total == Fraction(2 * tiny) / total  # the released probability, exactly

@@ -30,8 +30,9 @@ def _lora_weights(model, name):
 
 def test_each_member_depends_on_its_own_partition_only(tok):
     a = ensemble(tok, PRIVATE)
-    b = ensemble(tok, [PRIVATE[0], ["Something else entirely, said by a new user. " * 6],
-                        PRIVATE[2]])  # fmt: skip
+    b = ensemble(
+        tok, [PRIVATE[0], ["Something else entirely, said by a new user. " * 6], PRIVATE[2]]
+    )
     for i, same in [(0, True), (1, False), (2, True)]:
         wa, wb = _lora_weights(a, f"member-{i:02d}"), _lora_weights(b, f"member-{i:02d}")
         assert wa.keys() == wb.keys() and wa
@@ -55,8 +56,9 @@ def test_retraining_a_member_on_its_partition_reproduces_it_and_canaries_change_
     again = {
         k.replace(".again.", ".member-01."): v for k, v in _lora_weights(model, "again").items()
     }
-    canary = {k.replace(".canary.", ".member-01."): v
-              for k, v in _lora_weights(model, "canary").items()}  # fmt: skip
+    canary = {
+        k.replace(".canary.", ".member-01."): v for k, v in _lora_weights(model, "canary").items()
+    }
     assert again.keys() == deployed.keys() and all(
         torch.equal(again[k], deployed[k]) for k in again
     )
@@ -101,8 +103,9 @@ def test_bad_requests_are_refused(lm):
         EnsembleLM(lm.model, ["member-09"], 0)
 
 
-@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook",
-                            "ignore::UserWarning")  # fmt: skip
+@pytest.mark.filterwarnings(
+    "ignore:Secure RNG turned off", "ignore:Full backward hook", "ignore::UserWarning"
+)
 def test_dpsgd_and_finetune_adapters_join_the_same_model(tok):
     from accounting import from_opacus
     from pmixed.train import TrainSpec, add_trained_adapter, blocks, train_dpsgd_adapter
@@ -110,8 +113,19 @@ def test_dpsgd_and_finetune_adapters_join_the_same_model(tok):
     model = ensemble(tok)
     data = blocks(PRIVATE[0] * 8, tok, 32)
     before = {k: v.clone() for k, v in model.state_dict().items() if "member-00" in k}
-    res = train_dpsgd_adapter(model, "dpsgd", data, LORA, epsilon=8.0, delta=1e-5,
-                              epochs=2, batch_size=2, lr=0.1, max_grad_norm=1.0, seed=0)  # fmt: skip
+    res = train_dpsgd_adapter(
+        model,
+        "dpsgd",
+        data,
+        LORA,
+        epsilon=8.0,
+        delta=1e-5,
+        epochs=2,
+        batch_size=2,
+        lr=0.1,
+        max_grad_norm=1.0,
+        seed=0,
+    )
     add_trained_adapter(model, "finetuned", data, LORA, TrainSpec(steps=3, batch_size=4), 1)
     assert {"dpsgd", "finetuned", "member-00"} <= set(model.peft_config)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

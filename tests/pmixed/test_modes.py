@@ -54,8 +54,15 @@ def toy_modes():
 
 
 def config(mode: str) -> PMixEDConfig:
-    return PMixEDConfig(n_members=4, sampling_rate=0.2, epsilon=4.0, delta=1e-5,
-                        query_budget=8, mode=mode, orders=ORDERS)  # fmt: skip
+    return PMixEDConfig(
+        n_members=4,
+        sampling_rate=0.2,
+        epsilon=4.0,
+        delta=1e-5,
+        query_budget=8,
+        mode=mode,
+        orders=ORDERS,
+    )
 
 
 def far_ensemble(seed: int = 0, t: int = 3, n: int = 4, v: int = 6):
@@ -105,5 +112,4 @@ def test_a_mode_rule_is_the_modes_own(toy_modes):
     with pytest.raises(ValueError, match="lambda_max applies to mode 'capped' only"):
         PMixEDConfig(**{**config("half_radius").__dict__, "lambda_max": 0.3})
     with pytest.raises(ValueError, match="reference_alpha must be one of the orders"):
-        PMixEDConfig(**{**config("certified").__dict__, "mode": "reference",
-                        "reference_alpha": 99})  # fmt: skip
+        PMixEDConfig(**{**config("certified").__dict__, "mode": "reference", "reference_alpha": 99})

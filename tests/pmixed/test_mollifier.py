@@ -143,8 +143,9 @@ def test_the_guess_names_the_binding_constraint_so_newton_needs_at_most_four_eva
 
         monkeypatch.setattr(moll._Search, name, counted)
     rng = np.random.default_rng(v + 1)
-    cal = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5,
-                       query_budget=256).calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5, query_budget=256
+    ).calibrate()
     for scale in (0.7, 1.0, 1.5):  # at 2.5 (λ ≈ 1e-3) the guess can name a neighbouring order
         pm, p0 = lm_rows(rng, v, scale, m=3)
         calls.update(log_gap=0, certify=0)
@@ -156,8 +157,9 @@ def test_the_guess_names_the_binding_constraint_so_newton_needs_at_most_four_eva
 
 def test_a_members_lambda_does_not_depend_on_the_other_rows_solved_with_it():
     rng = np.random.default_rng(11)
-    cal = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5,
-                       query_budget=256).calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5, query_budget=256
+    ).calibrate()
     for v in (12, 4096):
         pm, p0 = lm_rows(rng, v, 1.0, m=6)
         together = mollify(pm, p0, cal.constraints)
@@ -298,8 +300,10 @@ def test_reference_lambda_is_the_lower_end_after_20_halvings():
 
     def excess(p, x):
         pbar = x * p + (1 - x) * p0
-        d = max(renyi_divergence_log(logs(pbar), logs(p0), 3)[0],
-                renyi_divergence_log(logs(p0), logs(pbar), 3)[0])  # fmt: skip
+        d = max(
+            renyi_divergence_log(logs(pbar), logs(p0), 3)[0],
+            renyi_divergence_log(logs(p0), logs(pbar), 3)[0],
+        )
         return d - tau
 
     for p, got in zip(pm, lam):
@@ -314,8 +318,10 @@ def test_reference_lambda_is_the_lower_end_after_20_halvings():
 
 
 @settings(max_examples=150, deadline=None)
-@given(ens=ensemble(max_n=4, max_v=40), scales=st.lists(log_uniform(1e-4, 10.0), min_size=1,
-                                                          max_size=4))  # fmt: skip
+@given(
+    ens=ensemble(max_n=4, max_v=40),
+    scales=st.lists(log_uniform(1e-4, 10.0), min_size=1, max_size=4),
+)
 def test_reference_newton_reproduces_the_halvings_for_every_radius(ens, scales):
     pm, p0 = ens
     lp, lp0 = logs(pm), np.broadcast_to(logs(p0), pm.shape)
@@ -323,8 +329,9 @@ def test_reference_newton_reproduces_the_halvings_for_every_radius(ens, scales):
     args = (np.array([3.0, 3.0]), radii, np.array([True, False]))
     fast = reference_lambdas(lp, lp0, *args, 20, 1.0)
     for s in range(len(scales)):
-        literal = halvings(lp, lp0, args[0], np.repeat(radii[s : s + 1], len(pm), 0), args[2], 20,
-                           1.0)  # fmt: skip
+        literal = halvings(
+            lp, lp0, args[0], np.repeat(radii[s : s + 1], len(pm), 0), args[2], 20, 1.0
+        )
         np.testing.assert_array_equal(fast[s], literal)
 
 
@@ -340,8 +347,14 @@ def test_reference_lambdas_by_size_at_lm_scale_equal_the_halvings_in_a_few_evalu
     lp0 -= np.logaddexp.reduce(lp0)
     lp = lp0 + rng.normal(size=(n, v)) * rng.uniform(0.2, 3.0, size=(n, 1))
     lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
-    cfg = PMixEDConfig(n_members=n, sampling_rate=0.05, epsilon=8.0, delta=1e-5, query_budget=1024,
-                       mode="reference")  # fmt: skip
+    cfg = PMixEDConfig(
+        n_members=n,
+        sampling_rate=0.05,
+        epsilon=8.0,
+        delta=1e-5,
+        query_budget=1024,
+        mode="reference",
+    )
     cal = cfg.calibrate()
     rows = {"n": 0}
     real = ref._divergences
@@ -375,8 +388,9 @@ def test_bad_member_distribution_raises_naming_the_parameter():
 def test_a_member_with_exact_zeros_where_the_public_model_has_mass_is_solved_like_the_oracle():
     """t = log(p/p0) = −inf there: the guess's summary must pool it, not turn it into NaN."""
     rng = np.random.default_rng(3)
-    cal = PMixEDConfig(n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5,
-                       query_budget=256).calibrate()  # fmt: skip
+    cal = PMixEDConfig(
+        n_members=16, sampling_rate=0.15, epsilon=8.0, delta=1e-5, query_budget=256
+    ).calibrate()
     pm, p0 = lm_rows(rng, 4096, 1.0, m=3)
     pm[:, rng.choice(4096, 500, replace=False)] = 0.0
     pm /= pm.sum(axis=1, keepdims=True)

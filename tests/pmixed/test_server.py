@@ -18,8 +18,14 @@ from pmixed.server import create_app, serve_in_thread
 from tests.pmixed.tiny import tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
-CFG = PMixEDConfig(n_members=3, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=40,
-                   orders=tuple(range(2, 17)))  # fmt: skip
+CFG = PMixEDConfig(
+    n_members=3,
+    sampling_rate=0.5,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=40,
+    orders=tuple(range(2, 17)),
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +45,13 @@ def test_concurrent_clients_are_batched_charged_first_and_accounted(tmp_path, to
     app = create_app(gen, tok, max_batch=16)
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=300) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
-        for bad, field in [({"temperature": 0}, "temperature"), ({"top_k": 0}, "top_k"),
-                           ({"max_tokens": -1}, "max_tokens"), ({"prompt": ""}, "prompt"),
-                           ({"stream": True}, "stream")]:  # fmt: skip
+        for bad, field in [
+            ({"temperature": 0}, "temperature"),
+            ({"top_k": 0}, "top_k"),
+            ({"max_tokens": -1}, "max_tokens"),
+            ({"prompt": ""}, "prompt"),
+            ({"stream": True}, "stream"),
+        ]:
             r = client.post("/v1/completions", json={"prompt": "To be", **bad})
             message = r.json()["error"]["message"]
             assert r.status_code == 400 and message.startswith(field) and "\n" not in message
@@ -59,8 +69,9 @@ def test_concurrent_clients_are_batched_charged_first_and_accounted(tmp_path, to
         codes = [r.status_code for r in second]
         assert 429 in codes and set(codes) <= {200, 429}
         budget = client.get("/v1/budget").json()
-    released = sum(r.json()["pmixed"]["private_tokens"] for r in first + second
-                   if r.status_code == 200)  # fmt: skip
+    released = sum(
+        r.json()["pmixed"]["private_tokens"] for r in first + second if r.status_code == 200
+    )
     assert released == read_ledger(deployment.ledger.path).n_queries == budget["queries"] == 40
     assert budget["epsilon_remaining"] >= 0 and not budget["overrun"]
     assert main(["verify-ledger", str(deployment.ledger.path), "--restricted"]) == 0

@@ -40,8 +40,12 @@ def tokenizer():
 
 def ensemble(tok, private=PRIVATE, seed=0):
     pub = build_public_model(SPEC, tok, seed)
-    train_lm(pub, blocks(PUBLIC, tok, 32), TrainSpec(steps=5, batch_size=4),
-             torch.Generator().manual_seed(seed))  # fmt: skip
+    train_lm(
+        pub,
+        blocks(PUBLIC, tok, 32),
+        TrainSpec(steps=5, batch_size=4),
+        torch.Generator().manual_seed(seed),
+    )
     parts = [blocks(texts, tok, 32) for texts in private]
     return add_lora_members(pub, parts, LORA, TrainSpec(steps=4, batch_size=4, lr=0.05), 7)
 
@@ -99,11 +103,21 @@ def computed_rows(lm: EnsembleLM):
 #: Tiny random architectures other than the demo's GPT-2 (any causal LM is a base).
 ARCHS = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=False),
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-}  # fmt: skip
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}
 
 
 def save_base(kind: str, folder, tok, context: int = 48) -> None:
