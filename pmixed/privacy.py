@@ -337,26 +337,27 @@ def _validate(c: PMixEDConfig) -> list[str]:
         p.append(f"query_budget must be an integer >= 1. Found {c.query_budget!r}.")
     if c.relation not in RELATIONS:
         p.append(f"relation must be one of {RELATIONS}. Found {c.relation!r}.")
+    shaky = False  # the mode's rules read these fields: they run once these are well-formed
     try:
         check_integer_orders(c.orders)
     except ValueError as err:
+        shaky = True
         p.append(str(err))
     choices = (
         ("amplification", ("general", "tight")),
         ("constraint_grid", ("all", "coarse")),
         ("reference_sampler", ("poisson", "with_replacement")),
     )
-    bad_choice = False
     for name, allowed in choices:
         value = getattr(c, name)
-        if value not in allowed:
-            bad_choice = True
+        if not isinstance(value, str) or value not in allowed:
+            shaky = True
             p.append(f"{name} must be one of {allowed}. Found {value!r}.")
     try:
         mode = get_mode(c.mode)
     except ValueError as err:
         return [*p, str(err)]
-    return p if bad_choice else [*p, *mode.validate(c)]
+    return p if shaky else [*p, *mode.validate(c)]
 
 
 def _curve_add_remove(cfg: PMixEDConfig, mode: FixedBetaMode, beta: float) -> np.ndarray:

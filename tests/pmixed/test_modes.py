@@ -113,3 +113,9 @@ def test_a_mode_rule_is_the_modes_own(toy_modes):
         PMixEDConfig(**{**config("half_radius").__dict__, "lambda_max": 0.3})
     with pytest.raises(ValueError, match="reference_alpha must be one of the orders"):
         PMixEDConfig(**{**config("certified").__dict__, "mode": "reference", "reference_alpha": 99})
+
+
+@pytest.mark.parametrize("orders", [5, (1, 2), "2..8"])
+def test_malformed_shared_fields_are_reported_before_a_mode_reads_them(orders):
+    with pytest.raises(ValueError, match="orders must be"):  # a ValueError, never a TypeError
+        PMixEDConfig(**{**config("certified").__dict__, "mode": "reference", "orders": orders})
