@@ -152,48 +152,26 @@ def test_train_flags_for_a_base_are_checked(byo, tmp_path, capsys):
     assert "--base needs --private-jsonl" in capsys.readouterr().err
     assert main(["train", "--lora-targets", "q_proj", "--out", str(out)]) == 2
     assert "--lora-targets needs --base" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "train",
-                "--base",
-                str(base),
-                "--private-jsonl",
-                str(private),
-                "--lora-targets",
-                "nope",
-                "--members",
-                "2",
-                "--quick",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    bad_targets = [
+        "train",
+        "--base",
+        str(base),
+        "--private-jsonl",
+        str(private),
+        "--lora-targets",
+        "nope",
+        "--members",
+        "2",
+        "--quick",
+        "--out",
+        str(out),
+    ]
+    assert main(bad_targets) == 2
     assert "--lora-targets nope match no module" in capsys.readouterr().err
     assert not out.exists()  # nothing half-made
     out.mkdir()  # an existing run folder: the failed stage leaves no temporary folder in it
     (out / "notes.txt").write_text("mine")
-    assert (
-        main(
-            [
-                "train",
-                "--base",
-                str(base),
-                "--private-jsonl",
-                str(private),
-                "--lora-targets",
-                "nope",
-                "--members",
-                "2",
-                "--quick",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(bad_targets) == 2
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

@@ -15,6 +15,16 @@ from campaign.run import run_demo
 from tests.tiny_demo import TINY
 from tests.tiny_demo import quiet as _quiet
 
+#: The demo's six mechanisms: three baselines and three PMixED deployments.
+MECHANISMS = {
+    "public",
+    "finetuned",
+    "dpsgd",
+    "pmixed_certified_add_remove",
+    "pmixed_certified_replace_one",
+    "pmixed_reference",
+}
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
@@ -37,14 +47,7 @@ def test_run_directory_holds_the_promised_files(run):
     for name in files:
         assert (out / name).exists(), name
     assert stat.S_IMODE((out / "ledger.restricted.jsonl").stat().st_mode) == 0o600
-    assert set(metrics["perplexity"]) == {
-        "public",
-        "finetuned",
-        "dpsgd",
-        "pmixed_certified_add_remove",
-        "pmixed_certified_replace_one",
-        "pmixed_reference",
-    }
+    assert set(metrics["perplexity"]) == MECHANISMS
     priv = metrics["privacy"]
     for name in ("dpsgd", "pmixed_certified_add_remove", "pmixed_certified_replace_one"):
         assert priv[name]["epsilon"] <= 8.0 and priv[name]["certified"] is True
@@ -281,14 +284,7 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
     result = json.loads(public_text)
     restricted = json.loads((out / "audit.restricted.json").read_text())
     assert stat.S_IMODE((out / "audit.restricted.json").stat().st_mode) == 0o600
-    assert set(result["mechanisms"]) == {
-        "public",
-        "finetuned",
-        "dpsgd",
-        "pmixed_certified_add_remove",
-        "pmixed_certified_replace_one",
-        "pmixed_reference",
-    }
+    assert set(result["mechanisms"]) == MECHANISMS
     for name in ("pmixed_certified_add_remove", "pmixed_certified_replace_one"):
         m = result["mechanisms"][name]
         pair = m["exact_pair"]

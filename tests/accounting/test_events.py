@@ -20,15 +20,8 @@ from accounting import (
 )
 from pmixed import PMixEDConfig
 from pmixed.ledgering import query_event
+from tests.small import SMALL
 
-SMALL = dict(
-    n_members=4,
-    sampling_rate=0.1,
-    epsilon=8.0,
-    delta=1e-5,
-    query_budget=64,
-    orders=tuple(range(2, 13)),
-)
 CONFIGS = {
     "certified": PMixEDConfig(**SMALL),
     "capped": PMixEDConfig(**SMALL, mode="capped", lambda_max=0.3),

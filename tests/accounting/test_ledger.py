@@ -20,6 +20,7 @@ from accounting._records import seal
 from pmixed import PMixEDConfig
 from pmixed.ledgering import create_ledger, query_event
 from tests.accounting.conftest import curve, new_ledger
+from tests.small import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,16 +102,6 @@ def _keys(obj, out):
         for v in obj:
             _keys(v, out)
     return out
-
-
-SMALL = dict(
-    n_members=4,
-    sampling_rate=0.1,
-    epsilon=8.0,
-    delta=1e-5,
-    query_budget=64,
-    orders=tuple(range(2, 13)),
-)
 
 
 @pytest.mark.parametrize(

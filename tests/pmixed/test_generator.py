@@ -251,20 +251,23 @@ def test_a_process_killed_between_charge_and_release_left_the_record(tmp_path, k
     assert len(path.with_name("ledger.restricted.jsonl").read_text().splitlines()) == kill_at + 1
 
 
+#: Three members at q = 0.5: a subset is rarely empty, so most tokens are private.
+BIG = PMixEDConfig(
+    n_members=3,
+    sampling_rate=0.5,
+    epsilon=8.0,
+    delta=1e-5,
+    query_budget=64,
+    orders=tuple(range(2, 17)),
+)
+
+
 def test_prompts_generated_together_get_the_tokens_they_get_alone(tmp_path, lm, tok):
     prompts = [tok(t)["input_ids"] for t in ("To be", "Friends, Romans", "Now is the winter")]
-    big = PMixEDConfig(
-        n_members=3,
-        sampling_rate=0.5,
-        epsilon=8.0,
-        delta=1e-5,
-        query_budget=64,
-        orders=tuple(range(2, 17)),
-    )
-    gen, ledger = _generator(tmp_path / "together.jsonl", lm, cfg=big, seed=4)
+    gen, ledger = _generator(tmp_path / "together.jsonl", lm, cfg=BIG, seed=4)
     together = gen.generate(prompts, 5)
     assert read_ledger(ledger.path).n_queries == 15
-    gen1, _ = _generator(tmp_path / "alone.jsonl", lm, cfg=big, seed=4)
+    gen1, _ = _generator(tmp_path / "alone.jsonl", lm, cfg=BIG, seed=4)
     alone = [gen1.generate([p], 5)[0] for p in prompts]
     assert [g.tokens for g in together] == [g.tokens for g in alone]
     assert len({g.tokens for g in together}) == 3
@@ -272,15 +275,7 @@ def test_prompts_generated_together_get_the_tokens_they_get_alone(tmp_path, lm, 
 
 @pytest.mark.parametrize("constant", [True, False])
 def test_constant_work_computes_the_same_rows_whatever_the_subset(tmp_path, lm, tok, constant):
-    big = PMixEDConfig(
-        n_members=3,
-        sampling_rate=0.5,
-        epsilon=8.0,
-        delta=1e-5,
-        query_budget=64,
-        orders=tuple(range(2, 17)),
-    )
-    deployment = Deployment.create(tmp_path / "l.jsonl", big.calibrate(), seed=2)
+    deployment = Deployment.create(tmp_path / "l.jsonl", BIG.calibrate(), seed=2)
     gen = PrivateGenerator(lm, deployment, constant_work=constant)
     with computed_rows(lm) as seen:
         gen.generate([tok("To be")["input_ids"], tok("Friends")["input_ids"]], 8)

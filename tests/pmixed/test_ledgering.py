@@ -9,15 +9,8 @@ import pytest
 from accounting import read_ledger
 from pmixed import PMixEDConfig
 from pmixed.ledgering import CALIBRATION_KEYS, create_ledger, public_calibration, query_event
+from tests.small import SMALL
 
-SMALL = dict(
-    n_members=4,
-    sampling_rate=0.1,
-    epsilon=8.0,
-    delta=1e-5,
-    query_budget=64,
-    orders=tuple(range(2, 13)),
-)
 CONFIGS = [
     PMixEDConfig(**SMALL),
     PMixEDConfig(**SMALL, mode="capped", lambda_max=0.3),
