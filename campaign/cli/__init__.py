@@ -1,14 +1,15 @@
 """The ``pmixed`` command line.
 
-The parser and the entry point; the commands live beside this module.
+The parser and the entry point (``python -m campaign.cli`` runs it too); the commands live in the
+modules of this package.
 
 ``calibrate`` (β and the per-query RDP curve for a deployment), ``verify-ledger`` and ``account``
 (check a ledger's hash chain; recompute the privacy it spent with dp-accounting), ``ledger export``,
 ``keygen``, ``exact-audit`` (the exact neighbour audit on a public toy instance):
-:mod:`campaign.ledger_commands`. ``train`` / ``evaluate`` / ``demo`` (the campaign: models,
+:mod:`campaign.cli.ledger_commands`. ``train`` / ``evaluate`` / ``demo`` (the campaign: models,
 perplexities through real ledgers, and, for ``demo``, the audit and the report), ``audit`` and
-``report``: :mod:`campaign.run_commands`. ``generate`` and ``serve`` (private text from a trained
-run or a base with adapters): :mod:`campaign.deploy_commands`."""
+``report``: :mod:`campaign.cli.run_commands`. ``generate`` and ``serve`` (private text from a trained
+run or a base with adapters): :mod:`campaign.cli.deploy_commands`."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import sys
 from pathlib import Path
 
 import accounting
-from campaign.deploy_commands import cmd_generate, cmd_serve
-from campaign.ledger_commands import (
+from campaign.cli.deploy_commands import cmd_generate, cmd_serve
+from campaign.cli.ledger_commands import (
     PAPER,
     cmd_account,
     cmd_calibrate,
@@ -28,7 +29,7 @@ from campaign.ledger_commands import (
     cmd_ledger_export,
     cmd_verify_ledger,
 )
-from campaign.run_commands import (
+from campaign.cli.run_commands import (
     TESTBED_RUNS,
     cmd_audit,
     cmd_demo,
@@ -307,7 +308,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, InfeasibleBudget, OSError, accounting.LedgerCorrupt) as err:
         print(f"pmixed {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

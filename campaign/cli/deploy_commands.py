@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from campaign.run_commands import by_path
+from campaign.cli.run_commands import by_path
 from pmixed import PMixEDConfig
 from pmixed.deployment import InvalidRequest
 from reports.rundir import GENERATE_LEDGER, SERVE_LEDGER

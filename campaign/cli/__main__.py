@@ -1,0 +1,7 @@
+"""``python -m campaign.cli``: the ``pmixed`` command."""
+
+import sys
+
+from campaign.cli import main
+
+sys.exit(main())
