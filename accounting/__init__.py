@@ -23,11 +23,10 @@ from accounting.events import (
     event_from_json,
     event_to_json,
 )
-from accounting.ledger import (
-    Ledger,
+from accounting.ledger import Ledger, Receipt
+from accounting.reading import (
     LedgerContents,
     LedgerCorrupt,
-    Receipt,
     Verification,
     read_ledger,
     restricted_path,

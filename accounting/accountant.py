@@ -24,7 +24,8 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from accounting.events import PMixEDQueryEvent, RdpCurveEvent, curve_at
 from accounting.invariants import overruns, rdp_limits, sum_curves
-from accounting.ledger import Ledger, LedgerContents, read_ledger
+from accounting.ledger import Ledger
+from accounting.reading import LedgerContents, read_ledger
 
 __all__ = ["PMixEDAccountant", "Spent", "compose", "overruns", "rdp_limits", "sum_curves"]
 

@@ -25,7 +25,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from accounting._records import Fault
 from accounting.accountant import compose
 from accounting.events import curve_at
-from accounting.ledger import LedgerContents, LedgerCorrupt, read_ledger
+from accounting.reading import LedgerContents, LedgerCorrupt, read_ledger
 
 __all__ = ["burn_down", "cost_trace", "epsilon_by_order", "privacy_profile"]
 

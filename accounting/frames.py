@@ -35,12 +35,12 @@ from dp_accounting import dp_event
 from accounting._records import Fault
 from accounting.events import curve_at
 from accounting.files import write_bytes
-from accounting.ledger import (
+from accounting.reading import (
     LedgerContents,
     LedgerCorrupt,
-    _split,
-    _verify_restricted,
     restricted_path,
+    split_lines,
+    verify_restricted,
 )
 
 __all__ = ["PUBLIC_COLUMNS", "export_csv", "ledger_frame"]
@@ -69,7 +69,7 @@ def ledger_frame(path: str | os.PathLike, *, restricted: bool = False):
     import pandas as pd
 
     path = Path(path)
-    lines, rest = _split(path.read_bytes())
+    lines, rest = split_lines(path.read_bytes())
     if not lines or rest:
         raise LedgerCorrupt(len(lines) + 1, "truncated last line (no newline at the end)", path)
     contents, rows, digests, spent = LedgerContents(), [], [], None
@@ -125,12 +125,12 @@ def _restricted_columns(path: Path, digests: list[str]):
     import pandas as pd
 
     rpath = restricted_path(path)
-    fault = _verify_restricted(rpath, digests)
+    fault = verify_restricted(rpath, digests)
     if fault is not None:
         raise LedgerCorrupt(fault[0], fault[1], rpath)
     rows = []
-    for line in _split(rpath.read_bytes())[0]:
-        rec = json.loads(line)  # _verify_restricted unsealed and linked every line
+    for line in split_lines(rpath.read_bytes())[0]:
+        rec = json.loads(line)  # verify_restricted unsealed and linked every line
         data = {"seed": rec.get("seed")} if rec["kind"] == "header" else rec.get("data") or {}
         rows.append({"seq": rec["seq"], **{RESTRICTED_PREFIX + k: v for k, v in data.items()}})
     frame = pd.DataFrame(rows)

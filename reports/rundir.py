@@ -34,7 +34,7 @@ from pathlib import Path
 from accounting import restricted_path
 from accounting.files import write_json
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "file_sha256"]
 
 CONFIG, METRICS, DPSGD = "config.json", "metrics.json", "dpsgd.json"
 AUDIT, AUDIT_RESTRICTED, POWER = "audit.json", "audit.restricted.json", "power.json"
@@ -125,6 +125,11 @@ class RunDir:
         if (self.root / name).exists():
             shutil.rmtree(self.root / name)
         tmp.rename(self.root / name)
+
+
+def file_sha256(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes (how the report names its inputs)."""
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _digests(folder: Path) -> dict[str, str]:
