@@ -40,6 +40,7 @@ from pmixed import PMixEDConfig
 from pmixed.deployment import Answer, Deployment
 from pmixed.mechanism import step
 from pmixed.privacy import Calibration
+from pmixed.standard_modes import R2_ALPHA, R2_MEMBER, R2_PUBLIC, R2_SETTINGS
 
 __all__ = ["MUTANTS", "Mutant", "register", "run_mutants"]
 
@@ -194,27 +195,16 @@ def _unmollified(defective: bool, seed: int, scale: str) -> dict:
     return _pmixed_search(cal, cal, seed, scale, _TOY["n_members"], unmollified=defective)
 
 
-#: PMIXED_MATH.md R2: one member, three tokens, order 6, q = 0.1 (the paper code's claim 0.05).
-_R2 = dict(
-    n_members=1,
-    sampling_rate=0.1,
-    epsilon=6.7617,
-    delta=1e-5,
-    query_budget=100,
-    orders=tuple(range(2, 9)),
-)
-
-
 @register(
     "pmixed_reference",
     "the paper code's reference accounting (beta from the realised subset size, one order)",
     "exact audit of the R2 pair and an optimised member",
 )
 def _reference(defective: bool, seed: int, scale: str) -> dict:
-    kw = {"mode": "reference", "reference_alpha": 6} if defective else {}
-    cal = _calibrated(**_R2, **kw)
-    lp0 = np.log(np.array([0.1213, 0.8682, 0.0105]) / 1.0)
-    member = np.log(np.array([0.9005, 0.0979, 0.0016]) / 1.0)
+    kw = {"mode": "reference", "reference_alpha": R2_ALPHA} if defective else {}
+    cal = _calibrated(**R2_SETTINGS, **kw)
+    lp0 = np.log(np.array(R2_PUBLIC))
+    member = np.log(np.array(R2_MEMBER))
     charged = np.asarray(cal.per_query_rdp_add_remove)
     fixed, k = ar_ratio(np.zeros((0, 3)), member, lp0, cal, charged)
     rng = child_rng(seed, "mutants/reference")

@@ -38,7 +38,30 @@ from pmixed.privacy import (
     rule_tight_needs_acceptance,
 )
 
-__all__ = ["CappedMode", "CertifiedMode", "ReferenceMode"]
+__all__ = [
+    "R2_ALPHA",
+    "R2_MEMBER",
+    "R2_PUBLIC",
+    "R2_SETTINGS",
+    "CappedMode",
+    "CertifiedMode",
+    "ReferenceMode",
+]
+
+#: PMIXED_MATH.md R2, the reference mode's public counterexample: one member, three tokens, order
+#: 6, q = 0.1; the exact D_6 is about 3.9x the paper code's per-query claim (0.05). The member's
+#: and the public model's probabilities (as printed: each sums to 1 to 4 digits), and the settings.
+R2_MEMBER = (0.9005, 0.0979, 0.0016)
+R2_PUBLIC = (0.1213, 0.8682, 0.0105)
+R2_ALPHA = 6
+R2_SETTINGS = dict(
+    n_members=1,
+    sampling_rate=0.1,
+    epsilon=6.7617,
+    delta=1e-5,
+    query_budget=100,
+    orders=tuple(range(2, 9)),
+)
 
 
 class CertifiedMode(FixedBetaMode):

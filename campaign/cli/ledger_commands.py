@@ -13,6 +13,7 @@ import numpy as np
 import accounting
 from accounting.files import write_json
 from pmixed import PMixEDConfig, neighbour_divergence
+from pmixed.standard_modes import R2_MEMBER, R2_PUBLIC, R2_SETTINGS
 
 PAPER = dict(n_members=80, sampling_rate=0.03, epsilon=8.0, delta=1e-5, query_budget=1024)
 
@@ -88,21 +89,12 @@ def cmd_exact_audit(args: argparse.Namespace) -> int:
         print(f"[{name}]")
         _print_summary(s)
     # PMIXED_MATH.md R2: one member, three tokens, alpha = 6, q = 0.1, per-query claim 0.05.
-    pm = np.array([[0.9005, 0.0979, 0.0016]])
-    p0 = np.array([0.1213, 0.8682, 0.0105])
+    pm, p0 = np.array([R2_MEMBER]), np.array(R2_PUBLIC)
     pm, p0 = pm / pm.sum(), p0 / p0.sum()
-    common = dict(
-        n_members=1,
-        sampling_rate=0.1,
-        epsilon=6.7617,
-        delta=1e-5,
-        query_budget=100,
-        orders=tuple(range(2, 9)),
-    )
     print("\nexact per-query audit (public toy instance: N=1, |V|=3, order 6, q=0.1)")
     for mode in ("certified", "reference"):
         cal = PMixEDConfig(
-            **common, mode=mode, **({"reference_alpha": 6} if mode == "reference" else {})
+            **R2_SETTINGS, mode=mode, **({"reference_alpha": 6} if mode == "reference" else {})
         ).calibrate()
         nd = neighbour_divergence(pm, p0, cal, member=0, orders=[6])
         claim = float(cal.per_query_rdp[cal.orders.index(6)])

@@ -13,6 +13,7 @@ from scipy import optimize
 from audit.exact import _chi2, conformance, exact_pair_audit, pair_epsilon
 from pmixed import PMixEDConfig
 from pmixed.amplification import rdp_to_epsilon
+from pmixed.standard_modes import R2_ALPHA, R2_MEMBER, R2_PUBLIC, R2_SETTINGS
 from tests.pmixed.strategies import ensemble
 
 ORDERS = tuple(range(2, 9))
@@ -134,19 +135,9 @@ def test_shared_lambdas_give_the_same_laws_as_computing_each_world_alone(mode, n
 
 def test_reference_mode_counterexample_raises_the_alarm():
     """PMIXED_MATH.md R2 (N = 1, |V| = 3, α = 6, q = 0.1): the exact D_6 is about 3.9x the claim."""
-    pm = np.array([[0.9005, 0.0979, 0.0016]])
-    p0 = np.array([0.1213, 0.8682, 0.0105])
+    pm, p0 = np.array([R2_MEMBER]), np.array(R2_PUBLIC)
     pm, p0 = pm / pm.sum(), p0 / p0.sum()
-    c = PMixEDConfig(
-        n_members=1,
-        sampling_rate=0.1,
-        epsilon=6.7617,
-        delta=1e-5,
-        query_budget=100,
-        mode="reference",
-        reference_alpha=6,
-        orders=ORDERS,
-    ).calibrate()
+    c = PMixEDConfig(**R2_SETTINGS, mode="reference", reference_alpha=R2_ALPHA).calibrate()
     pair = exact_pair_audit(np.log(pm)[None], np.log(p0)[None], c, member=0)
     assert pair.alarm and pair.worst_ratio > 2.0 and pair.status == "UNCERTIFIED"
     assert pair.to_json()["alarm"] is True

@@ -14,6 +14,7 @@ from scipy.stats import binomtest, chisquare
 from pmixed import PMixEDConfig, exact_released_law, mollify, neighbour_divergence, step
 from pmixed.mechanism import release_log, release_log_many, sample_subset, sample_token
 from pmixed.mollifier import solve_lambdas
+from pmixed.standard_modes import R2_MEMBER, R2_PUBLIC
 from tests.pmixed.strategies import ensemble, log_uniform
 
 ORDERS = tuple(range(2, 9))
@@ -324,8 +325,7 @@ def test_reference_r1_single_order_check_misses_a_rare_token_blowup():
 
 def test_reference_r2_exact_divergence_exceeds_its_own_claim():
     """R2: β from the realised size. N = 1, |V| = 3, α = 6, q = 0.1; ratio ≈ 3.9 > 2."""
-    pm = np.array([[0.9005, 0.0979, 0.0016]])
-    p0 = np.array([0.1213, 0.8682, 0.0105])
+    pm, p0 = np.array([R2_MEMBER]), np.array(R2_PUBLIC)
     pm, p0 = pm / pm.sum(), p0 / p0.sum()
     cal = reference(1)
     nd = neighbour_divergence(pm, p0, cal, member=0, orders=[6])
