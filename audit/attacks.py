@@ -3,7 +3,9 @@
 Every attack takes per-token log-probabilities ``[..., T]`` of the audited items under the target
 (and, where it needs one, a reference) with an optional boolean ``mask [..., T]`` of the positions
 that count (the secret's tokens, say), and returns one float64 score per item ``[...]``. Attacks are
-registered by name (:data:`ATTACKS`) so an audit's pre-registration block can name them.
+registered by name with the inputs they need besides the target's log-probabilities
+(:data:`ATTACKS`, :class:`Attack`), so an audit plan names them and the runner resolves them: a new
+attack is one ``@register`` here and its name in ``AuditPlan.attacks``.
 
 PMixED's black-box game has its own scores on sampled tokens: :func:`pmixed_count` and the
 Neyman–Pearson optimal :func:`pmixed_llr` under the exact released laws of the two worlds.
@@ -12,13 +14,16 @@ Neyman–Pearson optimal :func:`pmixed_llr` under the exact released laws of the
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
 __all__ = [
     "ATTACKS",
+    "INPUTS",
+    "Attack",
     "exposure_rank",
     "lira_offline",
     "loss",
@@ -30,16 +35,44 @@ __all__ = [
     "zlib_ratio",
 ]
 
-ATTACKS: dict[str, Callable[..., np.ndarray]] = {}
+#: The inputs an attack may need besides the target's log-probabilities ``[..., T]``: the same
+#: positions under a reference model, or each item's text.
+INPUTS = ("reference", "texts")
 
 
-def register(name: str):
-    """Adds an attack to :data:`ATTACKS` under ``name`` (unique)."""
+@dataclass(frozen=True)
+class Attack:
+    """A registered attack: ``fn(target, *needs, mask=...)`` with ``needs`` drawn from :data:`INPUTS`."""
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    needs: tuple[str, ...] = ()
+
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        return self.fn(*args, **kwargs)
+
+    def score(self, target: object, inputs: Mapping[str, object], *, mask=None) -> np.ndarray:
+        """The scores of ``target`` with the needed inputs taken from ``inputs`` by name."""
+        missing = [n for n in self.needs if n not in inputs]
+        if missing:
+            raise ValueError(f"attack {self.name!r} needs {', '.join(missing)}.")
+        return self.fn(target, *(inputs[n] for n in self.needs), mask=mask)
+
+
+ATTACKS: dict[str, Attack] = {}
+
+
+def register(name: str, *, needs: tuple[str, ...] = ()):
+    """Adds an attack to :data:`ATTACKS` under ``name`` (unique); ``needs`` are its positional
+    inputs after the target's log-probabilities, in order, each one of :data:`INPUTS`."""
+    unknown = [n for n in needs if n not in INPUTS]
+    if unknown:
+        raise ValueError(f"needs must be drawn from {INPUTS}. Found {unknown}.")
 
     def deco(fn):
         if name in ATTACKS:
             raise ValueError(f"attack {name!r} is already registered.")
-        ATTACKS[name] = fn
+        ATTACKS[name] = Attack(name, fn, tuple(needs))
         return fn
 
     return deco
@@ -73,7 +106,7 @@ def loss(target: object, *, mask: object | None = None) -> np.ndarray:
     return _mean(lp, m)
 
 
-@register("reference")
+@register("reference", needs=("reference",))
 def reference_calibrated(
     target: object, reference: object, *, mask: object | None = None
 ) -> np.ndarray:
@@ -97,7 +130,7 @@ def min_k(target: object, *, mask: object | None = None, k: float = 0.2) -> np.n
     return out.reshape(lp.shape[:-1])
 
 
-@register("zlib")
+@register("zlib", needs=("texts",))
 def zlib_ratio(target: object, texts: Sequence[str], *, mask: object | None = None) -> np.ndarray:
     """Summed masked log-prob divided by the zlib-compressed length of each item's text in bytes.
 

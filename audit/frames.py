@@ -126,6 +126,10 @@ def audit_frame(audit: Mapping | str | os.PathLike):
     return frame.astype({"epsilon": float, "claim": float, "ratio": float, "alarm": bool})
 
 
+def _is_split(value) -> bool:
+    return isinstance(value, dict) and set(value) == {"in", "out"}
+
+
 def scores_frame(run: str | os.PathLike, *, restricted: bool = False):
     """Per-example membership scores of ``run``'s audit (restricted: needs ``restricted=True``)."""
     import pandas as pd
@@ -138,8 +142,10 @@ def scores_frame(run: str | os.PathLike, *, restricted: bool = False):
     path = Path(run)
     data = json.loads((path / "audit.restricted.json" if path.is_dir() else path).read_text())
     rows = []
-    for model in ("public", "finetuned", "dpsgd"):
-        for attack, split in data.get(model, {}).items():
+    for model, entry in data.items():  # the membership-inference targets' raw scores
+        if not (isinstance(entry, dict) and entry and all(_is_split(v) for v in entry.values())):
+            continue
+        for attack, split in entry.items():
             for member, key in ((True, "in"), (False, "out")):
-                rows += [(model, attack, member, float(s)) for s in split.get(key, [])]
+                rows += [(model, attack, member, float(s)) for s in split[key]]
     return pd.DataFrame(rows, columns=["model", "attack", "member", "score"])

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from audit.canaries import MemberRecipe
-from audit.runner import AUDIT_SCHEMA, AuditPlan, audit_models
-from pmixed.privacy import Calibration
+from audit.context import AuditPlan
+from audit.runner import AUDIT_SCHEMA, audit_models
+from audit.targets import AuditTarget
 from reports.rundir import AUDIT, AUDIT_RESTRICTED, RunDir
 
 __all__ = ["run_audit_stage"]
@@ -29,11 +30,9 @@ def run_audit_stage(
     out: Path,
     eval_key: str,
     model: torch.nn.Module,
-    members: list[str],
+    targets: Sequence[AuditTarget],
     train_blocks: torch.Tensor,
     held_blocks: torch.Tensor,
-    calibrations: Mapping[str, Calibration],
-    metrics: dict,
     plan: AuditPlan,
     progress: Callable[[str, int], Callable[[int], None]],
     dpsgd: Mapping,
@@ -46,23 +45,25 @@ def run_audit_stage(
 ) -> dict:
     """The public audit result, computed or read back from the run's ``audit.json``; ``base`` is the
     public model's folder and ``executor`` runs the DP-SGD audit's training (neither changes the
-    result, so neither is in its key)."""
+    result, so neither is in its key). The targets' calibrations follow from the evaluation's
+    configs (in ``eval_key``); their names, kinds, models and claims are keyed here."""
     settings = {k: asdict(v) if is_dataclass(v) else v for k, v in dpsgd.items()}
+    described = [t.key() for t in targets]
     key = hashlib.sha256(
-        json.dumps([eval_key, asdict(plan), settings, asdict(recipe), AUDIT_SCHEMA]).encode()
+        json.dumps(
+            [eval_key, asdict(plan), settings, asdict(recipe), described, AUDIT_SCHEMA]
+        ).encode()
     ).hexdigest()
     run = RunDir(out)
     if (run / AUDIT).exists() and (run / AUDIT_RESTRICTED).exists():
         cached = run.read_json(AUDIT)
         if cached.get("hash") == key:
             return cached
-    public, restricted = audit_models(
+    result = audit_models(
         model,
-        members,
+        targets,
         train_blocks,
         held_blocks,
-        calibrations,
-        metrics["privacy"],
         plan,
         progress,
         dpsgd=dpsgd,
@@ -72,7 +73,7 @@ def run_audit_stage(
         base=base,
         executor=executor,
     )
-    public = {"hash": key, **public}
-    run.write_json(AUDIT_RESTRICTED, restricted, private=True)
+    public = {"hash": key, **result.to_json()}
+    run.write_json(AUDIT_RESTRICTED, result.restricted_json(), private=True)
     run.write_json(AUDIT, public)
     return public

@@ -30,10 +30,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from accounting import compose, from_opacus
 from audit.canaries import MemberRecipe
+from audit.context import AuditPlan
 from audit.dpsgd import CanaryPlan, OneRunPlan
 from audit.exposure import ExposurePlan
 from audit.game import GamePlan
-from audit.runner import AuditPlan
+from audit.targets import AuditTarget, Claim
 from campaign.audit_stage import run_audit_stage
 from campaign.config import CampaignConfig
 from pmixed import PMixEDConfig
@@ -54,11 +55,25 @@ from pmixed.train_jobs import dpsgd_job, finetune_job, member_job
 from reports.report import write_report
 from reports.rundir import CONFIG, DPSGD, METRICS, RunDir
 
-__all__ = ["config_from_run", "load_run", "pmixed_runs", "run_demo"]
+__all__ = [
+    "LANGUAGE_MODELS",
+    "audit_targets",
+    "config_from_run",
+    "load_run",
+    "pmixed_runs",
+    "run_demo",
+]
 
 Progress = Callable[[str, int], Callable[[int], None]]
 #: Bumped when metrics.json changes shape, so a cached evaluation is recomputed.
 METRICS_SCHEMA = 2
+#: The language models the demo scores and audits beside PMixED: (name, adapter: None for the
+#: public base, part in the DP-SGD canary audit).
+LANGUAGE_MODELS = (
+    ("public", None, None),
+    ("finetuned", "finetuned", "control"),
+    ("dpsgd", "dpsgd", "dpsgd"),
+)
 
 
 def _stage_key(obj: object) -> str:
@@ -233,7 +248,6 @@ def run_demo(
             cfg, out, model, members, tok, t, held_recs, dp_run, keys["evaluate"], progress
         )
     if audit:
-        cals = {name: pcfg.calibrate() for name, (_, pcfg) in pmixed_runs(cfg).items()}
         plan = AuditPlan(
             n_contexts=min(cfg.audit_contexts, cfg.query_budget - 1),  # + the canary context
             seed=cfg.seed,
@@ -263,11 +277,9 @@ def run_demo(
             out,
             keys["evaluate"],
             model,
-            members,
+            audit_targets(cfg, members, metrics["privacy"]),
             blocks(_texts(train_recs), tok, t),
             blocks(_texts(held_recs), tok, t),
-            cals,
-            metrics,
             plan,
             progress,
             dpsgd,
@@ -320,6 +332,29 @@ def pmixed_runs(cfg: CampaignConfig) -> dict[str, tuple[str, PMixEDConfig]]:
         ),
         "pmixed_reference": ("ledger-reference.jsonl", cfg.deployment(mode="reference")),
     }
+
+
+def audit_targets(cfg: CampaignConfig, members: list[str], privacy: dict) -> list[AuditTarget]:
+    """What the demo audits, in order: the three PMixED deployments (the replace-one one also
+    through the black-box game: its unit is a user), then the public model, the non-private
+    fine-tune (the canary audit's positive control) and DP-SGD, with the claims ``privacy``
+    (``metrics.json``) states."""
+    targets = [
+        AuditTarget(
+            name,
+            "pmixed",
+            tuple(members),
+            Claim.from_privacy(privacy[name]),
+            calibration=pcfg.calibrate(),
+            black_box=pcfg.relation == "replace_one",
+        )
+        for name, (_, pcfg) in pmixed_runs(cfg).items()
+    ]
+    for name, adapter, role in LANGUAGE_MODELS:
+        targets.append(
+            AuditTarget(name, "lm", adapter, Claim.from_privacy(privacy[name]), canaries=role)
+        )
+    return targets
 
 
 def _export_adapters(model, members: list[str], out: Path, key: str) -> None:
@@ -447,8 +482,10 @@ def _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, pro
 def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress) -> dict:
     held = blocks(_texts(held_recs), tok, t)
     n = cfg.query_budget  # every model is scored on the same T predictions as PMixED
-    models = (("public", None), ("finetuned", "finetuned"), ("dpsgd", "dpsgd"))
-    ppl = {name: lm_perplexity(model, held, adapter, n_predictions=n) for name, adapter in models}
+    ppl = {
+        name: lm_perplexity(model, held, adapter, n_predictions=n)
+        for name, adapter, _ in LANGUAGE_MODELS
+    }
     dp = from_opacus([tuple(h) for h in dp_run["history"]], cfg.delta)
     privacy = {
         "public": {

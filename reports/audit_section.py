@@ -45,6 +45,8 @@ def audit_section(run: Path) -> tuple[dict, str]:
             "worst_case": m.get("worst_case"),
             "alarms": m.get("alarms", []),
         }
+    # the black-box game and exposure ran against one PMixED target (audit.targets: black_box)
+    black_box = next((m for m in a["mechanisms"].values() if "game" in m), {})
     controls_ok = a["controls_passed"]
     for row in rows.values():  # a positive control that failed: the audit could not have seen
         row["inconclusive"] = not controls_ok
@@ -86,8 +88,8 @@ def audit_section(run: Path) -> tuple[dict, str]:
         "controls_passed": a["controls_passed"],
         "alarms": a["alarms"],
         "plan": {k: a["plan"][k] for k in ("n_contexts", "conformance_samples", "eta", "seed")},
-        "game": a["mechanisms"].get("pmixed_certified_replace_one", {}).get("game"),
-        "exposure": a["mechanisms"].get("pmixed_certified_replace_one", {}).get("exposure"),
+        "game": black_box.get("game"),
+        "exposure": black_box.get("exposure"),
     }
     return out, str(run / "audit.restricted.json")
 

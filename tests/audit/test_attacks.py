@@ -40,9 +40,8 @@ def test_contract_identical_member_and_nonmember_signals_give_auc_half_and_no_bo
     signals = np.log(rng.dirichlet(np.ones(50), size=(2000, 8))[..., 0])  # [items, T]
     ref = np.log(rng.dirichlet(np.ones(50), size=(2000, 8))[..., 0])
     texts = ["x" * int(n) for n in rng.integers(5, 50, 2000)]
-    for name, fn in ATTACKS.items():
-        args = {"reference": (signals, ref), "zlib": (signals, texts)}.get(name, (signals,))
-        s = fn(*args)
+    for name, attack in ATTACKS.items():
+        s = attack.score(signals, {"reference": ref, "texts": texts})
         assert auc(s[:1000], s[1000:]) == pytest.approx(0.5, abs=0.05), name
         b = empirical_epsilon(s[:1000], s[1000:], delta=1e-5, strategy=BonferroniAll())
         assert b.epsilon <= 0.05, name
@@ -91,3 +90,19 @@ def test_bad_signals_are_refused_and_names_are_unique():
         loss(np.log([[0.5, 0.5]]), mask=[[False, False]])
     with pytest.raises(ValueError, match="already registered"):
         register("loss")(lambda x: x)
+    with pytest.raises(ValueError, match="needs must be drawn from"):
+        register("shadow-free", needs=("shadows",))
+    with pytest.raises(ValueError, match="'reference' needs reference"):
+        ATTACKS["reference"].score(np.log([[0.5]]), {})
+
+
+def test_registered_attacks_say_what_they_need_and_score_like_their_functions():
+    lp = np.log([[0.5, 0.25], [0.1, 0.2]])
+    ref = np.log([[0.25, 0.25], [0.5, 0.5]])
+    assert ATTACKS["loss"].needs == () and ATTACKS["reference"].needs == ("reference",)
+    assert ATTACKS["zlib"].needs == ("texts",)
+    got = ATTACKS["reference"].score(lp, {"reference": ref, "texts": ["a", "b"]})
+    np.testing.assert_array_equal(got, reference_calibrated(lp, ref))
+    np.testing.assert_array_equal(
+        ATTACKS["zlib"].score(lp, {"texts": ["a", "b"]}), zlib_ratio(lp, ["a", "b"])
+    )
