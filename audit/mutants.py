@@ -49,8 +49,9 @@ __all__ = ["MUTANTS", "Mutant", "register", "run_mutants"]
 class Mutant:
     """A planted defect: ``run(defective, seed, scale)`` returns ``{"detected", "evidence", ...}``
     for the mutant (``defective=True``) or its sound twin (``False``). ``cheap``: the twin's
-    false-alarm rate is measured over the repetitions (at the "test" scale; a DP-SGD twin is a
-    whole many-run audit, whose false-alarm rate the Clopper–Pearson level bounds by η)."""
+    false-alarm rate is measured over the repetitions (at the "test" scale). Every registered
+    twin is: a DP-SGD twin at "test" scale is a batched many-run audit of 400 runs per world,
+    about 0.5 s once its σ is calibrated (100 repetitions: 46 s and 53 s on 2 cores)."""
 
     name: str
     defect: str
@@ -84,7 +85,6 @@ _EVALS = {"test": 20, "quick": 150, "full": 300}
     "the seed's DP-SGD: clipped mean gradient, absolute noise sigma, and a "
     "claim with sigma in the numerator",
     "white-box many-run CP vs its own claim",
-    cheap=False,
 )
 def _seed(defective: bool, seed: int, scale: str) -> dict:
     if not defective:  # the twin is the corrected algorithm at the same claimed epsilon
@@ -122,7 +122,6 @@ register(
     "dpsgd_noise_div4",
     "corrected DP-SGD with the noise multiplier divided by 4, claim unchanged",
     "white-box many-run CP vs the claim",
-    cheap=False,
 )(_dpsgd)
 
 

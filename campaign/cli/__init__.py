@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repetitions",
         type=int,
         default=100,
-        help="--mutants: seeds over which each cheap twin's false alarms are counted",
+        help="--mutants: seeds over which each sound twin's false alarms are counted (at scale test)",
     )
     p.add_argument("--seed", type=int, default=0, help="--mutants: the audit's root seed")
     p.set_defaults(func=cmd_audit)
