@@ -39,6 +39,8 @@ __all__ = ["AuditContext", "AuditPlan", "EnsembleSignals"]
 class AuditPlan:
     """Pre-registered sizes and attacks, fixed before any signal is computed.
 
+    ``configuration_starts``: random starts of the configuration's worst-case search (then
+    Nelder-Mead from the best ``starts // 30``, ``2 * starts`` iterations each).
     ``attacks``: the membership-inference attacks of the risk audit, by their names in
     ``audit.attacks.ATTACKS`` (the risk audit supplies every input an attack may need: the
     public model's log-probs as reference, and the blocks' text)."""
@@ -50,12 +52,18 @@ class AuditPlan:
     eta: float = 0.05
     seed: int = 0
     worst_case_evaluations: int = 120
+    configuration_starts: int = 150
     canaries: CanaryPlan = field(default_factory=CanaryPlan)
     game: GamePlan = field(default_factory=GamePlan)
     exposure: ExposurePlan = field(default_factory=ExposurePlan)
     attacks: tuple[str, ...] = ("loss", "reference")
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.configuration_starts, int) and self.configuration_starts >= 1):
+            raise ValueError(
+                f"AuditPlan.configuration_starts must be an integer >= 1. "
+                f"Found {self.configuration_starts!r}."
+            )
         if not self.attacks or isinstance(self.attacks, str):
             raise ValueError(
                 f"AuditPlan.attacks must name at least one attack. Found {self.attacks!r}."

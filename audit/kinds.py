@@ -4,7 +4,8 @@
   the canary member dropped; RO: the canary member against the member retrained without its
   canaries, i.e. the deployed one), compared with the charged cost, ε_pair from optimistic PLDs,
   a χ² conformance test of the real sampler, the same pair with a poisoned member and the worst
-  cases of :mod:`audit.worstcase` (query control, an optimised member); a ``black_box`` target
+  cases of :mod:`audit.worstcase` (query control, an optimised member at the real contexts, and
+  the configuration's worst case on a public toy); a ``black_box`` target
   also plays the black-box game and the exposure audit through the real ``PrivateGenerator``.
 * ``lm``: the plan's attacks (``AuditPlan.attacks``, resolved through ``ATTACKS``) on training
   against held-out blocks: risk metrics only. Train/held-out membership is not an independent draw
@@ -19,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from audit.attacks import ATTACKS
+from audit.canaries import child_rng
 from audit.context import AuditContext
 from audit.controls import alarms
 from audit.exact import conformance, exact_pair_audit
@@ -28,7 +30,7 @@ from audit.results import PMixEDAudit, RiskAudit
 from audit.risk import risk_metrics
 from audit.signals import block_logprobs
 from audit.targets import AuditTarget, register_kind
-from audit.worstcase import pmixed_worst_case
+from audit.worstcase import configuration_worst_case, pmixed_worst_case
 
 __all__ = ["audit_lm", "audit_pmixed"]
 
@@ -115,6 +117,24 @@ def audit_pmixed(target: AuditTarget, ctx: AuditContext) -> tuple[PMixEDAudit, d
                 "poisoned_member",
                 f"the member trained on canary records only exceeds the charged cost {ratio:.3g}x",
                 ratio,
+            )
+        )
+    # (d) the configuration: p0, the other members and the member all chosen on a public toy
+    starts = plan.configuration_starts
+    worst["configuration"] = conf_wc = configuration_worst_case(
+        cal,
+        rng=child_rng(plan.seed, "audit/configuration"),
+        starts=starts,
+        refine=max(1, starts // 30),
+        iterations=2 * starts,
+    )
+    if conf_wc["alarm"]:
+        found.append(
+            _alarm(
+                "configuration_worst_case",
+                "toy models chosen by an optimiser exceed the charged cost "
+                f"{conf_wc['ratio']:.3g}x at this configuration (any deployed models)",
+                conf_wc["ratio"],
             )
         )
     if eps_ub is not None and worst["query_control"]["epsilon_pair"] > eps_ub:

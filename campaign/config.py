@@ -36,6 +36,7 @@ _POSITIVE_INTS = (
     "audit_contexts",
     "audit_control_steps",
     "audit_canaries",
+    "audit_search_starts",
 )
 _POSITIVE_REALS = ("member_lr", "dpsgd_lr", "dpsgd_clip", "epsilon")
 _PATHS = ("public_dir", "private_jsonl", "base")
@@ -70,6 +71,7 @@ class CampaignConfig:
     audit_contexts: int = 128
     audit_control_steps: int = 300
     audit_canaries: int = 1000
+    audit_search_starts: int = 150
     max_private_records: int | None = None
     public_dir: str | None = None
     private_jsonl: str | None = None

@@ -251,6 +251,7 @@ def run_demo(
         plan = AuditPlan(
             n_contexts=min(cfg.audit_contexts, cfg.query_budget - 1),  # + the canary context
             seed=cfg.seed,
+            configuration_starts=cfg.audit_search_starts,
             canaries=CanaryPlan(
                 control_steps=cfg.audit_control_steps,
                 one_run=OneRunPlan(

@@ -70,6 +70,8 @@ def audit_section(run: Path) -> tuple[dict, str]:
             row["tightness"]["optimised_member_epsilon_pair_over_claim"] = wc[
                 "optimised_member"
             ].get("ratio_to_claim")
+            configuration = wc.get("configuration") or {}  # audit schema >= 7
+            row["tightness"]["configuration_exact_over_charged"] = configuration.get("ratio")
             poisoned = wc.get("poisoned_member") or {}  # audit schema >= 6
             row["tightness"]["poisoned_member_epsilon_pair_over_claim"] = poisoned.get(
                 "ratio_to_claim"

@@ -19,6 +19,7 @@ TINY = replace(
     query_budget=16,
     realized_runs=2,
     max_private_records=600,
+    audit_search_starts=12,
 )
 
 

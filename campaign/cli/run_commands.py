@@ -184,6 +184,13 @@ def _print_audit(result: dict) -> None:
                 f"{c['first_places']}/{c['trials']}, eps_lb {c['epsilon_lb']:.3f}, "
                 f"{c['mean_exposure_bits']:.2f} bits"
             )
+        conf = (m.get("worst_case") or {}).get("configuration")
+        if conf:
+            print(
+                f"any models at {name}'s configuration (toy, optimised): exact/charged "
+                f"{conf['ratio']:.3g} at order {conf['order']}"
+                + (" ALARM" if conf["alarm"] else "")
+            )
         for e in m.get("empirical", []):
             if "one_run" in e:
                 r = e["one_run"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from audit.mutants import MUTANTS, register, run_mutants
-from audit.worstcase import worst_member
+from audit.worstcase import configuration_worst_case, worst_member
 from pmixed import PMixEDConfig
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -68,3 +68,23 @@ def test_the_worst_case_search_stays_within_a_sound_claim_and_breaks_an_unmollif
     bad = worst_member(others, np.log(p0), cal, charged, rng=rng, evaluations=60, unmollified=True)
     assert 0 < sound.ratio <= 1 < bad.ratio
     assert np.isclose(np.exp(sound.member).sum(), 1.0)
+
+
+def test_the_configuration_search_breaks_reference_mode_and_stays_within_certified():
+    """(d): p0, the other members and the member all free on a 3-token toy. Reference mode at one
+    member (PMIXED_MATH.md R2, R3) exceeds its charge; certified accounting at two does not."""
+    ref = PMixEDConfig(
+        n_members=1, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=100, mode="reference"
+    ).calibrate()
+    cert = PMixEDConfig(
+        n_members=2, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=100
+    ).calibrate()
+    kw = dict(starts=30, refine=1, iterations=60)
+    bad = configuration_worst_case(ref, rng=np.random.default_rng(0), **kw)
+    good = configuration_worst_case(cert, rng=np.random.default_rng(0), **kw)
+    assert bad["alarm"] and bad["ratio"] > 1.2 and bad["order"] == 3
+    assert not good["alarm"] and 0.1 < good["ratio"] <= 1.0
+    for r in (bad, good):
+        assert max(x for x in r["per_order_ratio"] if x is not None) == pytest.approx(r["ratio"])
+        assert np.isclose(sum(r["toy"]["p0"]), 1.0) and np.isclose(sum(r["toy"]["candidate"]), 1.0)
+    assert bad["toy"]["others"] is None and good["members"] == 2
