@@ -152,10 +152,6 @@ class AuditContext:
             raise ValueError(
                 f"n_contexts must be <= query_budget - 1 = {budget - 1}. Found {self.plan.n_contexts}."
             )
-        if sum(t.black_box for t in pmixed) > 1:
-            raise ValueError(
-                "at most one PMixED target may be black_box (one planted canary per run)."
-            )
 
     @cached_property
     def ensemble(self) -> EnsembleSignals:

@@ -163,6 +163,8 @@ def check_targets(targets: Sequence[AuditTarget]) -> None:
             raise ValueError(f"target {t.name!r}: kind {t.kind!r} {need}.")
         if t.black_box and t.calibration is None:
             raise ValueError(f"target {t.name!r}: black_box needs a calibrated (PMixED) target.")
+    if sum(t.black_box for t in targets) > 1:
+        raise ValueError("at most one target may be black_box (one planted canary per run).")
     roles = [t.canaries for t in targets if t.canaries]
     if len(roles) != len(set(roles)):
         raise ValueError("each canary role (dpsgd, control) may be held by one target only.")

@@ -19,12 +19,16 @@ from audit.context import AuditPlan
 from audit.results import AuditResult, RiskAudit
 from audit.runner import AUDIT_SCHEMA, audit_models
 from audit.targets import KINDS, AuditTarget, Claim, check_targets, register_kind
+from pmixed import PMixEDConfig
 from pmixed.train import TrainSpec, blocks
 from tests.pmixed import tiny
 
 NO_CLAIM = Claim(None, None, "n/a", "none", "none", False)
 CLAIM = Claim(2.0, 1e-5, "add_remove", "one block", "test accountant", True)
 PLAN = AuditPlan(mia_blocks=6, bootstrap=20)
+CAL = PMixEDConfig(
+    n_members=1, sampling_rate=0.5, epsilon=8.0, delta=1e-5, query_budget=8
+).calibrate()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +167,13 @@ def test_targets_the_kinds_cannot_audit_are_refused_by_name_before_any_work(run)
             "each canary role",
         ),
         ([AuditTarget("x", "lm", None, NO_CLAIM, black_box=True)], "black_box needs"),
+        (
+            [
+                AuditTarget(n, "pmixed", ("m",), CLAIM, calibration=CAL, black_box=True)
+                for n in "ab"
+            ],
+            "at most one target may be black_box",
+        ),
         ([], "at least one"),
     ]
     for targets, message in cases:
