@@ -16,10 +16,23 @@ on linear/Conv1D layers is batched; :meth:`BatchedLora.supports` says whether a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["BatchedLora"]
+__all__ = ["BatchedLora", "PackedTokens"]
+
+
+class PackedTokens(NamedTuple):
+    """Where the tokens of each row are in a packed batch (several rows per batch element): real
+    token t sits at ``(batch[t], seq[t])`` and is token ``col[t]`` of row ``row[t]``; ``length``
+    is the longest row. The LoRA update is computed per row (rows padded to ``length``)."""
+
+    batch: torch.Tensor
+    seq: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    length: int
 
 
 class BatchedLora:
@@ -77,8 +90,17 @@ class BatchedLora:
             )
         self._stacks, self._versions = stacks, versions
 
-    def forward(self, model: torch.nn.Module, rows: torch.Tensor, **inputs):
-        """``model(**inputs)`` with row i through member ``rows[i]`` (index N: the public model)."""
+    def forward(
+        self,
+        model: torch.nn.Module,
+        rows: torch.Tensor,
+        tokens: PackedTokens | None = None,
+        **inputs,
+    ):
+        """``model(**inputs)`` with row i through member ``rows[i]`` (index N: the public model).
+
+        Batch row i is row i unless ``tokens`` says where each row's tokens are in a packed batch.
+        """
         self._refresh()
         originals = []
         try:
@@ -88,8 +110,16 @@ class BatchedLora:
 
                 def batched(x, *args, _layer=layer, _a=a_rows, _b=b_rows, _s=s_rows, **kwargs):
                     result = _layer.base_layer(x, *args, **kwargs)
-                    delta = torch.bmm(torch.bmm(x.to(_a.dtype), _a), _b) * _s  # float64
-                    return result + delta.to(result.dtype)
+                    if tokens is None:
+                        delta = torch.bmm(torch.bmm(x.to(_a.dtype), _a), _b) * _s  # float64
+                        return result + delta.to(result.dtype)
+                    per_row = x.new_zeros((len(_a), tokens.length, x.shape[-1]), dtype=_a.dtype)
+                    per_row[tokens.row, tokens.col] = x[tokens.batch, tokens.seq].to(_a.dtype)
+                    delta = torch.bmm(torch.bmm(per_row, _a), _b) * _s
+                    result[tokens.batch, tokens.seq] += delta[tokens.row, tokens.col].to(
+                        result.dtype
+                    )
+                    return result
 
                 originals.append(layer)
                 layer.forward = batched

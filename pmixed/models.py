@@ -9,12 +9,20 @@ row where a LoRA variant is not covered). Members that are not sampled are not c
 KV cache: every row keeps its own cache of the tokens it has processed, in one buffer per layer for
 all rows of a context (:class:`SequenceState`). The public row is computed at every step, so its
 cache is always one token behind. A member is computed only when sampled (unless the caller asks
-for every row), so its cache may lag by several tokens; the step feeds each row the tokens it has
-not seen yet, left-padded to a common length, after its cache (padded at the end to a common
-length), with a mask over both paddings and explicit position ids. Building the step's cache is one
-gather per context and layer, and storing the new keys one indexed write, whatever the number of
-rows. The result equals a plain forward over the whole context (tested against a ``set_adapter``
-loop without cache).
+for every row), so its cache may lag by several tokens and the step feeds each row the tokens it
+has not seen yet, with explicit position ids, in one of two batch layouts:
+
+* per row (:func:`_per_row`): one batch row per ensemble row, its new tokens left-padded to the
+  longest row's, after its cache (padded at the end), a 2-D mask over both paddings. Used when
+  the rows' new-token counts are (nearly) equal: every row at every step, a first step.
+* packed (:func:`_packed`): one batch element per context, its rows' caches side by side and then
+  all their new tokens one after another, with a 4-D mask that lets a token see its own row only.
+  Used when padding would more than ``PACK_ABOVE``-fold the work: a member that catches up on 12
+  missed tokens next to a public row that needs 1 costs 13 token positions, not 24.
+
+Building the step's cache is one gather per context and layer, and storing the new keys one indexed
+write, whatever the number of rows. Either way the result equals a plain forward over the whole
+context (tested against a ``set_adapter`` loop without cache, for both layouts).
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ import torch
 from transformers import DynamicCache
 
 from pmixed.backend import context_length
-from pmixed.lora_batch import BatchedLora
+from pmixed.lora_batch import BatchedLora, PackedTokens
 
 __all__ = ["EnsembleLM", "SequenceState"]
 
 PUBLIC = "__base__"
+#: A step is packed (:func:`_packed`) when left-padding every row to the longest would compute
+#: more than this many times its real tokens.
+PACK_ABOVE = 1.5
 
 
 @dataclass
@@ -98,6 +109,7 @@ class EnsembleLM:
             else None
         )
         self.pad_id = int(pad_id)
+        self.dtype = next(model.parameters()).dtype
         self.max_positions = context_length(model.config)
         self.vocab_size = int(model.config.vocab_size)
 
@@ -128,15 +140,6 @@ class EnsembleLM:
             state.lengths[r] = min(state.cached(r), len(state.tokens) - 1)
         lens = [state.cached(r) for state, r in rows]
         new = [len(state.tokens) - c for (state, _), c in zip(rows, lens)]
-        c_max, l_max, b = max(lens), max(new), len(rows)
-        ids = torch.full((b, l_max), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((b, l_max), dtype=torch.long)
-        mask = torch.zeros((b, c_max + l_max), dtype=torch.long)
-        for i, ((state, _), c, m) in enumerate(zip(rows, lens, new)):
-            ids[i, l_max - m :] = torch.tensor(state.tokens[c:])
-            pos[i, l_max - m :] = torch.arange(c, len(state.tokens))
-            mask[i, :c] = 1
-            mask[i, c_max + l_max - m :] = 1
         # Rows of one context are contiguous: (state, batch rows, their buffer slots).
         groups: list[tuple[SequenceState, list[int], list[int]]] = []
         for i, (state, r) in enumerate(rows):
@@ -144,44 +147,31 @@ class EnsembleLM:
                 groups.append((state, [], []))
             groups[-1][1].append(i)
             groups[-1][2].append(0 if r is None else r + 1)
-        cache = DynamicCache()
-        if c_max:
-            like = next(list(zip(st.keys, st.values)) for st, _, _ in groups if st.keys)
-            for layer, (k0, _) in enumerate(like):
-                keys, values = [], []
-                for state, _, slots in groups:
-                    if not state.keys:
-                        shape = (len(slots), k0.shape[1], c_max, k0.shape[3])
-                        keys.append(k0.new_zeros(shape))
-                        values.append(k0.new_zeros(shape))
-                        continue
-                    index = torch.tensor(slots)
-                    k = state.keys[layer].index_select(0, index)[:, :, :c_max]
-                    v = state.values[layer].index_select(0, index)[:, :, :c_max]
-                    pad = (0, 0, 0, c_max - k.shape[2])  # at the end of the length axis
-                    keys.append(torch.nn.functional.pad(k, pad))
-                    values.append(torch.nn.functional.pad(v, pad))
-                cache.update(torch.cat(keys), torch.cat(values), layer)
+        padded, real = len(rows) * max(new), sum(new)
+        packed = self.batched_lora is not None and padded > PACK_ABOVE * real
+        layout = (_packed if packed else _per_row)(rows, groups, lens, new, self.pad_id, self.dtype)
         names = [PUBLIC if r is None else self.members[r] for _, r in rows]
-        # Only the last position's logits: the LM head at V = 50 257 on every catch-up position
-        # was most of the vocabulary-dependent work of a step.
         out = self._mixed_forward(
             names,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=cache,
+            input_ids=layout.ids,
+            attention_mask=layout.mask,
+            position_ids=layout.pos,
+            cache=layout.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=layout.keep,
+            lora_tokens=layout.lora_tokens,
         )
-        logp = torch.log_softmax(out.logits[:, -1, :].double(), dim=-1)  # [rows, V]
+        # Only the last position's logits (``keep``): the LM head at V = 50 257 on every catch-up
+        # position was most of the vocabulary-dependent work of a step.
+        logits = out.logits.reshape(len(rows), -1)
+        logp = torch.log_softmax(logits.double(), dim=-1)  # [rows, V]
         layers = [(lay.keys, lay.values) for lay in out.cache.layers]
         for state, batch, slots in groups:  # each row's new keys go after its cached ones
             src_row, src_pos, dst_slot, dst_pos = [], [], [], []
             for i, slot in zip(batch, slots):
                 c, m = lens[i], new[i]
-                src_row += [i] * m
-                src_pos += range(c_max + l_max - m, c_max + l_max)
+                src_row += [layout.batch[i]] * m
+                src_pos += range(layout.start[i], layout.start[i] + m)
                 dst_slot += [slot] * m
                 dst_pos += range(c, c + m)
             state.reserve(1 + self.n_members, max(dst_pos) + 1, layers)
@@ -207,13 +197,16 @@ class EnsembleLM:
         if any(not 0 <= m < self.n_members for m in subset) or len(set(subset)) != len(subset):
             raise ValueError(f"subset must be distinct member indices in [0, {self.n_members}).")
 
-    def _mixed_forward(self, names: list[str], **inputs):
+    def _mixed_forward(self, names: list[str], lora_tokens=None, **inputs):
         """``model(**inputs)`` with row i through adapter ``names[i]``: batched LoRA, or peft's
-        mixed batch."""
+        mixed batch (``lora_tokens``: where each row's tokens are in a packed batch, see
+        :meth:`BatchedLora.forward <pmixed.lora_batch.BatchedLora.forward>`)."""
         if self.batched_lora is not None:
             index = {m: i for i, m in enumerate(self.members)} | {PUBLIC: len(self.members)}
             rows = torch.tensor([index[n] for n in names])
-            return self.batched_lora.forward(self.model, rows, **inputs)
+            return self.batched_lora.forward(self.model, rows, tokens=lora_tokens, **inputs)
+        if lora_tokens is not None:
+            raise ValueError("a packed batch needs batched LoRA (peft's mixed batch is per row).")
         return self._peft_mixed_forward(names, **inputs)
 
     def _peft_mixed_forward(self, names: list[str], **inputs):
@@ -240,3 +233,129 @@ class EnsembleLM:
             self.model.set_adapter(self.members[member])
             logits = self.model(input_ids=ids, logits_to_keep=1).logits
         return torch.log_softmax(logits[0, -1].double(), dim=-1)
+
+
+Groups = Sequence[tuple[SequenceState, list[int], list[int]]]
+
+
+@dataclass
+class _Layout:
+    """One step's batch: inputs, the cache it starts from, and where each row's new keys land in
+    the output cache (batch element ``batch[i]``, key positions from ``start[i]`` on)."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    keep: int | torch.Tensor
+    cache: DynamicCache
+    batch: list[int]
+    start: list[int]
+    lora_tokens: PackedTokens | None = None
+
+
+def _cache(groups: Groups, gather, length: int) -> DynamicCache:
+    """The step's input cache: per layer, ``gather(state, layer, rows, slots, like)`` (keys,
+    values) of every context, ``like`` the layer's buffer of a context that has keys (a context
+    without keys yet gets zeros shaped after it); empty when no row has cached tokens."""
+    cache = DynamicCache()
+    ref = next((st for st, _, _ in groups if st.keys), None)
+    if not length or ref is None:
+        return cache
+    for layer, like in enumerate(ref.keys):
+        keys, values = zip(*(gather(st, layer, rows, slots, like) for st, rows, slots in groups))
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache
+
+
+def _zeros(like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    return like.new_zeros((batch, like.shape[1], length, like.shape[3]))  # padding stays finite
+
+
+def _per_row(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
+    """One batch row per ensemble row: its new tokens left-padded to the longest, after its cache
+    (padded at the end to the longest), a 2-D mask over both paddings."""
+    c_max, l_max, b = max(lens), max(new), len(rows)
+    ids = torch.full((b, l_max), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, l_max), dtype=torch.long)
+    mask = torch.zeros((b, c_max + l_max), dtype=torch.long)
+    for i, ((state, _), c, m) in enumerate(zip(rows, lens, new)):
+        ids[i, l_max - m :] = torch.tensor(state.tokens[c:])
+        pos[i, l_max - m :] = torch.arange(c, len(state.tokens))
+        mask[i, :c] = 1
+        mask[i, c_max + l_max - m :] = 1
+
+    def gather(state: SequenceState, layer: int, batch, slots, like):
+        if not state.keys:
+            zeros = _zeros(like, len(slots), c_max)
+            return zeros, zeros
+        index = torch.tensor(slots)
+        k = state.keys[layer].index_select(0, index)[:, :, :c_max]
+        v = state.values[layer].index_select(0, index)[:, :, :c_max]
+        pad = (0, 0, 0, c_max - k.shape[2])  # at the end of the length axis
+        return torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+
+    starts = [c_max + l_max - m for m in new]
+    return _Layout(ids, pos, mask, 1, _cache(groups, gather, c_max), list(range(b)), starts)
+
+
+def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
+    """One batch element per context: its rows' cached keys side by side, then all their new
+    tokens one after another, and a 4-D mask that lets each token see its own row's cache and its
+    own row's earlier new tokens only. No row is padded to another's length, so a step whose
+    members catch up on different numbers of missed tokens computes its real tokens (padding only
+    to the longest context)."""
+    b = len(groups)
+    real = [sum(new[i] for i in batch) for _, batch, _ in groups]
+    cached = [sum(lens[i] for i in batch) for _, batch, _ in groups]
+    p, c = max(real), max(cached)
+    ids = torch.full((b, p), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, p), dtype=torch.long)
+    owner_new = torch.full((b, p), -1)  # padding tokens see each other only
+    owner_cached = torch.full((b, c), -2)  # padding keys are seen by none
+    keep = torch.zeros((b, p), dtype=torch.bool)
+    where_batch, start, to = [0] * len(rows), [0] * len(rows), [[], [], [], []]
+    for k, (state, batch, _) in enumerate(groups):
+        s = o = 0
+        for i in batch:
+            ci, m = lens[i], new[i]
+            ids[k, s : s + m] = torch.tensor(state.tokens[ci:])
+            pos[k, s : s + m] = torch.arange(ci, len(state.tokens))
+            owner_new[k, s : s + m], owner_cached[k, o : o + ci] = i, i
+            keep[k, s + m - 1] = True
+            where_batch[i], start[i] = k, c + s
+            for lst, val in zip(to, ([k] * m, range(s, s + m), [i] * m, range(m))):
+                lst += val
+            s, o = s + m, o + ci
+    causal = torch.ones((p, p), dtype=torch.bool).tril()
+    sees = torch.cat(
+        [
+            owner_new[:, :, None] == owner_cached[:, None, :],
+            (owner_new[:, :, None] == owner_new[:, None, :]) & causal,
+        ],
+        dim=-1,
+    )
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
+
+    cached_at = {  # per context: (slot, position) of every cached key, rows side by side
+        id(state): (
+            torch.tensor([s for i, s in zip(batch, slots) for _ in range(lens[i])]),
+            torch.tensor([j for i in batch for j in range(lens[i])]),
+        )
+        for state, batch, slots in groups
+    }
+
+    def gather(state: SequenceState, layer: int, batch, slots, like):
+        if not state.keys:
+            zeros = _zeros(like, 1, c)
+            return zeros, zeros
+        slot, at = cached_at[id(state)]
+        out = []
+        for buffer in (state.keys[layer], state.values[layer]):
+            flat = buffer[slot, :, at]  # [cached keys, heads, dim]
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, 0, 0, c - flat.shape[0]))
+            out.append(flat.transpose(0, 1)[None])  # [1, heads, c, dim]
+        return tuple(out)
+
+    tokens = PackedTokens(*(torch.tensor(t) for t in to), max(new))
+    cache = _cache(groups, gather, c)
+    return _Layout(ids, pos, mask[:, None], keep, cache, where_batch, start, tokens)

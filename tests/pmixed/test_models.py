@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,8 +142,10 @@ def test_dpsgd_and_finetune_adapters_join_the_same_model(tok):
 
 def test_the_lm_head_sees_only_the_last_position_of_each_row(lm, tok):
     head = lm.model.get_output_embeddings()
-    lengths = []
-    handle = head.register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+    positions = []  # positions entering the head, whatever the batch layout
+    handle = head.register_forward_hook(
+        lambda mod, args, out: positions.append(args[0].shape[:-1].numel())
+    )
     try:
         state = SequenceState(tok("Now is the winter of our discontent")["input_ids"])
         lm.next_logprobs(state, [])  # members 0-2 lag by the whole prompt...
@@ -149,14 +153,58 @@ def test_the_lm_head_sees_only_the_last_position_of_each_row(lm, tok):
         lm.next_logprobs(state, [0, 2])  # ...and catch up on it here: many positions per row
     finally:
         handle.remove()
-    assert lengths == [1, 1]
+    assert positions == [1, 3]
 
 
-def test_several_contexts_in_one_forward_equal_each_alone(lm, tok):
+@pytest.fixture(params=["per_row", "packed"])
+def layout(request, monkeypatch):
+    """Both batch layouts of a step: never packed, and packed whenever rows differ in length."""
+    import pmixed.models
+
+    monkeypatch.setattr(pmixed.models, "PACK_ABOVE", math.inf if request.param == "per_row" else 1)
+    return request.param
+
+
+def test_both_layouts_equal_the_set_adapter_loop(lm, tok, layout):
+    worst, gap = cached_vs_loop(lm, tok("Friends, Romans, countrymen")["input_ids"], 16, 0.3)
+    assert worst < 1e-6
+    assert gap > 0.1
+
+
+def test_a_catch_up_is_packed_not_padded_to_the_longest_row(lm, tok):
+    shapes = []
+    forward = lm.model.forward
+
+    def record(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    state = SequenceState(tok("Now is the winter of our discontent")["input_ids"])
+    n = len(state.tokens)
+    lm.model.forward = record
+    try:
+        lm.next_logprobs(state, [])  # members lag by the whole prompt
+        state.tokens.append(5)
+        lm.next_logprobs(state, [1])  # public: 1 new token; member 1: n + 1
+        state.tokens.append(6)
+        lm.next_logprobs(state, [1])  # both 1 new token: one row each, nothing to pack
+    finally:
+        del lm.model.forward
+    # packed: one batch element holding 1 + (n + 1) real tokens, not 2 rows of n + 1
+    assert shapes == [(1, n), (1, n + 2), (2, 1)]
+
+
+def test_several_contexts_in_one_forward_equal_each_alone(lm, tok, layout):
     texts = ["Friends, Romans", "Now is the winter of our", "To be"]
     requests = [(SequenceState(tok(t)["input_ids"]), m) for t, m in zip(texts, [[0], [], [1, 2]])]
     alone = [(SequenceState(list(s.tokens)), m) for s, m in requests]
-    for step in range(3):
+    for step in range(4):
+        if step == 1:  # a context without any cache joins contexts that have one
+            fresh = tok("Out, damned spot")["input_ids"]
+            requests.append((SequenceState(list(fresh)), [0, 2]))
+            alone.append((SequenceState(list(fresh)), [0, 2]))
+        if step == 2:  # members that lag behind catch up next to rows that do not
+            requests[1], alone[1] = (requests[1][0], [1]), (alone[1][0], [1])
         together = lm.next_logprobs_many(requests)
         for (s, m), (lp0, lps), (s1, m1) in zip(requests, together, alone):
             a0, a = lm.next_logprobs(s1, m1)
