@@ -307,13 +307,13 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
     b = len(groups)
     real = [sum(new[i] for i in batch) for _, batch, _ in groups]
     cached = [sum(lens[i] for i in batch) for _, batch, _ in groups]
-    p, c = max(real), max(cached)
+    p, c, l_max = max(real), max(cached), max(new)
     ids = torch.full((b, p), pad_id, dtype=torch.long)
     pos = torch.zeros((b, p), dtype=torch.long)
     owner_new = torch.full((b, p), -1)  # padding tokens see each other only
     owner_cached = torch.full((b, c), -2)  # padding keys are seen by none
     keep = torch.zeros((b, p), dtype=torch.bool)
-    where_batch, start, to = [0] * len(rows), [0] * len(rows), [[], [], [], []]
+    where_batch, start, src, dst = [0] * len(rows), [0] * len(rows), [], []
     for k, (state, batch, _) in enumerate(groups):
         s = o = 0
         for i in batch:
@@ -323,8 +323,8 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
             owner_new[k, s : s + m], owner_cached[k, o : o + ci] = i, i
             keep[k, s + m - 1] = True
             where_batch[i], start[i] = k, c + s
-            for lst, val in zip(to, ([k] * m, range(s, s + m), [i] * m, range(m))):
-                lst += val
+            src += range(k * p + s, k * p + s + m)
+            dst += range(i * l_max, i * l_max + m)
             s, o = s + m, o + ci
     causal = torch.ones((p, p), dtype=torch.bool).tril()
     sees = torch.cat(
@@ -356,6 +356,6 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
             out.append(flat.transpose(0, 1)[None])  # [1, heads, c, dim]
         return tuple(out)
 
-    tokens = PackedTokens(*(torch.tensor(t) for t in to), max(new))
+    tokens = PackedTokens(torch.tensor(src), torch.tensor(dst), l_max)
     cache = _cache(groups, gather, c)
     return _Layout(ids, pos, mask[:, None], keep, cache, where_batch, start, tokens)
