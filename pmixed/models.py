@@ -164,6 +164,8 @@ class EnsembleLM:
         # Only the last position's logits (``keep``): the LM head at V = 50 257 on every catch-up
         # position was most of the vocabulary-dependent work of a step.
         logits = out.logits.reshape(len(rows), -1)
+        if layout.order is not None:
+            logits = logits.new_empty(logits.shape).index_copy_(0, layout.order, logits)
         logp = torch.log_softmax(logits.double(), dim=-1)  # [rows, V]
         layers = [(lay.keys, lay.values) for lay in out.cache.layers]
         for state, batch, slots in groups:  # each row's new keys go after its cached ones
@@ -251,6 +253,8 @@ class _Layout:
     batch: list[int]
     start: list[int]
     lora_tokens: PackedTokens | None = None
+    #: the row of each kept logit, in batch order (None: row order)
+    order: torch.Tensor | None = None
 
 
 def _cache(groups: Groups, gather, length: int) -> DynamicCache:
@@ -298,29 +302,52 @@ def _per_row(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
     return _Layout(ids, pos, mask, 1, _cache(groups, gather, c_max), list(range(b)), starts)
 
 
+def _first_fit(sizes: Sequence[int], cap: int) -> list[list[int]]:
+    """Indices of ``sizes`` in bins of capacity ``cap``, first fit by decreasing size (stable)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        k = next((k for k, r in enumerate(room) if r >= sizes[i]), len(bins))
+        if k == len(bins):
+            bins.append([])
+            room.append(cap)
+        bins[k].append(i)
+        room[k] -= sizes[i]
+    return bins
+
+
 def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
-    """One batch element per context: its rows' cached keys side by side, then all their new
-    tokens one after another, and a 4-D mask that lets each token see its own row's cache and its
-    own row's earlier new tokens only. No row is padded to another's length, so a step whose
-    members catch up on different numbers of missed tokens computes its real tokens (padding only
-    to the longest context)."""
-    b = len(groups)
-    real = [sum(new[i] for i in batch) for _, batch, _ in groups]
-    cached = [sum(lens[i] for i in batch) for _, batch, _ in groups]
-    p, c, l_max = max(real), max(cached), max(new)
+    """Rows packed into batch elements about the longest row long, first fit by decreasing
+    length, whatever their context: an element holds its rows' cached keys side by side, then
+    their new tokens one after another, and a 4-D mask lets each token see its own row's cache and
+    its own row's earlier new tokens only. A step whose members catch up on different numbers of
+    missed tokens then computes about its real tokens instead of every row padded to the longest.
+    """
+    l_max = max(new)
+    # Element lengths tried: the longest row, or it plus one shorter row (fewest positions wins).
+    caps = sorted({l_max} | {l_max + m for m in new if m < l_max})
+    bins, p = min(((_first_fit(new, cap), cap) for cap in caps), key=lambda bp: len(bp[0]) * bp[1])
+    offset, n = [0] * len(rows), 0  # row i's cached keys: entries offset[i]... of `flat` below
+    for _, batch, _ in groups:
+        for i in batch:
+            offset[i], n = n, n + lens[i]
+    b = len(bins)
+    c = max(sum(lens[i] for i in rows_k) for rows_k in bins)
     ids = torch.full((b, p), pad_id, dtype=torch.long)
     pos = torch.zeros((b, p), dtype=torch.long)
     owner_new = torch.full((b, p), -1)  # padding tokens see each other only
     owner_cached = torch.full((b, c), -2)  # padding keys are seen by none
+    take = torch.full((b, c), n)  # entry n of `flat`: zeros
     keep = torch.zeros((b, p), dtype=torch.bool)
     where_batch, start, src, dst = [0] * len(rows), [0] * len(rows), [], []
-    for k, (state, batch, _) in enumerate(groups):
+    for k, rows_k in enumerate(bins):
         s = o = 0
-        for i in batch:
-            ci, m = lens[i], new[i]
+        for i in rows_k:
+            state, ci, m = rows[i][0], lens[i], new[i]
             ids[k, s : s + m] = torch.tensor(state.tokens[ci:])
             pos[k, s : s + m] = torch.arange(ci, len(state.tokens))
             owner_new[k, s : s + m], owner_cached[k, o : o + ci] = i, i
+            take[k, o : o + ci] = torch.arange(offset[i], offset[i] + ci)
             keep[k, s + m - 1] = True
             where_batch[i], start[i] = k, c + s
             src += range(k * p + s, k * p + s + m)
@@ -335,27 +362,26 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
         dim=-1,
     )
     mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
-
-    cached_at = {  # per context: (slot, position) of every cached key, rows side by side
-        id(state): (
-            torch.tensor([s for i, s in zip(batch, slots) for _ in range(lens[i])]),
-            torch.tensor([j for i in batch for j in range(lens[i])]),
-        )
-        for state, batch, slots in groups
-    }
-
-    def gather(state: SequenceState, layer: int, batch, slots, like):
-        if not state.keys:
-            zeros = _zeros(like, 1, c)
-            return zeros, zeros
-        slot, at = cached_at[id(state)]
-        out = []
-        for buffer in (state.keys[layer], state.values[layer]):
-            flat = buffer[slot, :, at]  # [cached keys, heads, dim]
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, 0, 0, c - flat.shape[0]))
-            out.append(flat.transpose(0, 1)[None])  # [1, heads, c, dim]
-        return tuple(out)
-
+    cache = DynamicCache()
+    if c:
+        at = [  # per context with cached keys: (slot, position) of each, rows side by side
+            (
+                state,
+                torch.tensor([s for i, s in zip(batch, slots) for _ in range(lens[i])]),
+                torch.tensor([j for i in batch for j in range(lens[i])]),
+            )
+            for state, batch, slots in groups
+            if sum(lens[i] for i in batch)
+        ]
+        for layer in range(len(at[0][0].keys)):
+            kv = []
+            for buffers in ("keys", "values"):
+                parts = [getattr(st, buffers)[layer][slot, :, j] for st, slot, j in at]
+                flat = torch.cat([*parts, parts[0].new_zeros((1, *parts[0].shape[1:]))])
+                kv.append(flat[take].transpose(1, 2))  # [b, heads, c, dim]
+            cache.update(*kv, layer)
+    order = [i for rows_k in bins for i in rows_k]  # the kept positions' rows, in batch order
     tokens = PackedTokens(torch.tensor(src), torch.tensor(dst), l_max)
-    cache = _cache(groups, gather, c)
-    return _Layout(ids, pos, mask[:, None], keep, cache, where_batch, start, tokens)
+    return _Layout(
+        ids, pos, mask[:, None], keep, cache, where_batch, start, tokens, torch.tensor(order)
+    )
