@@ -15,14 +15,16 @@ has not seen yet, with explicit position ids, in one of two batch layouts:
 * per row (:func:`_per_row`): one batch row per ensemble row, its new tokens left-padded to the
   longest row's, after its cache (padded at the end), a 2-D mask over both paddings. Used when
   the rows' new-token counts are (nearly) equal: every row at every step, a first step.
-* packed (:func:`_packed`): one batch element per context, its rows' caches side by side and then
-  all their new tokens one after another, with a 4-D mask that lets a token see its own row only.
+* packed (:func:`_packed`): rows of any context in batch elements about the longest row long
+  (first fit by decreasing length), each element holding its rows' caches side by side and then
+  their new tokens one after another, with a 4-D mask that lets a token see its own row only.
   Used when padding would more than ``PACK_ABOVE``-fold the work: a member that catches up on 12
   missed tokens next to a public row that needs 1 costs 13 token positions, not 24.
 
-Building the step's cache is one gather per context and layer, and storing the new keys one indexed
-write, whatever the number of rows. Either way the result equals a plain forward over the whole
-context (tested against a ``set_adapter`` loop without cache, for both layouts).
+Building the step's cache is one gather per context and layer (packed: then one more per layer),
+and storing the new keys one indexed write per context and layer, whatever the number of rows.
+Either way the result equals a plain forward over the whole context (tested against a
+``set_adapter`` loop without cache, for both layouts).
 """
 
 from __future__ import annotations
@@ -257,24 +259,6 @@ class _Layout:
     order: torch.Tensor | None = None
 
 
-def _cache(groups: Groups, gather, length: int) -> DynamicCache:
-    """The step's input cache: per layer, ``gather(state, layer, rows, slots, like)`` (keys,
-    values) of every context, ``like`` the layer's buffer of a context that has keys (a context
-    without keys yet gets zeros shaped after it); empty when no row has cached tokens."""
-    cache = DynamicCache()
-    ref = next((st for st, _, _ in groups if st.keys), None)
-    if not length or ref is None:
-        return cache
-    for layer, like in enumerate(ref.keys):
-        keys, values = zip(*(gather(st, layer, rows, slots, like) for st, rows, slots in groups))
-        cache.update(torch.cat(keys), torch.cat(values), layer)
-    return cache
-
-
-def _zeros(like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    return like.new_zeros((batch, like.shape[1], length, like.shape[3]))  # padding stays finite
-
-
 def _per_row(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
     """One batch row per ensemble row: its new tokens left-padded to the longest, after its cache
     (padded at the end to the longest), a 2-D mask over both paddings."""
@@ -288,18 +272,25 @@ def _per_row(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
         mask[i, :c] = 1
         mask[i, c_max + l_max - m :] = 1
 
-    def gather(state: SequenceState, layer: int, batch, slots, like):
-        if not state.keys:
-            zeros = _zeros(like, len(slots), c_max)
-            return zeros, zeros
-        index = torch.tensor(slots)
-        k = state.keys[layer].index_select(0, index)[:, :, :c_max]
-        v = state.values[layer].index_select(0, index)[:, :, :c_max]
-        pad = (0, 0, 0, c_max - k.shape[2])  # at the end of the length axis
-        return torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
-
+    cache = DynamicCache()
+    ref = next((st for st, _, _ in groups if st.keys), None)
+    for layer, like in enumerate(ref.keys if c_max else []):
+        keys, values = [], []
+        for state, _, slots in groups:
+            if not state.keys:  # zeros: padding stays finite
+                shape = (len(slots), like.shape[1], c_max, like.shape[3])
+                keys.append(like.new_zeros(shape))
+                values.append(like.new_zeros(shape))
+                continue
+            index = torch.tensor(slots)
+            k = state.keys[layer].index_select(0, index)[:, :, :c_max]
+            v = state.values[layer].index_select(0, index)[:, :, :c_max]
+            pad = (0, 0, 0, c_max - k.shape[2])  # at the end of the length axis
+            keys.append(torch.nn.functional.pad(k, pad))
+            values.append(torch.nn.functional.pad(v, pad))
+        cache.update(torch.cat(keys), torch.cat(values), layer)
     starts = [c_max + l_max - m for m in new]
-    return _Layout(ids, pos, mask, 1, _cache(groups, gather, c_max), list(range(b)), starts)
+    return _Layout(ids, pos, mask, 1, cache, list(range(b)), starts)
 
 
 def _first_fit(sizes: Sequence[int], cap: int) -> list[list[int]]:
@@ -373,13 +364,15 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
             for state, batch, slots in groups
             if sum(lens[i] for i in batch)
         ]
+
+        def gathered(parts: list[torch.Tensor]) -> torch.Tensor:  # [b, heads, c, dim]
+            flat = torch.cat([*parts, parts[0].new_zeros((1, *parts[0].shape[1:]))])
+            return flat[take].transpose(1, 2)
+
         for layer in range(len(at[0][0].keys)):
-            kv = []
-            for buffers in ("keys", "values"):
-                parts = [getattr(st, buffers)[layer][slot, :, j] for st, slot, j in at]
-                flat = torch.cat([*parts, parts[0].new_zeros((1, *parts[0].shape[1:]))])
-                kv.append(flat[take].transpose(1, 2))  # [b, heads, c, dim]
-            cache.update(*kv, layer)
+            keys = gathered([st.keys[layer][slot, :, j] for st, slot, j in at])
+            values = gathered([st.values[layer][slot, :, j] for st, slot, j in at])
+            cache.update(keys, values, layer)
     order = [i for rows_k in bins for i in rows_k]  # the kept positions' rows, in batch order
     tokens = PackedTokens(torch.tensor(src), torch.tensor(dst), l_max)
     return _Layout(
