@@ -125,7 +125,11 @@ class BatchedLora:
                     )
                     delta = torch.bmm(torch.bmm(rows_in.view(len(_a), tokens.length, -1), _a), _b)
                     delta = (delta * _s).view(-1, delta.shape[-1]).index_select(0, tokens.dst)
-                    out.index_add_(0, tokens.src, delta.to(result.dtype))
+                    # indices are distinct: select, add, copy back (index_add_ is several
+                    # times slower on CPU)
+                    out.index_copy_(
+                        0, tokens.src, out.index_select(0, tokens.src) + delta.to(out.dtype)
+                    )
                     return result
 
                 originals.append(layer)
