@@ -3,14 +3,15 @@
 peft's mixed batch (``adapter_names=[...]``) runs one sub-batch per adapter in every LoRA layer:
 with N members in a batch that is N small matmuls and N index copies per layer. Multi-LoRA servers
 (Punica's BGMV, S-LoRA; vLLM's CPU path in plain PyTorch) instead gather each row's A and B and
-run one batched matmul. Here the members' A ``[r, in]``, B ``[out, r]`` and scalings s are stacked
+run one batched matmul. Here the members' A ``[r, in]`` and scaled B ``s·[out, r]`` are stacked
 once per layer (a zero adapter at index N is the public row), and each row of a forward computes
 
-    y = base(x) + s_row · (x · A_row^T) · B_row^T
+    y = base(x) + (x · A_row^T) · (s_row · B_row)^T
 
-with ``torch.bmm``. peft stays the training and storage format: the stacks are rebuilt when any
-member's weights change (their tensor versions are compared on every forward). Only vanilla LoRA
-on linear/Conv1D layers is batched; :meth:`BatchedLora.supports` says whether a model qualifies.
+with ``torch.bmm``, in the adapters' dtype (float32 as trained: equal to peft's sub-batches to
+rounding). peft stays the training and storage format: the stacks are rebuilt when any member's
+weights change (their tensor versions are compared on every forward). Only vanilla LoRA on
+linear/Conv1D layers is batched; :meth:`BatchedLora.supports` says whether a model qualifies.
 """
 
 from __future__ import annotations
@@ -25,13 +26,27 @@ __all__ = ["BatchedLora", "PackedTokens"]
 
 class PackedTokens(NamedTuple):
     """Where each row's tokens are in a packed batch (several rows per batch element): the real
-    token at flat position ``src[t]`` of the batch (``batch * seq_len + seq``) is the token at
-    flat position ``dst[t]`` of the rows padded to ``length`` (``row * length + column``), where
-    the LoRA update is computed per row."""
+    token at flat position ``src[t]`` of the batch (``batch * seq_len + seq``, ``positions`` in
+    all) is the token at flat position ``dst[t]`` of the rows padded to ``length`` (``row *
+    length + column``), where the LoRA update is computed per row."""
 
     src: torch.Tensor
     dst: torch.Tensor
     length: int
+    positions: int
+
+    def maps(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batch position each row slot reads, the row slot each batch position adds).
+
+        A padding slot of a row reads batch position 0 (its product is never read back: ``bmm``
+        keeps slots apart); a padding position of the batch adds slot ``rows * length``, the zero
+        row appended after the rows' products.
+        """
+        gather = torch.zeros(rows * self.length, dtype=torch.long)
+        gather[self.dst] = self.src
+        scatter = torch.full((self.positions,), rows * self.length, dtype=torch.long)
+        scatter[self.src] = self.dst
+        return gather, scatter
 
 
 class BatchedLora:
@@ -45,7 +60,7 @@ class BatchedLora:
     def __init__(self, layers: Sequence[torch.nn.Module], members: Sequence[str]) -> None:
         self.layers, self.members = list(layers), list(members)
         self._versions: tuple | None = None
-        self._stacks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._stacks: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @staticmethod
     def supports(layers: Sequence[torch.nn.Module], members: Sequence[str]) -> bool:
@@ -72,15 +87,8 @@ class BatchedLora:
             return
         stacks = []
         for layer in self.layers:
-            # float64: the low-rank product is cheap (r ≪ width) and then agrees with peft's
-            # float32 sub-batches to rounding, whatever the batch composition.
-            a = [layer.lora_A[m].weight.detach().double() for m in self.members]
-            b = [layer.lora_B[m].weight.detach().double() for m in self.members]
-            scale = torch.tensor(
-                [float(layer.scaling[m]) for m in self.members] + [0.0],
-                dtype=b[0].dtype,
-                device=b[0].device,
-            )
+            a = [layer.lora_A[m].weight.detach() for m in self.members]
+            b = [layer.lora_B[m].weight.detach() * float(layer.scaling[m]) for m in self.members]
             r = max(w.shape[0] for w in a)  # ranks may differ: pad with zeros
             a_stack = a[0].new_zeros(len(a) + 1, r, a[0].shape[1])
             b_stack = b[0].new_zeros(len(b) + 1, b[0].shape[0], r)
@@ -88,7 +96,7 @@ class BatchedLora:
                 a_stack[i, : wa.shape[0]] = wa
                 b_stack[i, :, : wb.shape[1]] = wb
             stacks.append(
-                (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous(), scale)
+                (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous())
             )
         self._stacks, self._versions = stacks, versions
 
@@ -104,33 +112,25 @@ class BatchedLora:
         Batch row i is row i unless ``tokens`` says where each row's tokens are in a packed batch.
         """
         self._refresh()
+        if tokens is not None:
+            gather, scatter = tokens.maps(len(rows))
         originals = []
         try:
-            for layer, (a_t, b_t, scale) in zip(self.layers, self._stacks):
+            for layer, (a_t, b_t) in zip(self.layers, self._stacks):
                 a_rows, b_rows = a_t[rows], b_t[rows]  # [b, in, r], [b, r, out]
-                s_rows = scale[rows][:, None, None]
 
-                def batched(x, *args, _layer=layer, _a=a_rows, _b=b_rows, _s=s_rows, **kwargs):
+                def batched(x, *args, _layer=layer, _a=a_rows, _b=b_rows, **kwargs):
                     result = _layer.base_layer(x, *args, **kwargs)
+                    x = x.to(_a.dtype)
                     if tokens is None:
-                        delta = torch.bmm(torch.bmm(x.to(_a.dtype), _a), _b) * _s  # float64
-                        return result + delta.to(result.dtype)
-                    result = result.contiguous()  # a view of it is written in place below
-                    flat, out = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
-                    rows_in = flat.new_zeros(
-                        (len(_a) * tokens.length, flat.shape[-1]), dtype=_a.dtype
-                    )
-                    rows_in.index_copy_(
-                        0, tokens.dst, flat.index_select(0, tokens.src).to(_a.dtype)
-                    )
-                    delta = torch.bmm(torch.bmm(rows_in.view(len(_a), tokens.length, -1), _a), _b)
-                    delta = (delta * _s).view(-1, delta.shape[-1]).index_select(0, tokens.dst)
-                    # indices are distinct: select, add, copy back (index_add_ is several
-                    # times slower on CPU)
-                    out.index_copy_(
-                        0, tokens.src, out.index_select(0, tokens.src) + delta.to(out.dtype)
-                    )
-                    return result
+                        return result + torch.bmm(torch.bmm(x, _a), _b).to(result.dtype)
+                    # rows padded to tokens.length: gather, two bmm, scatter back (one op each)
+                    per_row = x.reshape(-1, x.shape[-1]).index_select(0, gather)
+                    delta = torch.bmm(torch.bmm(per_row.view(len(_a), tokens.length, -1), _a), _b)
+                    delta = delta.view(-1, delta.shape[-1])
+                    delta = torch.cat([delta, delta.new_zeros(1, delta.shape[-1])])
+                    delta = delta.index_select(0, scatter).view(result.shape)
+                    return result + delta.to(result.dtype)
 
                 originals.append(layer)
                 layer.forward = batched

@@ -374,7 +374,7 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
             values = gathered([st.values[layer][slot, :, j] for st, slot, j in at])
             cache.update(keys, values, layer)
     order = [i for rows_k in bins for i in rows_k]  # the kept positions' rows, in batch order
-    tokens = PackedTokens(torch.tensor(src), torch.tensor(dst), l_max)
+    tokens = PackedTokens(torch.tensor(src), torch.tensor(dst), l_max, b * p)
     return _Layout(
         ids, pos, mask[:, None], keep, cache, where_batch, start, tokens, torch.tensor(order)
     )

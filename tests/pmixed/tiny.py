@@ -29,6 +29,11 @@ PRIVATE = [
     ["Out, damned spot! out, I say! One: two: why, then, 'tis time to do't. " * 5],
     ["If music be the food of love, play on; give me excess of it. " * 5],
 ]
+#: |batched cached forward − set_adapter loop| allowed in log p: both are float32 forwards that
+#: round independently (the batched LoRA's bmm against peft's per-adapter matmul, a cached against
+#: a full attention); log p reaches about 6 in these walks, where a float32 ulp is 4.8e-7, and the
+#: worst measured difference was 1.1e-6. A wrong adapter or position is off by 1e-2 or more.
+LOOP_TOLERANCE = 4e-6
 #: The members' LoRA: rank 4 on GPT-2's attention and MLP projections.
 LORA = LoraSpec(r=4, target_modules=GPT2_TARGETS)
 SPEC = ModelSpec(vocab_size=320, block_size=64, n_embd=32, n_layer=2, n_head=2)
