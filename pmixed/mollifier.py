@@ -468,14 +468,15 @@ def _upper(kt, kf, theta, s_min, s_max) -> tuple[torch.Tensor, torch.Tensor]:
     Between two known points: the chord (F is convex); beyond the last: slope max s; before the
     first: slope min s. Known θ include 0 and 1, so every constraint has a neighbour.
     """
-    t = kt[:, :, None]  # [R, K, 1]
-    th = theta[:, None, :]  # [1, 1, C]
-    left = torch.where(t <= th, t, -torch.inf)
-    right = torch.where(t >= th, t, torch.inf)
-    li, ri = left.argmax(dim=1), right.argmin(dim=1)  # [R, C]
+    t = kt[:, None, :]  # [R, 1, K]: the few known points innermost (a strided argmax over
+    th = theta[:, :, None]  # [1, C, 1]  a middle axis was 6x slower on CPU)
+    (l_max, li), (r_min, ri) = (  # [R, C]: the first of equal maxima / minima, as argmax
+        torch.where(t <= th, t, -torch.inf).max(dim=-1),
+        torch.where(t >= th, t, torch.inf).min(dim=-1),
+    )
     t_l, f_l = kt.gather(1, li), kf.gather(1, li)
     t_r, f_r = kt.gather(1, ri), kf.gather(1, ri)
-    has_l, has_r = torch.isfinite(left.max(dim=1).values), torch.isfinite(right.min(dim=1).values)
+    has_l, has_r = torch.isfinite(l_max), torch.isfinite(r_min)
     th = theta.expand_as(t_l)
     chord = f_l + (th - t_l) / (t_r - t_l) * (f_r - f_l)
     exact = has_l & (t_l == th)
