@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -50,9 +51,12 @@ PACK_ABOVE = 1.5
 class SequenceState:
     """One context being extended: its tokens and every row's cached keys and values.
 
-    ``keys[layer]`` and ``values[layer]`` are ``[1 + N, heads, capacity, dim]``: slot 0 is the
+    ``keys[layer]`` and ``values[layer]`` are ``[1 + N, capacity, heads, dim]``: slot 0 is the
     public model (row ``None``), slot i + 1 member i; ``lengths[row]`` tokens are valid at the
-    front of a row's slot. The capacity doubles when a row needs more.
+    front of a row's slot. Position-major, so that one token of one row is one contiguous
+    heads × dim block and a step gathers and stores them with one ``index_select`` /
+    ``index_copy_`` on :meth:`flat` per context and layer. The capacity doubles when a row needs
+    more.
     """
 
     tokens: list[int]
@@ -63,19 +67,30 @@ class SequenceState:
     def cached(self, row: int | None) -> int:
         return self.lengths.get(row, 0)
 
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys[layer]``, ``values[layer]`` as ``[slots × capacity, heads × dim]`` views: the
+        token at position j of slot s is row ``s * capacity + j``."""
+        k, v = self.keys[layer], self.values[layer]
+        return k.view(-1, k.shape[2] * k.shape[3]), v.view(-1, v.shape[2] * v.shape[3])
+
     def reserve(self, slots: int, length: int, like: Sequence[tuple[torch.Tensor, torch.Tensor]]):
-        """Buffers that hold ``length`` tokens per slot, shaped after ``like`` (per layer)."""
-        cap = self.keys[0].shape[2] if self.keys else 0
+        """Buffers that hold ``length`` tokens per slot, shaped after ``like`` (per layer: a
+        transformers cache layer's ``[batch, heads, length, dim]``)."""
+        cap = self.capacity
         if cap >= length:
             return
         new_cap = max(length, 2 * cap, 16)
         grown_k, grown_v = [], []
         for layer, (k, _) in enumerate(like):
-            shape = (slots, k.shape[1], new_cap, k.shape[3])
+            shape = (slots, new_cap, k.shape[1], k.shape[3])
             bk, bv = k.new_zeros(shape), k.new_zeros(shape)  # zeros: padding stays finite
             if cap:
-                bk[:, :, :cap] = self.keys[layer]
-                bv[:, :, :cap] = self.values[layer]
+                bk[:, :cap] = self.keys[layer]
+                bv[:, :cap] = self.values[layer]
             grown_k.append(bk)
             grown_v.append(bv)
         self.keys, self.values = grown_k, grown_v
@@ -171,19 +186,20 @@ class EnsembleLM:
         logp = torch.log_softmax(logits.double(), dim=-1)  # [rows, V]
         layers = [(lay.keys, lay.values) for lay in out.cache.layers]
         for state, batch, slots in groups:  # each row's new keys go after its cached ones
-            src_row, src_pos, dst_slot, dst_pos = [], [], [], []
+            state.reserve(1 + self.n_members, max(lens[i] + new[i] for i in batch), layers)
+            cap = state.capacity
+            src_row, src_pos, dst = [], [], []
             for i, slot in zip(batch, slots):
                 c, m = lens[i], new[i]
                 src_row += [layout.batch[i]] * m
                 src_pos += range(layout.start[i], layout.start[i] + m)
-                dst_slot += [slot] * m
-                dst_pos += range(c, c + m)
-            state.reserve(1 + self.n_members, max(dst_pos) + 1, layers)
-            src = (torch.tensor(src_row), slice(None), torch.tensor(src_pos))
-            dst = (torch.tensor(dst_slot), slice(None), torch.tensor(dst_pos))
+                dst += range(slot * cap + c, slot * cap + c + m)
+            src = (_ints(src_row), slice(None), _ints(src_pos))
+            at = _ints(dst)
             for layer, (k, v) in enumerate(layers):
-                state.keys[layer][dst] = k[src]
-                state.values[layer][dst] = v[src]
+                flat_k, flat_v = state.flat(layer)
+                flat_k.index_copy_(0, at, k[src].reshape(len(dst), -1))
+                flat_v.index_copy_(0, at, v[src].reshape(len(dst), -1))
             for i in batch:
                 state.lengths[rows[i][1]] = lens[i] + new[i]
         results, start = [], 0
@@ -242,6 +258,12 @@ class EnsembleLM:
 Groups = Sequence[tuple[SequenceState, list[int], list[int]]]
 
 
+def _ints(values: Sequence[int]) -> torch.Tensor:
+    """An int64 tensor of a list through numpy: ``torch.tensor`` on a list of thousands of ints
+    (a packed step's index lists) takes about 9 times as long."""
+    return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
+
+
 @dataclass
 class _Layout:
     """One step's batch: inputs, the cache it starts from, and where each row's new keys land in
@@ -278,17 +300,18 @@ def _per_row(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
         keys, values = [], []
         for state, _, slots in groups:
             if not state.keys:  # zeros: padding stays finite
-                shape = (len(slots), like.shape[1], c_max, like.shape[3])
+                shape = (len(slots), c_max, like.shape[2], like.shape[3])
                 keys.append(like.new_zeros(shape))
                 values.append(like.new_zeros(shape))
                 continue
             index = torch.tensor(slots)
-            k = state.keys[layer].index_select(0, index)[:, :, :c_max]
-            v = state.values[layer].index_select(0, index)[:, :, :c_max]
-            pad = (0, 0, 0, c_max - k.shape[2])  # at the end of the length axis
+            k = state.keys[layer].index_select(0, index)[:, :c_max]
+            v = state.values[layer].index_select(0, index)[:, :c_max]
+            pad = (0, 0, 0, 0, 0, c_max - k.shape[1])  # at the end of the length axis
             keys.append(torch.nn.functional.pad(k, pad))
             values.append(torch.nn.functional.pad(v, pad))
-        cache.update(torch.cat(keys), torch.cat(values), layer)
+        # [rows, heads, length, dim], as transformers keeps a cache layer
+        cache.update(torch.cat(keys).transpose(1, 2), torch.cat(values).transpose(1, 2), layer)
     starts = [c_max + l_max - m for m in new]
     return _Layout(ids, pos, mask, 1, cache, list(range(b)), starts)
 
@@ -324,26 +347,28 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
             offset[i], n = n, n + lens[i]
     b = len(bins)
     c = max(sum(lens[i] for i in rows_k) for rows_k in bins)
-    ids = torch.full((b, p), pad_id, dtype=torch.long)
-    pos = torch.zeros((b, p), dtype=torch.long)
-    owner_new = torch.full((b, p), -1)  # padding tokens see each other only
-    owner_cached = torch.full((b, c), -2)  # padding keys are seen by none
-    take = torch.full((b, c), n)  # entry n of `flat`: zeros
-    keep = torch.zeros((b, p), dtype=torch.bool)
+    # Built as flat lists and turned into tensors once (per-row tensor writes were most of this).
+    ids, pos, keep = [pad_id] * (b * p), [0] * (b * p), [0] * (b * p)
+    owner_new = [-1] * (b * p)  # padding tokens see each other only
+    owner_cached = [-2] * (b * c)  # padding keys are seen by none
+    take = [n] * (b * c)  # entry n of `flat`: zeros
     where_batch, start, src, dst = [0] * len(rows), [0] * len(rows), [], []
     for k, rows_k in enumerate(bins):
-        s = o = 0
+        s, o = k * p, k * c  # flat positions of the next new token / cached key of element k
         for i in rows_k:
             state, ci, m = rows[i][0], lens[i], new[i]
-            ids[k, s : s + m] = torch.tensor(state.tokens[ci:])
-            pos[k, s : s + m] = torch.arange(ci, len(state.tokens))
-            owner_new[k, s : s + m], owner_cached[k, o : o + ci] = i, i
-            take[k, o : o + ci] = torch.arange(offset[i], offset[i] + ci)
-            keep[k, s + m - 1] = True
-            where_batch[i], start[i] = k, c + s
-            src += range(k * p + s, k * p + s + m)
+            ids[s : s + m] = state.tokens[ci:]
+            pos[s : s + m] = range(ci, ci + m)
+            owner_new[s : s + m], owner_cached[o : o + ci] = [i] * m, [i] * ci
+            take[o : o + ci] = range(offset[i], offset[i] + ci)
+            keep[s + m - 1] = 1
+            where_batch[i], start[i] = k, c + s - k * p
+            src += range(s, s + m)
             dst += range(i * l_max, i * l_max + m)
             s, o = s + m, o + ci
+    ids, pos, keep = _ints(ids).view(b, p), _ints(pos).view(b, p), _ints(keep).view(b, p) > 0
+    owner_new, owner_cached = _ints(owner_new).view(b, p), _ints(owner_cached).view(b, c)
+    take = _ints(take)
     causal = torch.ones((p, p), dtype=torch.bool).tril()
     sees = torch.cat(
         [
@@ -355,26 +380,24 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
     mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
     cache = DynamicCache()
     if c:
-        at = [  # per context with cached keys: (slot, position) of each, rows side by side
-            (
-                state,
-                torch.tensor([s for i, s in zip(batch, slots) for _ in range(lens[i])]),
-                torch.tensor([j for i in batch for j in range(lens[i])]),
-            )
-            for state, batch, slots in groups
-            if sum(lens[i] for i in batch)
-        ]
+        at = []  # per context with cached keys: their rows' flat positions, rows side by side
+        for state, batch, slots in groups:
+            cap, index = state.capacity, []
+            for i, slot in zip(batch, slots):
+                index += range(slot * cap, slot * cap + lens[i])
+            if index:
+                at.append((state, _ints(index)))
+        heads, dim = at[0][0].keys[0].shape[2:]
 
         def gathered(parts: list[torch.Tensor]) -> torch.Tensor:  # [b, heads, c, dim]
-            flat = torch.cat([*parts, parts[0].new_zeros((1, *parts[0].shape[1:]))])
-            return flat[take].transpose(1, 2)
+            flat = torch.cat([*parts, parts[0].new_zeros((1, parts[0].shape[1]))])
+            return flat.index_select(0, take).view(b, c, heads, dim).transpose(1, 2)
 
         for layer in range(len(at[0][0].keys)):
-            keys = gathered([st.keys[layer][slot, :, j] for st, slot, j in at])
-            values = gathered([st.values[layer][slot, :, j] for st, slot, j in at])
+            flats = [(st.flat(layer), index) for st, index in at]
+            keys = gathered([k.index_select(0, index) for (k, _), index in flats])
+            values = gathered([v.index_select(0, index) for (_, v), index in flats])
             cache.update(keys, values, layer)
     order = [i for rows_k in bins for i in rows_k]  # the kept positions' rows, in batch order
-    tokens = PackedTokens(torch.tensor(src), torch.tensor(dst), l_max, b * p)
-    return _Layout(
-        ids, pos, mask[:, None], keep, cache, where_batch, start, tokens, torch.tensor(order)
-    )
+    tokens = PackedTokens(_ints(src), _ints(dst), l_max, b * p)
+    return _Layout(ids, pos, mask[:, None], keep, cache, where_batch, start, tokens, _ints(order))
