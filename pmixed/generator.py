@@ -29,7 +29,7 @@ from pmixed.deployment import Deployment, check_prompt, check_sampling
 from pmixed.mechanism import release_log_many, sample_subset, sample_token
 from pmixed.models import EnsembleLM, SequenceState
 
-__all__ = ["Generation", "PrivateGenerator", "public_transform"]
+__all__ = ["Generation", "PrivateGenerator", "public_transform", "public_transform_many"]
 
 #: A transformed row must sum to 1 within this (in log space) before it reaches the mollifier.
 NORMALISATION_TOLERANCE = 1e-12
@@ -61,20 +61,32 @@ def public_transform(
     first (:func:`~pmixed.deployment.check_sampling`); every returned row is a distribution to
     1e-12 (FloatingPointError otherwise: never an unnormalised row into the mollifier).
     """
+    owner = np.zeros(len(lps), dtype=np.int64)
+    lp0, lps = public_transform_many(lp0[None], lps, owner, temperature=temperature, top_k=top_k)
+    return lp0[0], lps
+
+
+def public_transform_many(
+    lp0: np.ndarray, lps: np.ndarray, owner: np.ndarray, *, temperature: float, top_k: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`public_transform` for several prompts at once: p0 rows ``lp0 [P, V]`` and member
+    rows ``lps [R, V]``, member row r belonging to prompt ``owner[r]``; each prompt's top-k set
+    comes from its own p0 row. Row for row the same result as one prompt at a time."""
     check_sampling(temperature, top_k, lp0.shape[-1])
     lp0, lps = lp0 / temperature, lps / temperature
     if top_k is not None:
-        order = np.lexsort((np.arange(lp0.shape[-1]), -lp0))  # by -lp0, then token id
-        keep = np.zeros(lp0.shape[-1], bool)
-        keep[order[:top_k]] = True
+        # ascending -lp0, stable: the k largest, ties by token id (NaN last, as lexsort)
+        top = np.argsort(-lp0, axis=-1, kind="stable")[:, :top_k]
+        keep = np.zeros(lp0.shape, bool)
+        np.put_along_axis(keep, top, True, axis=-1)
         lp0 = np.where(keep, lp0, -np.inf)
-        lps = np.where(keep, lps, -np.inf)
+        lps = np.where(keep[owner], lps, -np.inf)
     lp0 = lp0 - logsumexp(lp0, axis=-1, keepdims=True)
     norm = logsumexp(lps, axis=-1, keepdims=True)
     if lps.size and not np.isfinite(norm).all():
         raise FloatingPointError("a member has no probability mass on the public top-k set.")
     lps = lps - norm
-    for rows in (lp0[None, :], lps):
+    for rows in (lp0, lps):
         if rows.size and (np.abs(logsumexp(rows, axis=-1)) > NORMALISATION_TOLERANCE).any():
             raise FloatingPointError("a transformed row does not sum to 1 within 1e-12.")
     return lp0, lps
@@ -111,13 +123,20 @@ class PrivateGenerator:
         every = list(range(cfg.n_members))
         computed = [every if self.constant_work else sorted({int(i) for i in s}) for s in subsets]
         outs = self.lm.next_logprobs_many(list(zip(states, computed)))
-        queries = []
-        for (lp0, lps), subset, members in zip(outs, subsets, computed):
-            sampled = lps.numpy()[[members.index(int(i)) for i in subset]]
-            lp0, sampled = public_transform(
-                lp0.numpy(), sampled, temperature=temperature, top_k=top_k
-            )
-            queries.append((sampled, lp0))
+        # every prompt's rows transformed together (row for row as one prompt at a time)
+        sampled = [
+            lps.numpy()[[members.index(int(i)) for i in subset]]
+            for (_, lps), subset, members in zip(outs, subsets, computed)
+        ]
+        owner = np.repeat(np.arange(len(outs)), [len(rows) for rows in sampled])
+        lp0s, rows = public_transform_many(
+            np.stack([lp0.numpy() for lp0, _ in outs]),
+            np.concatenate(sampled),
+            owner,
+            temperature=temperature,
+            top_k=top_k,
+        )
+        queries = [(rows[owner == j], lp0s[j]) for j in range(len(outs))]
         released = release_log_many(queries, self.calibration, rngs)
         return [
             (token, {"subset": subset, "subset_size": len(subset), "lambdas": lam})

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from accounting import compose, read_ledger, verify
 from pmixed import PMixEDConfig
 from pmixed.deployment import TEMPERATURE_RANGE, Deployment, InvalidRequest
-from pmixed.generator import PrivateGenerator, public_transform
+from pmixed.generator import PrivateGenerator, public_transform, public_transform_many
 from tests.pmixed.tiny import computed_rows, tiny_lm, tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -191,6 +191,34 @@ def test_public_transform_rows_are_distributions_over_the_valid_range(logits, te
     for row in (a0[None], a):
         assert np.all(np.abs(np.log(np.exp(row).sum(axis=-1))) <= 1e-12)
         assert not np.isnan(row).any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    members=st.lists(st.integers(0, 3), min_size=1, max_size=5),
+    temperature=st.floats(*TEMPERATURE_RANGE),
+    k=st.one_of(st.none(), st.integers(1, 40)),
+)
+def test_public_transform_of_several_prompts_is_bitwise_each_prompt_alone(
+    seed, members, temperature, k
+):
+    """The generator transforms every prompt's rows in one call; the tokens of a prompt must not
+    depend on which prompts it was served with, so each row equals its prompt alone exactly."""
+    rng = np.random.default_rng(seed)
+    v = 40
+    lp0 = rng.normal(0, 4, (len(members), v))
+    lp0[:, :3] = lp0[:, :1]  # ties at the top for top-k's token-id rule
+    lp0 -= np.log(np.exp(lp0).sum(axis=1, keepdims=True))
+    lps = rng.normal(0, 4, (sum(members), v))
+    owner = np.repeat(np.arange(len(members)), members)
+    alone = [
+        public_transform(lp0[j], lps[owner == j], temperature=temperature, top_k=k)
+        for j in range(len(members))
+    ]
+    t0, t = public_transform_many(lp0, lps, owner, temperature=temperature, top_k=k)
+    for j, (a0, a) in enumerate(alone):
+        assert np.array_equal(t0[j], a0) and np.array_equal(t[owner == j], a)
 
 
 def test_public_transform_chooses_the_set_from_p0_only():
