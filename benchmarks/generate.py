@@ -11,7 +11,8 @@ sampled per token; the paper's setting is ``--members 80 --q 0.03``):
              KV cache, then SciPy ``bisect`` (20 iterations, order 3) per sampled member.
 
 Then tokens per second of ``generate`` with 1, 8 and 32 prompts advanced together (one forward per
-step over every prompt's rows), with and without ``constant_work``. ``--vocab 50257`` gives GPT-2's
+step over every prompt's rows), with and without ``constant_work``, and beside them the ceiling:
+the base-only floor's own speed-up from k prompts' token rows in one forward. ``--vocab 50257`` gives GPT-2's
 real vocabulary; ``--threads`` fixes (and the output reports) torch's thread count.
 
     .venv/bin/python benchmarks/generate.py --out benchmarks/results [--model gpt2-small] [--vocab 50257]
@@ -103,25 +104,34 @@ def reference_loop(lm: EnsembleLM, prompt: list[int], rng, q: float) -> float:
 
 
 @torch.no_grad()
-def token_rows_floor(lm: EnsembleLM, repeats: int = 30) -> tuple[float, float]:
-    """Seconds of a base-only cached forward of 1 token and of 1 + N tokens (the compute floor).
+def token_rows_floor(
+    lm: EnsembleLM, repeats: int = 30, prompts: int = 1, head_rows: int = 0
+) -> tuple[float, float]:
+    """Seconds of a base-only cached forward of 1 token and of 1 + N tokens per prompt, for
+    ``prompts`` prompts at once (the compute floor), with the LM head on every position
+    (``head_rows`` 0) or on the last ``head_rows`` of each prompt.
 
     Exact members computed only when sampled catch up on every token they missed, so over a
     generation each of the N members and the public model process every token: 1 + N token-rows
-    per released token.
+    per released token. With k prompts a step cannot cost less than k such rows in one forward,
+    so k x (one prompt's floor) / (k prompts' floor) bounds what advancing k prompts together
+    can gain over one at a time on this machine.
     """
 
     def step(length: int, cache) -> float:
-        lm.model(input_ids=torch.full((1, length), 7), cache=cache, use_cache=True)  # warm-up
+        ids = torch.full((prompts, length), 7)
+        kwargs = {"cache": cache, "use_cache": True, "logits_to_keep": head_rows}
+        lm.model(input_ids=ids, **kwargs)  # warm-up
         cache.crop(-length)
         start = time.perf_counter()
         for _ in range(repeats):
-            lm.model(input_ids=torch.full((1, length), 7), cache=cache, use_cache=True)
+            lm.model(input_ids=ids, **kwargs)
             cache.crop(-length)
         return (time.perf_counter() - start) / repeats
 
     with lm.model.disable_adapter():
-        cache = lm.model(input_ids=torch.arange(5, 45)[None], use_cache=True).cache
+        context = torch.arange(5, 45)[None].expand(prompts, -1)
+        cache = lm.model(input_ids=context, use_cache=True).cache
         return step(1, cache), step(1 + lm.n_members, cache)
 
 
@@ -200,6 +210,15 @@ def main() -> None:
                 print(f"  ({key} prompts: {rates[key]:.1f} tok/s)", flush=True)
     med = {k: float(np.median(v)) for k, v in rows.items()}
     one, all_rows = token_rows_floor(lm)
+    # the floor's own gain from k prompts in one forward, alternated with one prompt's floor;
+    # the LM head on one position per prompt (ours needs it on the public and sampled rows), so
+    # this bounds from above what any step that computes every token row can gain
+    ceiling = {}
+    for k in args.prompts:
+        pairs = [
+            (token_rows_floor(lm, 10, 1, 1)[1], token_rows_floor(lm, 10, k, 1)[1]) for _ in range(3)
+        ]
+        ceiling[k] = float(np.median([k * single / many for single, many in pairs]))
     print(
         f"per-token time, median of {args.repeats} ({args.model} model, V={args.vocab}, N={n}, "
         f"q={q}, prompt {args.prompt_tokens}, {TOKENS} tokens, {torch.get_num_threads()} "
@@ -225,6 +244,12 @@ def main() -> None:
     print(f"tokens per second, prompts advanced together ({TOKENS // 2} tokens each):")
     for key, rate in rates.items():
         print(f"  {key:<12} {rate:8.1f} tok/s  ({rate / rates['1']:.2f}x one prompt)")
+    print(
+        f"  ceiling: k prompts' {1 + n} token rows in one base-only forward (LM head on one "
+        "row each) against k such forwards of one prompt (median of 3) = "
+        + ", ".join(f"{ceiling[k]:.2f}x at {k}" for k in args.prompts)
+        + " (target for 8: >= 4x)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "meta": {
@@ -250,6 +275,7 @@ def main() -> None:
             "floor_token_rows": all_rows / one,
             "ours_over_floor": float(np.median(per_repeat)),
         },
+        "prompts_floor_speedup": {str(k): v for k, v in ceiling.items()},
     }
     name = "generate.json" if args.model == "demo" else f"generate-{args.model}.json"
     name = name if args.vocab == 2048 else name.replace(".json", f"-v{args.vocab}.json")
