@@ -3,8 +3,6 @@ loaded back by path, with LoRA members on peft's default targets for the archite
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -67,13 +65,9 @@ def test_context_length_and_default_targets_come_from_the_architecture(deployed)
     assert lm.batched_lora is not None
 
 
-@pytest.mark.parametrize("pack_above", [math.inf, 1.0], ids=["per_row", "packed"])
-def test_batched_cached_forward_equals_the_per_adapter_loop(deployed, tok, pack_above, monkeypatch):
-    """Both batch layouts of a step (pmixed.models: never packed; packed whenever rows differ in
-    length), so every architecture's attention takes the packed 4-D mask too."""
-    import pmixed.models
-
-    monkeypatch.setattr(pmixed.models, "PACK_ABOVE", pack_above)
+def test_batched_cached_forward_equals_the_per_adapter_loop(deployed, tok, layout):
+    """Both batch layouts of a step (the ``layout`` fixture), so every architecture's attention
+    takes the packed 4-D mask too."""
     worst, gap = cached_vs_loop(deployed[2], tok("Friends, Romans")["input_ids"], 12, 0.5)
     assert worst < LOOP_TOLERANCE
     assert gap > 1e-2  # the trained adapters were loaded back, not fresh zero-B ones

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -155,15 +153,6 @@ def test_the_lm_head_sees_only_the_last_position_of_each_row(lm, tok):
     finally:
         handle.remove()
     assert positions == [1, 3]
-
-
-@pytest.fixture(params=["per_row", "packed"])
-def layout(request, monkeypatch):
-    """Both batch layouts of a step: never packed, and packed whenever rows differ in length."""
-    import pmixed.models
-
-    monkeypatch.setattr(pmixed.models, "PACK_ABOVE", math.inf if request.param == "per_row" else 1)
-    return request.param
 
 
 def test_both_layouts_equal_the_set_adapter_loop(lm, tok, layout):
