@@ -12,8 +12,8 @@ sampled per token; the paper's setting is ``--members 80 --q 0.03``):
 
 Then tokens per second of ``generate`` with 1, 8 and 32 prompts advanced together (one forward per
 step over every prompt's rows), with and without ``constant_work``, and beside them the ceiling:
-the base-only floor's own speed-up from k prompts' token rows in one forward. ``--vocab 50257`` gives GPT-2's
-real vocabulary; ``--threads`` fixes (and the output reports) torch's thread count.
+the base-only floor's own speed-up from k prompts' token rows in one forward. ``--vocab 50257``
+gives GPT-2's real vocabulary; ``--threads`` fixes (and the output reports) torch's thread count.
 
     .venv/bin/python benchmarks/generate.py --out benchmarks/results [--model gpt2-small] [--vocab 50257]
 """
