@@ -16,19 +16,21 @@ has not seen yet, with explicit position ids, in one of two batch layouts:
   longest row's, after its cache (padded at the end), a 2-D mask over both paddings. Used when
   the rows' new-token counts are (nearly) equal: every row at every step, a first step.
 * packed (:func:`_packed`): rows of any context in batch elements about the longest row long
-  (first fit by decreasing length), each element holding its rows' caches side by side and then
-  their new tokens one after another, with a 4-D mask that lets a token see its own row only.
+  (first fit by decreasing length, and by a cost model at most so many cached keys per element,
+  :func:`_bins`), each element holding its rows' caches side by side and then their new tokens
+  one after another, with a 4-D mask that lets a token see its own row only.
   Used when padding would more than ``PACK_ABOVE``-fold the work: a member that catches up on 12
   missed tokens next to a public row that needs 1 costs 13 token positions, not 24.
 
 Building the step's cache is one gather per context and layer (packed: then one more per layer),
 and storing the new keys one indexed write per context and layer, whatever the number of rows.
 Either way the result equals a plain forward over the whole context (tested against a
-``set_adapter`` loop without cache, for both layouts).
+``set_adapter`` loop without cache, for both layouts and with packed elements split by keys).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +47,9 @@ PUBLIC = "__base__"
 #: A step is packed (:func:`_packed`) when left-padding every row to the longest would compute
 #: more than this many times its real tokens.
 PACK_ABOVE = 1.5
+#: What a position of a packed element costs in attended keys, per unit of model width: the
+#: linear layers' 24·width² flops against 4·width per key (:func:`_bins`).
+POSITION_COST = 6
 
 
 @dataclass
@@ -129,6 +134,7 @@ class EnsembleLM:
         self.dtype = next(model.parameters()).dtype
         self.max_positions = context_length(model.config)
         self.vocab_size = int(model.config.vocab_size)
+        self.width = int(model.config.get_text_config().hidden_size)  # what packing costs
 
     @property
     def n_members(self) -> int:
@@ -166,7 +172,10 @@ class EnsembleLM:
             groups[-1][2].append(0 if r is None else r + 1)
         padded, real = len(rows) * max(new), sum(new)
         packed = self.batched_lora is not None and padded > PACK_ABOVE * real
-        layout = (_packed if packed else _per_row)(rows, groups, lens, new, self.pad_id, self.dtype)
+        if packed:
+            layout = _packed(rows, groups, lens, new, self.pad_id, self.dtype, self.width)
+        else:
+            layout = _per_row(rows, groups, lens, new, self.pad_id, self.dtype)
         names = [PUBLIC if r is None else self.members[r] for _, r in rows]
         out = self._mixed_forward(
             names,
@@ -316,21 +325,56 @@ def _per_row(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
     return _Layout(ids, pos, mask, 1, cache, list(range(b)), starts)
 
 
-def _first_fit(sizes: Sequence[int], cap: int) -> list[list[int]]:
-    """Indices of ``sizes`` in bins of capacity ``cap``, first fit by decreasing size (stable)."""
+def _first_fit(
+    sizes: Sequence[int], cap: int, keys: Sequence[int] | None = None, key_cap: float = math.inf
+) -> list[list[int]]:
+    """Indices of ``sizes`` in bins of capacity ``cap``, first fit by decreasing size (stable);
+    with ``keys``, a bin's keys also sum to at most ``key_cap`` (a row above it gets its own bin)."""
     bins: list[list[int]] = []
     room: list[int] = []
+    key_room: list[float] = []
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        k = next((k for k, r in enumerate(room) if r >= sizes[i]), len(bins))
+        need = 0 if keys is None else keys[i]
+        k = next(
+            (k for k, r in enumerate(room) if r >= sizes[i] and key_room[k] >= need), len(bins)
+        )
         if k == len(bins):
             bins.append([])
             room.append(cap)
+            key_room.append(key_cap)
         bins[k].append(i)
         room[k] -= sizes[i]
+        key_room[k] -= need
     return bins
 
 
-def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
+def _bins(lens: Sequence[int], new: Sequence[int], width: int) -> tuple[list[list[int]], int]:
+    """(rows per batch element, element length) of a packed step, by a cost model.
+
+    Every element is padded to the longest and its tokens attend to every cached key of the
+    element, so b elements of p positions over c cached keys cost about
+    b·p·(POSITION_COST·width + c + p). Tried: the element length with the fewest positions (the
+    longest row, or it plus a shorter row) and the longest row alone, each with no bound on an
+    element's cached keys or 1, 2, 4, 8 times the longest row's; the cheapest wins. Without the
+    bound, many short rows with long caches (each prompt's public row, with 32 prompts) land in
+    one element, and every element attends over all their caches (8 prompts of the demo model:
+    c = 819 keys per element on average, against about 60 per row).
+    """
+    l_max, longest = max(new), max(max(lens), 1)
+    lengths = sorted({l_max} | {l_max + m for m in new if m < l_max})
+    fewest = min(lengths, key=lambda cap: len(_first_fit(new, cap)) * cap)
+    best = None
+    for p in sorted({l_max, fewest}):
+        for key_cap in (math.inf, longest, 2 * longest, 4 * longest, 8 * longest):
+            bins = _first_fit(new, p, lens, key_cap)
+            c = max(sum(lens[i] for i in rows) for rows in bins)
+            cost = len(bins) * p * (POSITION_COST * width + c + p)
+            if best is None or cost < best[0]:
+                best = (cost, bins, p)
+    return best[1], best[2]
+
+
+def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype, width: int) -> _Layout:
     """Rows packed into batch elements about the longest row long, first fit by decreasing
     length, whatever their context: an element holds its rows' cached keys side by side, then
     their new tokens one after another, and a 4-D mask lets each token see its own row's cache and
@@ -339,8 +383,7 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype) -> _Layout:
     """
     l_max = max(new)
     # Element lengths tried: the longest row, or it plus one shorter row (fewest positions wins).
-    caps = sorted({l_max} | {l_max + m for m in new if m < l_max})
-    bins, p = min(((_first_fit(new, cap), cap) for cap in caps), key=lambda bp: len(bp[0]) * bp[1])
+    bins, p = _bins(lens, new, width)
     offset, n = [0] * len(rows), 0  # row i's cached keys: entries offset[i]... of `flat` below
     for _, batch, _ in groups:
         for i in batch:

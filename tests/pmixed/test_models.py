@@ -184,6 +184,31 @@ def test_a_catch_up_is_packed_not_padded_to_the_longest_row(lm, tok):
     assert shapes == [(1, n), (1, n + 2), (2, 1)]
 
 
+def test_packing_bounds_the_cached_keys_of_an_element_when_that_is_cheaper():
+    from pmixed.models import POSITION_COST, _bins, _first_fit
+
+    def cost(bins, p, lens, width):
+        c = max(sum(lens[i] for i in rows) for rows in bins)
+        return len(bins) * p * (POSITION_COST * width + c + p)
+
+    # a step of 32 prompts (demo model, width 128): 32 public rows, 1 new token after 60 cached
+    # keys each; 6 members catching up on a 40-token prompt and 18 generated tokens
+    lens, new = [60] * 32 + [0] * 6, [1] * 32 + [58] * 6
+    bins, p = _bins(lens, new, 128)
+    assert sorted(i for rows in bins for i in rows) == list(range(38))  # every row once
+    assert all(sum(new[i] for i in rows) <= p for rows in bins)
+    c = max(sum(lens[i] for i in rows) for rows in bins)
+    unbounded = _first_fit(new, 58)  # by positions alone: 32 public rows in one element
+    assert max(sum(lens[i] for i in rows) for rows in unbounded) == 32 * 60
+    assert c <= 8 * 60
+    assert cost(bins, p, lens, 128) < 0.7 * cost(unbounded, 58, lens, 128)  # 0.68
+    # GPT-2-small's width: positions cost more, fewer elements win
+    wide, p_wide = _bins(lens, new, 768)
+    assert len(wide) < len(bins) and cost(wide, p_wide, lens, 768) <= cost(unbounded, 58, lens, 768)
+    # one context, a catch-up beside its public row: nothing to bound
+    assert _bins([40, 0], [1, 41], 128) == ([[1, 0]], 42)
+
+
 def test_several_contexts_in_one_forward_equal_each_alone(lm, tok, layout):
     texts = ["Friends, Romans", "Now is the winter of our", "To be"]
     requests = [(SequenceState(tok(t)["input_ids"]), m) for t, m in zip(texts, [[0], [], [1, 2]])]
