@@ -375,14 +375,13 @@ def _bins(lens: Sequence[int], new: Sequence[int], width: int) -> tuple[list[lis
 
 
 def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype, width: int) -> _Layout:
-    """Rows packed into batch elements about the longest row long, first fit by decreasing
-    length, whatever their context: an element holds its rows' cached keys side by side, then
+    """Rows packed into batch elements about the longest row long (:func:`_bins` chooses),
+    whatever their context: an element holds its rows' cached keys side by side, then
     their new tokens one after another, and a 4-D mask lets each token see its own row's cache and
     its own row's earlier new tokens only. A step whose members catch up on different numbers of
     missed tokens then computes about its real tokens instead of every row padded to the longest.
     """
     l_max = max(new)
-    # Element lengths tried: the longest row, or it plus one shorter row (fewest positions wins).
     bins, p = _bins(lens, new, width)
     offset, n = [0] * len(rows), 0  # row i's cached keys: entries offset[i]... of `flat` below
     for _, batch, _ in groups:
