@@ -363,9 +363,11 @@ def _bins(lens: Sequence[int], new: Sequence[int], width: int) -> tuple[list[lis
     l_max, longest = max(new), max(max(lens), 1)
     lengths = sorted({l_max} | {l_max + m for m in new if m < l_max})
     fewest = min(lengths, key=lambda cap: len(_first_fit(new, cap)) * cap)
+    # a bound at or above every key of the step is no bound: tried once, as math.inf
+    key_caps = [math.inf] + [k * longest for k in (1, 2, 4, 8) if k * longest < sum(lens)]
     best = None
     for p in sorted({l_max, fewest}):
-        for key_cap in (math.inf, longest, 2 * longest, 4 * longest, 8 * longest):
+        for key_cap in key_caps:
             bins = _first_fit(new, p, lens, key_cap)
             c = max(sum(lens[i] for i in rows) for rows in bins)
             cost = len(bins) * p * (POSITION_COST * width + c + p)
