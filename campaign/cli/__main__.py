@@ -4,4 +4,5 @@ import sys
 
 from campaign.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the processes executor's spawned workers import this module too
+    sys.exit(main())
