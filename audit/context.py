@@ -9,7 +9,9 @@ on first use, for every target that needs it:
   from the public model: restricted), the canary member planted by the deployment's own recipe and
   the poisoned member (its partition holds the canary user's records only);
 * ``reference``: the public model's per-token log-probs on the membership blocks;
-* ``canary_audit``: the DP-SGD canary audit (target and non-private positive control).
+* ``canary_audit``: the DP-SGD canary audit (target and non-private positive control), whose
+  trainings :meth:`AuditContext.start_canary_runs` starts first, so that an executor that runs
+  jobs in the background (``processes``, ``ray``) trains them while the other audits run here.
 
 Restricted values (the member, the canary's token, raw scores) go to ``restricted``, the annex.
 """
@@ -26,7 +28,7 @@ import torch
 
 from audit.attacks import ATTACKS
 from audit.canaries import MemberRecipe, drop_adapter
-from audit.dpsgd import CanaryPlan, canary_audit
+from audit.dpsgd import CanaryPlan, CanaryRuns, finish_canary_audit, start_canary_runs
 from audit.exposure import ExposurePlan
 from audit.game import GamePlan, PlantedCanary, plant_canary, poison_member
 from audit.signals import block_logprobs, pmixed_contexts
@@ -120,12 +122,14 @@ class AuditContext:
         base: str | os.PathLike | None = None,
         executor: object | None = None,
     ) -> None:
-        self.model, self.targets, self.plan, self.progress = model, list(targets), plan, progress
+        self.model, self.targets, self.plan = model, list(targets), plan
+        self._bars = progress
         self.train_blocks, self.held_blocks = train_blocks, held_blocks
         self.partitions, self.recipe, self.tokenizer = list(partitions), recipe, tokenizer
         self.dpsgd, self.base, self.executor = dpsgd, base, executor
         self.restricted: dict = {}
         self._planted: list[str] = []
+        self._canary_runs: CanaryRuns | None = None
         self._check()
 
     def _check(self) -> None:
@@ -212,24 +216,49 @@ class AuditContext:
         """The membership blocks as text (for attacks that need it, e.g. zlib)."""
         return tuple([self.tokenizer.decode(x.tolist()) for x in b] for b in self.membership_blocks)
 
+    def progress(self, name: str, total: int) -> Callable[[int], None]:
+        """A progress bar (the caller's ``progress``) whose every update also polls the
+        background trainings, so that this process takes its cores back once they finish."""
+        update = self._bars(name, total)
+
+        def tick(done: int) -> None:
+            if self._canary_runs is not None:
+                self._canary_runs.pending.poll()
+            update(done)
+
+        return tick
+
+    def start_canary_runs(self) -> None:
+        """Submits the DP-SGD canary audit's trainings to the executor (nothing without DP-SGD
+        settings, or once started); :attr:`canary_audit` collects them."""
+        if self.dpsgd is None or self._canary_runs is not None or "canary_audit" in vars(self):
+            return
+        self._canary_runs = start_canary_runs(
+            self.model,
+            self.train_blocks,
+            self.plan.canaries,
+            seed=self.plan.seed,
+            base=self.base,
+            executor=self.executor,
+            **self.dpsgd,
+        )
+
     @cached_property
     def canary_audit(self) -> dict | None:
         """The DP-SGD canary audit's public result (None: the run has no DP-SGD settings)."""
         if self.dpsgd is None:
             return None
-        public, self.restricted["canaries"] = canary_audit(
-            self.model,
-            self.train_blocks,
-            self.plan.canaries,
-            seed=self.plan.seed,
-            progress=self.progress,
-            base=self.base,
-            executor=self.executor,
-            **self.dpsgd,
+        self.start_canary_runs()
+        runs, self._canary_runs = self._canary_runs, None
+        public, self.restricted["canaries"] = finish_canary_audit(
+            self.model, runs, progress=self._bars
         )
         return public
 
     def close(self) -> None:
+        if self._canary_runs is not None:  # started, never collected: the audit failed
+            self._canary_runs.cancel()
+            self._canary_runs = None
         for name in self._planted:
             drop_adapter(self.model, name)
         self._planted.clear()

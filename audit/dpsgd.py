@@ -40,11 +40,14 @@ from pmixed.train_jobs import dpsgd_job, finetune_job
 
 __all__ = [
     "CanaryPlan",
+    "CanaryRuns",
     "OneRunPlan",
     "canary_audit",
     "canary_result",
+    "finish_canary_audit",
     "one_run_audit",
     "one_run_guesses",
+    "start_canary_runs",
 ]
 
 
@@ -157,7 +160,32 @@ def _audit_set(model, private_blocks: torch.Tensor, m: int, seed: int, path: str
     return canaries, inclusion, torch.cat([private_blocks[: int(inc.sum())], canaries[inc]])
 
 
-def canary_audit(
+@dataclass(frozen=True)
+class CanaryRuns:
+    """The canary audit's training runs, started on an executor by :func:`start_canary_runs`:
+    the audited canaries and their inclusion, the audit set, and the pending jobs whose adapter
+    files land in ``folder`` (removed by :func:`finish_canary_audit`)."""
+
+    canaries: torch.Tensor  # [m, T]
+    inclusion: np.ndarray  # [m] ±1
+    records: int
+    names: tuple[str, ...]  # per set: the DP-SGD run, then its control
+    pending: object  # .results(progress) -> the jobs' return values, in ``names`` order
+    folder: tempfile.TemporaryDirectory
+    plan: CanaryPlan
+    lora: LoraSpec
+    delta: float
+    seed: int
+
+    def cancel(self) -> None:
+        """Stops the runs (an audit that failed elsewhere) and removes their folder."""
+        try:
+            self.pending.cancel()
+        finally:
+            self.folder.cleanup()
+
+
+def start_canary_runs(
     model,
     private_blocks: torch.Tensor,
     plan: CanaryPlan,
@@ -170,19 +198,19 @@ def canary_audit(
     max_grad_norm: float,
     seed: int,
     vocab: int,
-    progress,
     base: str | os.PathLike,
     executor=None,
-) -> tuple[dict, dict]:
-    """(public, restricted) results of the DP-SGD target and the non-private positive control.
+) -> CanaryRuns:
+    """Draws the audit sets and submits their trainings to ``executor`` (default local: they run
+    when collected); :func:`finish_canary_audit` collects and scores them.
 
-    Both train on the same audit set: the included canaries plus as many private blocks (the first
-    ones), so each canary is one record of a few hundred; the DP-SGD adapter at (ε, δ) for
-    ``dpsgd_epochs`` epochs with the demo's batch, learning rate and clipping; the control without
-    noise or clipping for ``control_steps`` steps. Each shadow repeats both on its own fresh audit
-    set. The runs are independent jobs on ``executor`` (default local; :mod:`pmixed.executor`),
-    each loading the public base from the folder ``base`` and seeding itself, so the adapters do
-    not depend on where they ran; they are added to ``model`` and removed afterwards.
+    Both runs of a set train on the same audit set: the included canaries plus as many private
+    blocks (the first ones), so each canary is one record of a few hundred; the DP-SGD adapter at
+    (ε, δ) for ``dpsgd_epochs`` epochs with the demo's batch, learning rate and clipping; the
+    control without noise or clipping for ``control_steps`` steps. Each shadow repeats both on its
+    own fresh audit set. The runs are independent jobs (:mod:`pmixed.executor`), each loading the
+    public base from the folder ``base`` and seeding itself, so the adapters do not depend on
+    where, when or beside what they ran.
     """
     m = plan.one_run.m
     if plan.shadows == 1 or plan.shadows < 0:
@@ -197,33 +225,73 @@ def canary_audit(
         for k in range(plan.shadows)
     ]
     control = TrainSpec(steps=plan.control_steps, batch_size=16, lr=plan.control_lr)
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs, names = [], []
-        for tag, d, offset in sets:
-            dp = dict(
-                epsilon=epsilon,
-                delta=delta,
-                epochs=plan.dpsgd_epochs,
-                batch_size=batch_size,
-                lr=lr,
-                max_grad_norm=max_grad_norm,
-                seed=seed + 11 + offset,
-            )
-            names += [f"audit-dpsgd{tag}", f"audit-finetuned{tag}"]
-            jobs += [
-                Job(dpsgd_job, (base, names[-2], d, lora, Path(tmp) / names[-2], dp)),
-                Job(
-                    finetune_job,
-                    (base, names[-1], d, lora, control, seed + 12 + offset, Path(tmp) / names[-1]),
-                ),
-            ]
-        bar = progress(f"audit: DP-SGD and control runs ({len(sets)} sets)", len(jobs))
-        results = (executor or LocalExecutor()).map(jobs, progress=bar)
-        for name in names:
-            model.add_adapter(name, lora.config(model))
-            set_peft_model_state_dict(model, load_file(Path(tmp) / name), adapter_name=name)
+    folder = tempfile.TemporaryDirectory()
+    tmp = Path(folder.name)
+    jobs, names = [], []
+    for tag, d, offset in sets:
+        dp = dict(
+            epsilon=epsilon,
+            delta=delta,
+            epochs=plan.dpsgd_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            max_grad_norm=max_grad_norm,
+            seed=seed + 11 + offset,
+        )
+        names += [f"audit-dpsgd{tag}", f"audit-finetuned{tag}"]
+        jobs += [
+            Job(dpsgd_job, (base, names[-2], d, lora, tmp / names[-2], dp)),
+            Job(
+                finetune_job,
+                (base, names[-1], d, lora, control, seed + 12 + offset, tmp / names[-1]),
+            ),
+        ]
+    try:
+        pending = (executor or LocalExecutor()).submit(jobs)
+    except BaseException:
+        folder.cleanup()
+        raise
+    return CanaryRuns(
+        canaries=canaries,
+        inclusion=inclusion,
+        records=len(data),
+        names=tuple(names),
+        pending=pending,
+        folder=folder,
+        plan=plan,
+        lora=lora,
+        delta=delta,
+        seed=seed,
+    )
+
+
+def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, progress, **settings):
+    """(public, restricted) results of the DP-SGD target and the non-private positive control:
+    :func:`start_canary_runs` (``settings``: its keywords), then :func:`finish_canary_audit`."""
+    runs = start_canary_runs(model, private_blocks, plan, **settings)
+    return finish_canary_audit(model, runs, progress=progress)
+
+
+def finish_canary_audit(model, runs: CanaryRuns, *, progress) -> tuple[dict, dict]:
+    """(public, restricted) results of the DP-SGD target and the non-private positive control.
+
+    Waits for the runs, adds their adapters to ``model``, scores every canary on each (reference
+    attack, and offline LiRA against the shadows), removes the adapters and the runs' folder.
+    """
+    plan, seed, delta = runs.plan, runs.seed, runs.delta
+    inclusion, canaries, m = runs.inclusion, runs.canaries, runs.plan.one_run.m
+    sets = 1 + plan.shadows
+    try:
+        bar = progress(f"audit: DP-SGD and control runs ({sets} sets)", len(runs.names))
+        results = runs.pending.results(progress=bar)
+        tmp = Path(runs.folder.name)
+        for name in runs.names:
+            model.add_adapter(name, runs.lora.config(model))
+            set_peft_model_state_dict(model, load_file(tmp / name), adapter_name=name)
+    finally:
+        runs.folder.cleanup()
     model.eval()
-    runs = results[0::2]  # the DP-SGD run records, target first
+    run = results[0]  # the target's DP-SGD run record
     reference = block_logprobs(model, None, canaries)
     public, restricted = {}, {"inclusion": inclusion.tolist()}
     for name in ("audit-dpsgd", "audit-finetuned"):
@@ -244,7 +312,6 @@ def canary_audit(
         restricted[name] = {k: v.tolist() for k, v in scores.items()}
         for tag in ["", *(f"-shadow{k}" for k in range(plan.shadows))]:
             drop_adapter(model, f"{name}{tag}")
-    run = runs[0]
     claim = from_opacus(list(run.history), delta)
     public["audit-dpsgd"]["claim"] = {
         "epsilon_ub": claim.rdp,
@@ -256,7 +323,7 @@ def canary_audit(
     }
     public["audit-finetuned"]["claim"] = {"epsilon_ub": None, "note": "no privacy: the control"}
     public["design"] = {
-        "records": len(data),
+        "records": runs.records,
         "canaries": m,
         "included": int((inclusion == 1).sum()),
         "canary_kind": "public-model samples, temperature 1, one block each",

@@ -86,6 +86,7 @@ def audit_models(
     )
     mechanisms, restricted = {}, {}
     try:
+        ctx.start_canary_runs()  # trained beside the audits below where the executor allows
         for t in targets:
             mechanisms[t.name], restricted[t.name] = KINDS[t.kind].audit(t, ctx)
         controls = [

@@ -136,13 +136,20 @@ def run_demo(
     evaluate: bool = True,
     audit: bool = True,
     executor: object | None = None,
+    after_public: Callable[[], None] | None = None,
 ) -> dict | None:
     """Runs (or resumes) the campaign in ``out``; returns the metrics written to ``metrics.json``.
 
     ``evaluate=False`` stops after training (``pmixed train``); ``audit=False`` after evaluation;
     otherwise the audit runs and the report (``report.json``/``.md``/``.html``) is written last.
-    ``executor`` (:mod:`pmixed.executor`, default local) runs the ensemble stage's training jobs.
+    ``executor`` (:mod:`pmixed.executor`, default local) runs the ensemble stage's training jobs
+    and the audit's DP-SGD runs; every progress update lets it check its background jobs.
+    ``after_public()`` is called once the public model exists: the demo starts its power stage
+    there, so that the public model always trains with this process's full thread count (its
+    weights depend on it; the later stages' results do not).
     """
+    executor = executor or LocalExecutor()
+    progress = _polling(progress, executor)
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     if cfg.base is None and (cfg.public_dir is None) != (cfg.private_jsonl is None):
@@ -177,6 +184,8 @@ def run_demo(
         }
         base_dir, t = Path(cfg.base), min(cfg.model.block_size, base_info["context"])
         keys["tokenizer"] = keys["public"] = _stage_key([base_info["sha256"], len(tok), t])
+    if after_public is not None:
+        after_public()
 
     # Ensemble (one adapter per partition), non-private fine-tune, DP-SGD: adapters on one base.
     keys["ensemble"] = _stage_key(
@@ -205,7 +214,7 @@ def run_demo(
             parts,
             train_recs,
             tok,
-            executor or LocalExecutor(),
+            executor,
             progress,
         )
     model = _load_adapters(public, out / "ensemble" / "adapters")
@@ -292,6 +301,22 @@ def run_demo(
         )
         write_report(out)  # the last stage: rebuilt from the files above every time (seconds)
     return metrics
+
+
+def _polling(progress: Progress, executor) -> Progress:
+    """``progress`` whose every update also lets ``executor`` check its background jobs, so that
+    this process takes its cores back as soon as they finish (:mod:`pmixed.executor`)."""
+
+    def bar(name: str, total: int):
+        update = progress(name, total)
+
+        def tick(done: int) -> None:
+            executor.poll()
+            update(done)
+
+        return tick
+
+    return bar
 
 
 def config_from_run(out: Path) -> CampaignConfig:

@@ -58,10 +58,11 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         choices=EXECUTORS,
-        default="local",
+        default="processes",
         help="where the training jobs (members, fine-tune, DP-SGD, the DP-SGD audit's "
-        "runs) run: here, one after another, or as Ray tasks (pip install "
-        "'pmixed-audit[ray]'); the same files either way",
+        "runs) run: worker processes on this machine's cores, the audit's beside its other "
+        "work (default); here, one after another (local); or as Ray tasks (pip install "
+        "'pmixed-audit[ray]'); the same files every way",
     )
     p.add_argument(
         "--ray-address",

@@ -129,14 +129,16 @@ def _print_table(metrics: dict) -> None:
     print(f"(delta = {priv['dpsgd']['delta']:g}; {metrics['note']})")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, executor=None, after_public=None) -> int:
     from campaign.run import run_demo
 
     audit = getattr(args, "audit", False)
     cfg = _campaign_config(args)
-    executor = make_executor(args.executor, args.ray_address)
+    executor = executor or make_executor(args.executor, args.ray_address)
     with _fresh_folder(args.out):
-        metrics = run_demo(cfg, args.out, bars, audit=audit, executor=executor)
+        metrics = run_demo(
+            cfg, args.out, bars, audit=audit, executor=executor, after_public=after_public
+        )
     _print_table(metrics)
     run = RunDir(args.out)
     print(f"wrote {run / METRICS}")
@@ -221,23 +223,28 @@ def cmd_power(args: argparse.Namespace) -> int:
     return power_stage(args.run, args.scale, args.repetitions, args.seed)
 
 
-def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_report=True) -> int:
-    """:func:`cmd_power` (also the demo's last stage): 0 when every mutant is detected and no
-    sound twin is."""
+def power_result(scale: str, repetitions: int, seed: int, progress=None) -> dict:
+    """The audit's power: planted violations with their sound twins, the LR DP-SGD test bed and
+    the seed DP-SGD test bed. Independent of any run (toy mechanisms and their own seeds), so the
+    demo computes it as a background job beside its training. ``progress`` (optional): the
+    command line's bar factory."""
     import logging
 
     from audit.manyrun import ManyRunPlan, corrected_dpsgd_audit, seed_dpsgd_audit, tightness
     from audit.mutants import MUTANTS, run_mutants
+
+    def bar(name: str, total: int):
+        return None if progress is None else progress(name, total)
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     mutants = run_mutants(
         scale,
         seed=seed,
         repetitions=repetitions,
-        progress=bars("audit: planted violations", len(MUTANTS)),
+        progress=bar("audit: planted violations", len(MUTANTS)),
     )
     plan = ManyRunPlan(runs=TESTBED_RUNS[scale], pilot_runs=TESTBED_RUNS[scale], seed=seed)
-    rows = corrected_dpsgd_audit(plan, progress=bars("audit: LR DP-SGD test bed", len(plan.claims)))
+    rows = corrected_dpsgd_audit(plan, progress=bar("audit: LR DP-SGD test bed", len(plan.claims)))
     power = {
         "seed": seed,
         "scale": scale,
@@ -245,9 +252,23 @@ def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_repo
         "testbed": {"plan": plan.__dict__, "rows": rows, "tightness": tightness(rows)},
         "seed_dpsgd": seed_dpsgd_audit(seed=seed),
     }
-    RunDir(run).write_json(POWER, json.loads(json.dumps(power, default=float)))
+    return json.loads(json.dumps(power, default=float))
+
+
+def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_report=True) -> int:
+    """:func:`cmd_power`: :func:`power_result`, written and shown by :func:`write_power`."""
+    power = power_result(scale, repetitions, seed, progress=bars)
+    return write_power(run, power, show_report=show_report)
+
+
+def write_power(run: Path, power: dict, *, show_report=True) -> int:
+    """Writes DIR/power.json, prints it, rewrites the report if the run has one; 0 when every
+    mutant is detected and no sound twin is."""
+    mutants, plan = power["mutants"], power["testbed"]["plan"]
+    rows = power["testbed"]["rows"]
+    RunDir(run).write_json(POWER, power)
     print(
-        f"\npower ({scale}): planted violations detected {mutants['detected']} of "
+        f"\npower ({power['scale']}): planted violations detected {mutants['detected']} of "
         f"{mutants['total']}; sound twins {'clean' if mutants['twins_clean'] else 'ALARMED'}"
     )
     for name, m in mutants["mutants"].items():
@@ -258,8 +279,8 @@ def power_stage(run: Path, scale: str, repetitions: int, seed: int, *, show_repo
             f"twin false alarms {fa}"
         )
     print(
-        f"LR DP-SGD test bed ({plan.runs} runs per world, white-box Dirac canary, q={plan.q}, "
-        f"{plan.steps} steps):"
+        f"LR DP-SGD test bed ({plan['runs']} runs per world, white-box Dirac canary, "
+        f"q={plan['q']}, {plan['steps']} steps):"
     )
     for r in rows:
         one = r["one_run"]["epsilon_lb"] if r["one_run"] else float("nan")
@@ -343,13 +364,33 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole campaign; then verify and recompute the main ledger as a reviewer would."""
+    from pmixed.executor import Job
+
     args.audit = True
-    rc = cmd_evaluate(args)
-    if not args.no_power:  # planted violations and test beds; rewrites the report with them
+    _campaign_config(args)  # bad flags fail before anything starts
+    executor = make_executor(args.executor, args.ray_address)
+    # The power stage depends on no run: it starts once the public model is trained, beside the
+    # rest (in the background on the processes and Ray executors; the local one runs it when
+    # collected, below). Not before: the public model's weights depend on its thread count.
+    # "quick" for both demos: at "test" scale (400 runs per world, 20 search evaluations)
+    # dpsgd_noise_div4 and pmixed_beta_x4 go undetected (eps_lb 1.41 <= 2; ratio 0.714)
+    started = []
+
+    def start_power() -> None:
+        if not args.no_power and not started:
+            started.append(executor.submit([Job(power_result, ("quick", 100, 0))]))
+
+    try:
+        rc = cmd_evaluate(args, executor, after_public=start_power)
+    except BaseException:
+        for power in started:
+            power.cancel()
+        raise
+    power = started[0] if started else None  # run_demo started it (unless --no-power)
+    if power is not None:  # planted violations and test beds; rewrites the report with them
         print("\naudit power: planted violations with their sound twins, the DP-SGD test beds")
-        # "quick" for both demos: at "test" scale (400 runs per world, 20 search evaluations)
-        # dpsgd_noise_div4 and pmixed_beta_x4 go undetected (eps_lb 1.41 <= 2; ratio 0.714)
-        rc = max(rc, power_stage(args.out, "quick", 100, 0, show_report=False))
+        [result] = power.results(progress=bars("audit: power (planted violations, test beds)", 1))
+        rc = max(rc, write_power(args.out, result, show_report=False))
     ledger = args.out / "ledger.jsonl"
     check = accounting.verify(ledger, restricted=True)
     spent = accounting.compose(ledger, 1e-5)
