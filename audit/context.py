@@ -33,6 +33,7 @@ from audit.exposure import ExposurePlan
 from audit.game import GamePlan, PlantedCanary, plant_canary, poison_member
 from audit.signals import block_logprobs, pmixed_contexts
 from audit.targets import AuditTarget
+from pmixed.executor import LocalExecutor, polling
 
 __all__ = ["AuditContext", "AuditPlan", "EnsembleSignals"]
 
@@ -123,10 +124,12 @@ class AuditContext:
         executor: object | None = None,
     ) -> None:
         self.model, self.targets, self.plan = model, list(targets), plan
-        self._bars = progress
         self.train_blocks, self.held_blocks = train_blocks, held_blocks
         self.partitions, self.recipe, self.tokenizer = list(partitions), recipe, tokenizer
-        self.dpsgd, self.base, self.executor = dpsgd, base, executor
+        self.dpsgd, self.base = dpsgd, base
+        self.executor = executor or LocalExecutor()
+        # every bar update lets the executor see that the background trainings have finished
+        self.progress = polling(progress, self.executor)
         self.restricted: dict = {}
         self._planted: list[str] = []
         self._canary_runs: CanaryRuns | None = None
@@ -216,18 +219,6 @@ class AuditContext:
         """The membership blocks as text (for attacks that need it, e.g. zlib)."""
         return tuple([self.tokenizer.decode(x.tolist()) for x in b] for b in self.membership_blocks)
 
-    def progress(self, name: str, total: int) -> Callable[[int], None]:
-        """A progress bar (the caller's ``progress``) whose every update also polls the
-        background trainings, so that this process takes its cores back once they finish."""
-        update = self._bars(name, total)
-
-        def tick(done: int) -> None:
-            if self._canary_runs is not None:
-                self._canary_runs.pending.poll()
-            update(done)
-
-        return tick
-
     def start_canary_runs(self) -> None:
         """Submits the DP-SGD canary audit's trainings to the executor (nothing without DP-SGD
         settings, or once started); :attr:`canary_audit` collects them."""
@@ -251,7 +242,7 @@ class AuditContext:
         self.start_canary_runs()
         runs, self._canary_runs = self._canary_runs, None
         public, self.restricted["canaries"] = finish_canary_audit(
-            self.model, runs, progress=self._bars
+            self.model, runs, progress=self.progress
         )
         return public
 

@@ -42,7 +42,7 @@ from pmixed.backend import base_fingerprint, context_length, load_base, save_ada
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
 from pmixed.deployment import Deployment
 from pmixed.evaluate import lm_perplexity, pmixed_perplexity
-from pmixed.executor import Job, LocalExecutor
+from pmixed.executor import Job, LocalExecutor, polling
 from pmixed.train import (
     LoraSpec,
     TrainSpec,
@@ -149,7 +149,7 @@ def run_demo(
     weights depend on it; the later stages' results do not).
     """
     executor = executor or LocalExecutor()
-    progress = _polling(progress, executor)
+    progress = polling(progress, executor)
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     if cfg.base is None and (cfg.public_dir is None) != (cfg.private_jsonl is None):
@@ -301,22 +301,6 @@ def run_demo(
         )
         write_report(out)  # the last stage: rebuilt from the files above every time (seconds)
     return metrics
-
-
-def _polling(progress: Progress, executor) -> Progress:
-    """``progress`` whose every update also lets ``executor`` check its background jobs, so that
-    this process takes its cores back as soon as they finish (:mod:`pmixed.executor`)."""
-
-    def bar(name: str, total: int):
-        update = progress(name, total)
-
-        def tick(done: int) -> None:
-            executor.poll()
-            update(done)
-
-        return tick
-
-    return bar
 
 
 def config_from_run(out: Path) -> CampaignConfig:

@@ -9,8 +9,8 @@ jobs run, on which process runs them, or on its torch thread count).
 
 ``map(jobs)`` waits for the results; ``submit(jobs)`` starts them and returns at once, so this
 process can do other work meanwhile (the audit stage runs its DP-SGD trainings beside its exact
-audits), ``.poll()`` now and then lets the executor see they have finished, and ``.results()``
-waits for them. The local executor runs submitted jobs only when
+audits), the executor's ``poll()`` now and then lets it see they have finished, and
+``.results()`` waits for them. The local executor runs submitted jobs only when
 their results are asked for: the same order of work as ``map``.
 
 ``processes`` (the standard library's process pool, spawned fresh) runs one job per core, each
@@ -40,6 +40,7 @@ __all__ = [
     "Resources",
     "available_cores",
     "make_executor",
+    "polling",
 ]
 
 
@@ -88,9 +89,6 @@ class _Deferred:
                 progress(len(out))
         return out
 
-    def poll(self) -> None:
-        """Nothing runs before :meth:`results`."""
-
     def cancel(self) -> None:
         """Nothing has run; nothing will."""
         self._jobs = []
@@ -114,7 +112,7 @@ class LocalExecutor:
 
 
 def _run_with_threads(fn: Callable, threads: int, *args):
-    """A Ray task body: the job with torch using exactly its declared cores."""
+    """A worker's or Ray task's body: the job with torch using exactly its declared cores."""
     import torch
 
     torch.set_num_threads(threads)
@@ -142,8 +140,24 @@ class _Running:
     """Jobs submitted to a process pool; ``results`` waits for them. ``finished`` is called once
     when they are all done (or stopped): the executor then gives this process its threads back."""
 
-    def __init__(self, pool, futures: list, finished: Callable[[_Running], None] | None) -> None:
-        self._pool, self._futures, self._finished = pool, futures, finished
+    def __init__(
+        self, jobs: Sequence[Job], workers: int, finished: Callable[[_Running], None] | None
+    ) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._finished, self._futures = finished, []
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        )
+        try:
+            self._futures = [
+                self._pool.submit(_run_with_threads, j.fn, j.resources.num_cpus, *j.args)
+                for j in jobs
+            ]
+        except BaseException:
+            self.cancel()
+            raise
 
     def results(self, progress: Callable[[int], None] | None = None) -> list:
         """Each job's return value, in job order; ``progress(done)`` as jobs finish. A failed job
@@ -217,12 +231,10 @@ class ProcessExecutor:
             return _Deferred(jobs)
         import torch
 
-        threads = max(j.resources.num_cpus for j in jobs)
-        workers = min(len(jobs), max(1, self.cores // threads))
         if not self._background:
             self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        batch = self._start(jobs, workers, self._finished)
+        batch = _Running(jobs, self._workers(jobs), self._finished)
         self._background.append(batch)
         return batch
 
@@ -230,9 +242,10 @@ class ProcessExecutor:
         """Each job's return value, in job order; ``progress(done)`` as jobs finish."""
         if self.cores < 2 or not jobs:
             return _Deferred(jobs).results(progress)
-        threads = max(j.resources.num_cpus for j in jobs)
-        workers = min(len(jobs), max(1, self.cores // threads))
-        return self._start(jobs, workers, None).results(progress)
+        return _Running(jobs, self._workers(jobs), None).results(progress)
+
+    def _workers(self, jobs: Sequence[Job]) -> int:
+        return min(len(jobs), max(1, self.cores // max(j.resources.num_cpus for j in jobs)))
 
     def poll(self) -> None:
         """Checks the background batches: once none runs, this process's threads are restored."""
@@ -240,30 +253,12 @@ class ProcessExecutor:
             batch.poll()
 
     def _finished(self, batch: _Running) -> None:
-        self._background.remove(batch)
+        if batch in self._background:  # (not yet, if starting it failed)
+            self._background.remove(batch)
         if not self._background:
             import torch
 
             torch.set_num_threads(self._threads)
-
-    @staticmethod
-    def _start(jobs: Sequence[Job], workers: int, finished) -> _Running:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-        )
-        running = _Running(pool, [], finished)
-        try:
-            running._futures = [
-                pool.submit(_run_with_threads, j.fn, j.resources.num_cpus, *j.args) for j in jobs
-            ]
-        except BaseException:
-            running.cancel()
-            raise
-        return running
 
 
 class RayExecutor:
@@ -345,13 +340,27 @@ class _RayRunning:
                 progress(done)
         return ray.get(self._refs)
 
-    def poll(self) -> None:
-        """Nothing to give back: the tasks run on the cluster's cores."""
-
     def cancel(self) -> None:
         """Stops the tasks."""
         for ref in self._refs:
             self._ray.cancel(ref, force=True)
+
+
+def polling(progress: Callable[[str, int], Callable[[int], None]], executor):
+    """``progress`` (a factory of progress bars: ``progress(name, total)(done)``) whose every
+    update also calls ``executor.poll()``: the cheap, frequent moment at which this process takes
+    its threads back once background jobs finish."""
+
+    def bar(name: str, total: int) -> Callable[[int], None]:
+        update = progress(name, total)
+
+        def tick(done: int) -> None:
+            executor.poll()
+            update(done)
+
+        return tick
+
+    return bar
 
 
 EXECUTORS = ("local", "processes", "ray")
