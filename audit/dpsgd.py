@@ -42,7 +42,6 @@ __all__ = [
     "CanaryPlan",
     "CanaryRuns",
     "OneRunPlan",
-    "canary_audit",
     "canary_result",
     "finish_canary_audit",
     "one_run_audit",
@@ -263,13 +262,6 @@ def start_canary_runs(
         delta=delta,
         seed=seed,
     )
-
-
-def canary_audit(model, private_blocks: torch.Tensor, plan: CanaryPlan, *, progress, **settings):
-    """(public, restricted) results of the DP-SGD target and the non-private positive control:
-    :func:`start_canary_runs` (``settings``: its keywords), then :func:`finish_canary_audit`."""
-    runs = start_canary_runs(model, private_blocks, plan, **settings)
-    return finish_canary_audit(model, runs, progress=progress)
 
 
 def finish_canary_audit(model, runs: CanaryRuns, *, progress) -> tuple[dict, dict]:

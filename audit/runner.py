@@ -20,7 +20,8 @@ What this version audits (the kinds are in :mod:`audit.kinds`, the shared signal
   training blocks against held-out blocks: risk metrics only;
 * DP-SGD with Poisson(1/2)-included canaries and the non-private positive control on the same
   canaries, scored by the reference attack and offline LiRA with shadow models
-  (:func:`audit.dpsgd.canary_audit`): the one-run bound, AUC and TPR at low FPR;
+  (:func:`audit.dpsgd.start_canary_runs`, then
+  :func:`~audit.dpsgd.finish_canary_audit`): the one-run bound, AUC and TPR at low FPR;
 * controls C1-C3 on synthetic arrays, C3-lm and C3-exposure on the real models.
 """
 
