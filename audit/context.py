@@ -13,6 +13,11 @@ on first use, for every target that needs it:
   trainings :meth:`AuditContext.start_canary_runs` starts first, so that an executor that runs
   jobs in the background (``processes``, ``ray``) trains them while the other audits run here.
 
+A kind's ``start`` hook hands self-contained work to :meth:`AuditContext.submit` (the ``pmixed``
+kind: each target's exact pairs and worst cases, NumPy on one core) and its ``audit`` takes the
+results with :meth:`AuditContext.collect`; :meth:`AuditContext.close` stops whatever was never
+collected.
+
 Restricted values (the member, the canary's token, raw scores) go to ``restricted``, the annex.
 """
 
@@ -33,7 +38,7 @@ from audit.exposure import ExposurePlan
 from audit.game import GamePlan, PlantedCanary, plant_canary, poison_member
 from audit.signals import block_logprobs, pmixed_contexts
 from audit.targets import AuditTarget
-from pmixed.executor import LocalExecutor, polling
+from pmixed.executor import Job, LocalExecutor, polling
 
 __all__ = ["AuditContext", "AuditPlan", "EnsembleSignals"]
 
@@ -133,6 +138,7 @@ class AuditContext:
         self.restricted: dict = {}
         self._planted: list[str] = []
         self._canary_runs: CanaryRuns | None = None
+        self._pending: dict[str, object] = {}
         self._check()
 
     def _check(self) -> None:
@@ -246,8 +252,21 @@ class AuditContext:
         )
         return public
 
+    def submit(self, key: str, jobs: Sequence[Job]) -> None:
+        """Starts ``jobs`` on the executor (in the background where it can) under ``key``."""
+        if key in self._pending:
+            raise ValueError(f"jobs {key!r} were already submitted.")
+        self._pending[key] = self.executor.submit(jobs)
+
+    def collect(self, key: str) -> list:
+        """The return values of the jobs submitted under ``key``, in job order (waits for them)."""
+        return self._pending.pop(key).results()
+
     def close(self) -> None:
-        if self._canary_runs is not None:  # started, never collected: the audit failed
+        for pending in self._pending.values():  # submitted, never collected: the audit failed
+            pending.cancel()
+        self._pending.clear()
+        if self._canary_runs is not None:
             self._canary_runs.cancel()
             self._canary_runs = None
         for name in self._planted:

@@ -21,7 +21,7 @@ import numpy as np
 
 from audit.attacks import ATTACKS
 from audit.canaries import child_rng
-from audit.context import AuditContext
+from audit.context import AuditContext, AuditPlan
 from audit.controls import alarms
 from audit.exact import conformance, exact_pair_audit
 from audit.exposure import exposure_audit
@@ -31,8 +31,9 @@ from audit.risk import risk_metrics
 from audit.signals import block_logprobs
 from audit.targets import AuditTarget, register_kind
 from audit.worstcase import configuration_worst_case, pmixed_worst_case
+from pmixed.executor import Job
 
-__all__ = ["audit_lm", "audit_pmixed"]
+__all__ = ["audit_lm", "audit_pmixed", "exact_evidence"]
 
 
 def _poisoned_pair(lp0, lps, cal, member: int, poisoned: np.ndarray, eps_ub):
@@ -56,16 +57,42 @@ def _alarm(bound: str, message: str, ratio: float | None = None) -> dict:
     return {"bound": bound, **({} if ratio is None else {"worst_ratio": ratio}), "message": message}
 
 
-@register_kind("pmixed", calibrated=True)
+def _start_pmixed(target: AuditTarget, ctx: AuditContext) -> None:
+    """Submits the target's exact evidence (pure NumPy on the shared signals) as one job."""
+    s = ctx.ensemble
+    args = (target, ctx.plan, s.logp_public, s.logp_members, s.member, s.logp_canary)
+    ctx.submit(f"exact/{target.name}", [Job(exact_evidence, (*args, s.logp_poisoned))])
+
+
+@register_kind("pmixed", calibrated=True, start=_start_pmixed)
 def audit_pmixed(target: AuditTarget, ctx: AuditContext) -> tuple[PMixEDAudit, dict]:
-    """Exact pair: D has the canary member as the audited member; D' drops it (AR) or has the
-    deployed member (RO); the same with the poisoned member. The χ² conformance runs on the
-    deployed ensemble at the last context."""
-    cal, plan, s = target.calibration, ctx.plan, ctx.ensemble
+    """The exact evidence (:func:`exact_evidence`, started by the kind's ``start`` hook), then
+    for a ``black_box`` target the game and the exposure audit through the real generator."""
     bar = ctx.progress(f"audit: exact pair, {target.name}", 1)
-    lp0, lps, member = s.logp_public, s.logp_members, s.member
+    [(result, restricted)] = ctx.collect(f"exact/{target.name}")
+    bar(1)
+    if target.black_box:
+        result = _black_box(target, ctx, result)
+    return result, restricted
+
+
+def exact_evidence(
+    target: AuditTarget,
+    plan: AuditPlan,
+    lp0: np.ndarray,
+    lps: np.ndarray,
+    member: int,
+    logp_canary: np.ndarray,
+    logp_poisoned: np.ndarray,
+) -> tuple[PMixEDAudit, dict]:
+    """(public, restricted) exact evidence for a PMixED target from the signals
+    (:class:`audit.context.EnsembleSignals`' arrays): exact pair, D with the canary member as
+    the audited member and D' without it (AR) or with the deployed member (RO); the same with the
+    poisoned member; the χ² conformance on the deployed ensemble at the last context; the worst
+    cases. A job: it reads no model and no shared state."""
+    cal = target.calibration
     world = lps.copy()
-    world[:, member] = s.logp_canary
+    world[:, member] = logp_canary
     replacement = None if cal.config.relation == "add_remove" else lps[:, member]
     pair = exact_pair_audit(world, lp0, cal, member=member, replacement=replacement)
     conf = conformance(
@@ -108,7 +135,7 @@ def audit_pmixed(target: AuditTarget, ctx: AuditContext) -> tuple[PMixEDAudit, d
             )
         )
     worst["poisoned_member"] = poisoned = _poisoned_pair(
-        lp0, lps, cal, member, s.logp_poisoned, eps_ub
+        lp0, lps, cal, member, logp_poisoned, eps_ub
     )
     if poisoned["alarm"]:
         ratio = poisoned["exact_over_charged"]
@@ -144,7 +171,6 @@ def audit_pmixed(target: AuditTarget, ctx: AuditContext) -> tuple[PMixEDAudit, d
                 "the repeated worst context's exact pair exceeds the claim",
             )
         )
-    bar(1)
     result = PMixEDAudit(
         claim=target.claim,
         status=cal.status,
@@ -184,8 +210,6 @@ def audit_pmixed(target: AuditTarget, ctx: AuditContext) -> tuple[PMixEDAudit, d
         "per_query_max": pair.per_query.max(axis=0).tolist(),
         "orders": list(pair.orders),
     }
-    if target.black_box:
-        result = _black_box(target, ctx, result)
     return result, restricted
 
 

@@ -87,7 +87,12 @@ def audit_models(
     )
     mechanisms, restricted = {}, {}
     try:
-        ctx.start_canary_runs()  # trained beside the audits below where the executor allows
+        # work that needs nothing from the other targets starts first: where the executor runs
+        # jobs in the background (processes, ray) it runs beside the audits below
+        ctx.start_canary_runs()
+        for t in targets:
+            if KINDS[t.kind].start is not None:
+                KINDS[t.kind].start(t, ctx)
         for t in targets:
             mechanisms[t.name], restricted[t.name] = KINDS[t.kind].audit(t, ctx)
         controls = [

@@ -120,23 +120,28 @@ class AuditTarget:
 class Kind:
     """How targets of one kind are audited: ``audit(target, context) -> (result, restricted)``,
     where ``result`` has ``to_json()`` and ``alarms``; ``calibrated`` targets carry a
-    calibration (and the others do not)."""
+    calibration (and the others do not). ``start(target, context)``, if given, is called for
+    every target before any is audited: it submits the target's self-contained work to the
+    context's executor (:meth:`audit.context.AuditContext.submit`), so that work runs in the
+    background while the other targets are audited, and ``audit`` collects it."""
 
     name: str
     audit: Callable
     calibrated: bool
+    start: Callable | None = None
 
 
 KINDS: dict[str, Kind] = {}
 
 
-def register_kind(name: str, *, calibrated: bool):
-    """Registers the decorated ``audit(target, context)`` as kind ``name`` (unique)."""
+def register_kind(name: str, *, calibrated: bool, start: Callable | None = None):
+    """Registers the decorated ``audit(target, context)`` as kind ``name`` (unique), with its
+    optional ``start`` hook (:class:`Kind`)."""
 
     def deco(fn):
         if name in KINDS:
             raise ValueError(f"audit kind {name!r} is already registered.")
-        KINDS[name] = Kind(name, fn, calibrated)
+        KINDS[name] = Kind(name, fn, calibrated, start)
         return fn
 
     return deco

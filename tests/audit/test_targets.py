@@ -20,6 +20,7 @@ from audit.results import AuditResult, RiskAudit
 from audit.runner import AUDIT_SCHEMA, audit_models
 from audit.targets import KINDS, AuditTarget, Claim, check_targets, register_kind
 from pmixed import PMixEDConfig
+from pmixed.executor import Job
 from pmixed.train import TrainSpec, blocks
 from tests.pmixed import tiny
 
@@ -137,6 +138,62 @@ def test_a_new_kind_is_one_registration_and_its_alarms_reach_the_result(run, thr
         {"bound": "gap", "message": f"gap {gap:.3g} > 0", "mechanism": "member_00_gap"}
     ]
     assert public["controls_passed"] is True and len(public["controls"]) == 4
+
+
+CALLS: list[tuple[str, str]] = []
+
+
+def _record(name: str) -> str:
+    """A job of the test-local ``started`` kind (module level: a worker process imports it)."""
+    CALLS.append(("job", name))
+    return name.upper()
+
+
+@pytest.fixture
+def started_kind():
+    """A test-local kind whose ``start`` hook submits one job per target; ``audit`` collects it
+    (a target whose model is "fail" fails its audit first)."""
+
+    def start(target, ctx):
+        CALLS.append(("start", target.name))
+        ctx.submit(f"started/{target.name}", [Job(_record, (target.name,))])
+
+    @register_kind("started", calibrated=False, start=start)
+    def audit_started(target, ctx):
+        CALLS.append(("audit", target.name))
+        if target.model == "fail":
+            raise RuntimeError(f"{target.name} failed")
+        [value] = ctx.collect(f"started/{target.name}")
+        return _Threshold(0.0), {"value": value}
+
+    CALLS.clear()
+    yield "started"
+    KINDS.pop("started")
+
+
+def test_start_hooks_run_for_every_target_before_any_audit_collects(run, started_kind):
+    targets = [AuditTarget(n, started_kind, None, NO_CLAIM) for n in ("a", "b")]
+    result = _audit(run, targets)
+    # both jobs were submitted before the first audit; the local executor runs each on collection
+    assert CALLS == [
+        ("start", "a"),
+        ("start", "b"),
+        ("audit", "a"),
+        ("job", "a"),
+        ("audit", "b"),
+        ("job", "b"),
+    ]
+    assert result.restricted_json()["b"] == {"value": "B"}
+
+
+def test_work_a_failed_audit_never_collected_is_cancelled(run, started_kind):
+    targets = [
+        AuditTarget("a", started_kind, "fail", NO_CLAIM),
+        AuditTarget("b", started_kind, None, NO_CLAIM),
+    ]
+    with pytest.raises(RuntimeError, match="a failed"):
+        _audit(run, targets)
+    assert CALLS == [("start", "a"), ("start", "b"), ("audit", "a")]  # no job ever ran
 
 
 def test_results_are_frozen_and_their_documents_are_copies(run):
