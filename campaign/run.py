@@ -24,8 +24,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from accounting import compose, from_opacus
 from audit.canaries import MemberRecipe
 from audit.context import AuditPlan
 from audit.dpsgd import CanaryPlan, OneRunPlan
@@ -34,11 +37,14 @@ from audit.game import GamePlan
 from audit.targets import AuditTarget, Claim
 from campaign.audit_stage import run_audit_stage
 from campaign.config import CampaignConfig
-from campaign.evaluation import LANGUAGE_MODELS, evaluate_run, load_ensemble, pmixed_runs
+from pmixed import PMixEDConfig
 from pmixed.backend import base_fingerprint, context_length, load_base, save_adapters
 from pmixed.data import load_shakespeare, load_user_data, partition_users, split_heldout
+from pmixed.deployment import Deployment
+from pmixed.evaluate import lm_perplexity, pmixed_perplexity
 from pmixed.executor import Job, LocalExecutor, polling
 from pmixed.train import (
+    LoraSpec,
     TrainSpec,
     blocks,
     build_public_model,
@@ -49,11 +55,25 @@ from pmixed.train_jobs import dpsgd_job, finetune_job, member_job
 from reports.report import write_report
 from reports.rundir import CONFIG, DPSGD, METRICS, RunDir
 
-__all__ = ["audit_targets", "config_from_run", "load_run", "run_demo"]
+__all__ = [
+    "LANGUAGE_MODELS",
+    "audit_targets",
+    "config_from_run",
+    "load_run",
+    "pmixed_runs",
+    "run_demo",
+]
 
 Progress = Callable[[str, int], Callable[[int], None]]
 #: Bumped when metrics.json changes shape, so a cached evaluation is recomputed.
 METRICS_SCHEMA = 2
+#: The language models the demo scores and audits beside PMixED: (name, adapter: None for the
+#: public base, part in the DP-SGD canary audit).
+LANGUAGE_MODELS = (
+    ("public", None, None),
+    ("finetuned", "finetuned", "control"),
+    ("dpsgd", "dpsgd", "dpsgd"),
+)
 
 
 def _stage_key(obj: object) -> str:
@@ -73,6 +93,21 @@ def _library_versions() -> dict[str, str]:
             "numpy",
         )
     }
+
+
+def _load_adapters(public, folder: Path):
+    meta = json.loads((folder / "adapters.json").read_text())
+    lora = LoraSpec.from_dict(meta["lora"])
+    model = None
+    for name in meta["names"]:
+        if model is None:
+            model = get_peft_model(public, lora.config(public), adapter_name=name)
+        else:
+            model.add_adapter(name, lora.config(model))
+        set_peft_model_state_dict(
+            model, load_file(folder / f"{name}.safetensors"), adapter_name=name
+        )
+    return model.eval()
 
 
 def _corpus_digest(public, private) -> str:
@@ -182,7 +217,7 @@ def run_demo(
             executor,
             progress,
         )
-    model = load_ensemble(public, out / "ensemble" / "adapters")
+    model = _load_adapters(public, out / "ensemble" / "adapters")
     if cfg.base is not None:
         _export_adapters(model, members, out, keys["ensemble"])
     dp_run = json.loads((run.stage("ensemble") / DPSGD).read_text())
@@ -218,19 +253,8 @@ def run_demo(
     if (run / METRICS).exists() and run.read_json(METRICS).get("hash") == keys["evaluate"]:
         metrics = run.read_json(METRICS)
     else:
-        held = blocks(_texts(held_recs), tok, t)
-        metrics = evaluate_run(
-            cfg,
-            out,
-            model,
-            members,
-            held,
-            t,
-            dp_run,
-            keys["evaluate"],
-            progress,
-            executor,
-            base_dir,
+        metrics = _evaluate(
+            cfg, out, model, members, tok, t, held_recs, dp_run, keys["evaluate"], progress
         )
     if audit:
         plan = AuditPlan(
@@ -304,8 +328,20 @@ def load_run(out: Path):
     else:
         tok = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
         public = AutoModelForCausalLM.from_pretrained(out / "public").eval()
-    model = load_ensemble(public, out / "ensemble" / "adapters")
+    model = _load_adapters(public, out / "ensemble" / "adapters")
     return cfg, tok, model, [f"member-{i:02d}" for i in range(cfg["n_members"])]
+
+
+def pmixed_runs(cfg: CampaignConfig) -> dict[str, tuple[str, PMixEDConfig]]:
+    """The three PMixED deployments the demo evaluates and audits: name -> (ledger file, config)."""
+    return {
+        "pmixed_certified_add_remove": ("ledger.jsonl", cfg.deployment()),
+        "pmixed_certified_replace_one": (
+            "ledger-replace_one.jsonl",
+            cfg.deployment(relation="replace_one"),
+        ),
+        "pmixed_reference": ("ledger-reference.jsonl", cfg.deployment(mode="reference")),
+    }
 
 
 def audit_targets(cfg: CampaignConfig, members: list[str], privacy: dict) -> list[AuditTarget]:
@@ -451,3 +487,89 @@ def _ensemble_jobs(cfg, out, key, base, t, parts, train_recs, tok, executor, pro
     (folder / "adapters.json").write_text(json.dumps({"names": names, "lora": asdict(lora)}))
     (tmp / DPSGD).write_text(json.dumps(asdict(dp)))
     RunDir(out).commit_stage(tmp, "ensemble", key, _library_versions())
+
+
+def _evaluate(cfg, out, model, members, tok, t, held_recs, dp_run, key, progress) -> dict:
+    held = blocks(_texts(held_recs), tok, t)
+    n = cfg.query_budget  # every model is scored on the same T predictions as PMixED
+    ppl = {
+        name: lm_perplexity(model, held, adapter, n_predictions=n)
+        for name, adapter, _ in LANGUAGE_MODELS
+    }
+    dp = from_opacus([tuple(h) for h in dp_run["history"]], cfg.delta)
+    privacy = {
+        "public": {
+            "epsilon": 0.0,
+            "delta": 0.0,
+            "accountant": "none needed: no private data",
+            "unit": "n/a",
+            "relation": "n/a",
+            "certified": True,
+            "note": "trained on public text only",
+        },
+        "finetuned": {
+            "epsilon": None,
+            "delta": None,
+            "accountant": "none",
+            "unit": "none",
+            "relation": "n/a",
+            "certified": False,
+            "note": "no privacy: non-private fine-tune",
+        },
+        "dpsgd": {
+            "epsilon": dp.rdp,
+            "epsilon_pld": dp.pld,
+            "epsilon_opacus": dp.opacus,
+            "delta": cfg.delta,
+            "accountant": "dp-accounting RDP (Opacus history)",
+            "unit": f"one {t}-token training block (record level)",
+            "relation": "add_remove",
+            "certified": True,
+        },
+    }
+    runs = pmixed_runs(cfg)
+    units = {
+        "add_remove": "one ensemble member (one partition of users)",
+        "replace_one": "one user (its partition's member replaced)",
+    }
+    work = RunDir(out).temp_folder()
+    for i, (name, (fname, pcfg)) in enumerate(runs.items()):
+        cal = pcfg.calibrate()
+        with Deployment.create(work / fname, cal, seed=cfg.seed + i) as deployment:
+            score = pmixed_perplexity(
+                model,
+                members,
+                held,
+                deployment,
+                n_queries=pcfg.query_budget,
+                runs=cfg.realized_runs,
+                progress=progress(name, pcfg.query_budget),
+            )
+        spent = compose(work / fname, pcfg.delta)
+        ppl[name] = {
+            "exact": score.exact_ppl,
+            "realized_mean": score.realized_ppl_mean,
+            "realized_sd": score.realized_ppl_sd,
+            "queries": score.queries,
+        }
+        privacy[name] = {
+            "epsilon": spent.epsilon,
+            "delta": spent.delta,
+            "optimal_order": spent.optimal_order,
+            "steps": spent.steps,
+            "accountant": "dp-accounting RDP (PMixEDAccountant over the ledger)",
+            "ledger": fname,
+            "unit": units[pcfg.relation],
+            "relation": pcfg.relation,
+            "certified": spent.certified,
+            "status": spent.status,
+            "beta": cal.beta,
+            "beta_by_size": list(cal.beta_by_size[:6]),
+        }
+    for f in work.iterdir():
+        f.rename(out / f.name)
+    work.rmdir()
+    note = "perplexities are utility metrics on held-out users' text, outside the guarantee"
+    metrics = {"hash": key, "perplexity": ppl, "privacy": privacy, "note": note}
+    RunDir(out).write_json(METRICS, metrics)
+    return metrics

@@ -342,37 +342,3 @@ def test_audit_covers_every_mechanism_and_keeps_restricted_values_out(run, capsy
     assert main(["audit", "--run", str(out)]) == 0
     assert "controls: C1 ok, C2 ok, C3 ok, C3-lm" in capsys.readouterr().out
     assert (out / "audit.json").read_text() == public_text
-
-
-def test_a_failed_deployment_job_leaves_no_ledger_metrics_or_temporary_folder(run, tmp_path):
-    """The evaluation's deployments run as jobs (here in worker processes); one that fails
-    (its base folder is gone) stops the others and leaves the run as it was."""
-    import torch
-
-    from campaign.evaluation import evaluate_run
-    from campaign.run import load_run
-    from pmixed.executor import ProcessExecutor
-
-    out = tmp_path / "run"
-    shutil.copytree(run[0], out)
-    for f in [*out.glob("ledger*.jsonl"), out / "metrics.json"]:
-        f.unlink()
-    before = sorted(p.name for p in out.iterdir())
-    _, tok, model, members = load_run(out)
-    held = torch.randint(0, len(tok), (4, TINY.model.block_size))
-    dp_run = json.loads((out / "dpsgd.json").read_text())
-    with pytest.raises(OSError):
-        evaluate_run(
-            TINY,
-            out,
-            model,
-            members,
-            held,
-            TINY.model.block_size,
-            dp_run,
-            "key",
-            _quiet,
-            ProcessExecutor(cores=2),
-            tmp_path / "no-such-base",
-        )
-    assert sorted(p.name for p in out.iterdir()) == before
