@@ -64,6 +64,10 @@ def audit_models(
 ) -> AuditResult:
     """The audit of one trained run: every target by its kind, in order, then the controls.
 
+    Work that needs nothing from the other targets starts first on ``executor``: the DP-SGD
+    canary audit's trainings, then each kind's ``start`` hook (the PMixED exact evidence), so that
+    an executor with background workers runs it beside the targets' own audits.
+
     ``partitions``: each member's training blocks, and ``recipe`` how the members were trained (the
     canary member is retrained with them). ``dpsgd``: the demo's DP-SGD settings (``lora``,
     ``epsilon``, ``delta``, ``batch_size``, ``lr``, ``max_grad_norm``, ``vocab``) for the canary
