@@ -91,9 +91,7 @@ def audit_models(
     )
     mechanisms, restricted = {}, {}
     try:
-        # work that needs nothing from the other targets starts first: where the executor runs
-        # jobs in the background (processes, ray) it runs beside the audits below
-        ctx.start_canary_runs()
+        ctx.start_canary_runs()  # background work first (the docstring says why)
         for t in targets:
             if KINDS[t.kind].start is not None:
                 KINDS[t.kind].start(t, ctx)
