@@ -15,6 +15,8 @@ and member j are all chosen by the optimiser on a small public toy vocabulary, a
 N, q, T and mode. The guarantee is claimed for every dataset and every prompt, so a ratio above 1
 there is a violation of the accounting at this configuration whatever models are deployed, and a
 ratio below 1 measures how loose the charge is against the strongest per-query adversary found.
+It searches the AR pair by default, and with ``relation="replace_one"`` the RO pair (member j
+against a replacement, N fixed: :func:`ro_laws`) against an RO charge.
 
 A *mechanism* here is what mixes (``mechanism``: a Calibration whose λ rule is used, and
 optionally ``unmollified``: member j's λ forced to 1); the *claim* is the per-query curve the
@@ -38,6 +40,7 @@ __all__ = [
     "ar_ratio",
     "configuration_worst_case",
     "pmixed_worst_case",
+    "ro_laws",
     "worst_member",
 ]
 
@@ -110,10 +113,31 @@ def ar_ratio(
 ) -> tuple[float, int]:
     """(max over orders of exact D / charged, that order) for E = others + member vs others."""
     d = ar_divergence(others, member, lp0, mechanism, unmollified=unmollified)
+    return _worst_order(d, charged, mechanism.orders)
+
+
+def _worst_order(d: np.ndarray, charged: np.ndarray, orders) -> tuple[float, int]:
+    """(max over orders of d / charged, that order); orders charging nothing or +inf are skipped."""
     ok = np.isfinite(charged) & (charged > 0)
     r = np.where(ok, d / np.where(ok, charged, 1.0), 0.0)
     k = int(np.argmax(r))
-    return float(r[k]), int(mechanism.orders[k])
+    return float(r[k]), int(orders[k])
+
+
+def ro_laws(
+    others: np.ndarray, member: np.ndarray, replacement: np.ndarray, lp0: np.ndarray, mechanism
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log P, log P') ``[V]`` of E = others + member and E' = others + replacement (the RO
+    pair: N fixed). A row's λ depends on its own row only, so all N + 1 rows are solved at once."""
+    n = len(others) + 1
+    lp = np.vstack([others, member[None], replacement[None]])
+    lam = lambdas_by_size(lp, lp0, mechanism, n_sizes=n)
+    q = mechanism.config.sampling_rate
+    swapped = np.r_[0 : n - 1, n]
+    return (
+        released_log_law(lp[:n], lp0, lam[:, :n], q),
+        released_log_law(lp[swapped], lp0, lam[:, swapped], q),
+    )
 
 
 def _candidate(p0: np.ndarray, rng: np.random.Generator, pool: np.ndarray, rare: np.ndarray):
@@ -233,7 +257,10 @@ def pmixed_worst_case(
 
 def _ratio_curve(others, member, lp0, cal, charged) -> list[float | None]:
     """exact / charged at every order (None where nothing is charged): the looseness curve."""
-    d = ar_divergence(others, member, lp0, cal)
+    return _curve(ar_divergence(others, member, lp0, cal), charged)
+
+
+def _curve(d: np.ndarray, charged: np.ndarray) -> list[float | None]:
     return [float(x / c) if np.isfinite(c) and c > 0 else None for x, c in zip(d, charged)]
 
 
@@ -245,52 +272,88 @@ def configuration_worst_case(
     refine: int = 5,
     iterations: int = 300,
     vocab: int = 3,
+    relation: str = "add_remove",
 ) -> dict:
     """(d) The worst case of the configuration: p0, the N - 1 other members (one distribution,
-    repeated) and member j chosen on a ``vocab``-token toy to maximise exact/charged (the AR pair,
-    max over orders), by ``starts`` random softmax parameters then Nelder-Mead from the ``refine``
-    best. Public: the toy is synthetic. The winner is reported with its per-order ratio curve."""
+    repeated) and member j chosen on a ``vocab``-token toy to maximise exact/charged (max over
+    orders and both directions), by ``starts`` random softmax parameters then Nelder-Mead from the
+    ``refine`` best. Public: the toy is synthetic. The winner is reported with its per-order
+    ratio curve.
+
+    ``relation``: ``"add_remove"`` (E against E without member j, charged the AR curve) or
+    ``"replace_one"`` (member j against a replacement, also chosen, N fixed; charged the
+    deployment's curve). RO is searched only where the claim covers it: an RO deployment, or
+    reference mode, whose claim is the paper's, per record: with fixed partitions a record changes
+    one member, and the paper's per-size loss bounds a replaced member (4βk, PMIXED_MATH.md §7).
+    An AR-certified charge says nothing about RO (§3), so that pair is refused.
+    """
     from scipy.optimize import minimize
 
-    n, charged = cal.config.n_members, np.asarray(cal.per_query_rdp_add_remove)
+    if relation not in ("add_remove", "replace_one"):
+        raise ValueError(f"relation must be 'add_remove' or 'replace_one'. Found {relation!r}.")
+    ro = relation == "replace_one"
+    if ro and cal.certified and cal.config.relation != "replace_one":
+        raise ValueError(
+            "relation='replace_one' needs a replace_one deployment (or reference mode): an "
+            "add_remove charge does not cover replacing a member."
+        )
+    n = cal.config.n_members
+    charged = np.asarray(cal.per_query_rdp if ro else cal.per_query_rdp_add_remove)
+    rows = 4 if ro else 3  # p0, others, member[, replacement]
 
     def toy(x: np.ndarray):
-        z = np.concatenate([np.clip(x.reshape(3, vocab - 1), -30, 30), np.zeros((3, 1))], axis=1)
-        lp = z - np.logaddexp.reduce(z, axis=1, keepdims=True)  # [p0, others, member]
-        return lp[0], np.tile(lp[1], (n - 1, 1)), lp[2]
+        z = np.clip(x.reshape(rows, vocab - 1), -30, 30)
+        z = np.concatenate([z, np.zeros((rows, 1))], axis=1)
+        lp = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+        return lp[0], np.tile(lp[1], (n - 1, 1)), *lp[2:]
+
+    def exact(lp0, others, member, *replacement) -> np.ndarray:
+        if not ro:
+            return ar_divergence(others, member, lp0, cal)
+        law, other = ro_laws(others, member, replacement[0], lp0, cal)
+        orders = np.asarray(cal.orders, np.float64)
+        return np.maximum(
+            renyi_divergence_log(law, other, orders), renyi_divergence_log(other, law, orders)
+        )
 
     evaluations = 0
 
     def loss(x: np.ndarray) -> float:
         nonlocal evaluations
         evaluations += 1
-        lp0, others, member = toy(x)
-        ratio, _ = ar_ratio(others, member, lp0, cal, charged)
+        ratio, _ = _worst_order(exact(*toy(x)), charged, cal.orders)
         if not np.isfinite(ratio):
             raise RuntimeError(f"a toy with full support gave exact/charged {ratio}.")
         return -ratio
 
-    xs = rng.normal(0.0, 3.0, size=(starts, 3 * (vocab - 1)))
+    xs = rng.normal(0.0, 3.0, size=(starts, rows * (vocab - 1)))
     ranked = sorted(range(starts), key=lambda i: loss(xs[i]))
     best = xs[ranked[0]]
     for i in ranked[:refine]:
         res = minimize(loss, xs[i], method="Nelder-Mead", options={"maxiter": iterations})
         if res.fun < loss(best):
             best = res.x
-    lp0, others, member = toy(best)
-    ratio, order = ar_ratio(others, member, lp0, cal, charged)
+    dists = toy(best)
+    d = exact(*dists)
+    ratio, order = _worst_order(d, charged, cal.orders)
+    lp0, others, member = dists[:3]
+    toy_json = {  # synthetic, public ("member" alone names the restricted audited member)
+        "p0": np.exp(lp0).tolist(),
+        "others": np.exp(others[0]).tolist() if n > 1 else None,
+        "candidate": np.exp(member).tolist(),
+    }
+    if ro:
+        toy_json["replacement"] = np.exp(dists[3]).tolist()
+    pair = "the member and its replacement" if ro else "the member"
     return {
-        "searched": "the public distribution, the other members (one distribution) and the "
-        f"member on a {vocab}-token toy; Nelder-Mead from the best {refine} of {starts} starts",
+        "searched": "the public distribution, the other members (one distribution) and "
+        f"{pair} on a {vocab}-token toy; Nelder-Mead from the best {refine} of {starts} starts",
+        "relation": relation,
         "members": n,
         "ratio": ratio,
         "order": order,
-        "per_order_ratio": _ratio_curve(others, member, lp0, cal, charged),
-        "toy": {  # synthetic, public ("member" alone names the restricted audited member)
-            "p0": np.exp(lp0).tolist(),
-            "others": np.exp(others[0]).tolist() if n > 1 else None,
-            "candidate": np.exp(member).tolist(),
-        },
+        "per_order_ratio": _curve(d, charged),
+        "toy": toy_json,
         "evaluations": evaluations,
         "alarm": ratio > 1.0,
     }

@@ -45,6 +45,34 @@ def test_exact_audit_separates_certified_from_reference_accounting(tmp_path, cap
     assert "UNCERTIFIED: not a DP guarantee" in capsys.readouterr().out
 
 
+_TOY = ["--n-members", "2", "--sampling-rate", "0.1", "--query-budget", "100"]
+_SEARCH = ["--starts", "30", "--refine", "1", "--iterations", "60"]
+
+
+def test_worst_case_exits_1_on_reference_mode_and_0_within_a_certified_charge(capsys):
+    """RO: reference mode's per-record claim breaks on the toy; the certified RO charge holds."""
+    ref = ["worst-case", *_TOY, *_SEARCH, "--mode", "reference", "--pair", "replace_one"]
+    assert main([*ref, "--json"]) == 1
+    bad = json.loads(capsys.readouterr().out)
+    assert bad["alarm"] and bad["ratio"] > 2.0 and bad["relation"] == "replace_one"
+    assert bad["deployment"]["status"] == "UNCERTIFIED" and bad["seed"] == 0
+    cert = ["worst-case", *_TOY, *_SEARCH, "--relation", "replace_one", "--pair", "replace_one"]
+    assert main(cert) == 0
+    out = capsys.readouterr().out
+    assert "within the charge" in out and "pair=replace_one" in out
+
+
+def test_worst_case_bad_input_exits_2_naming_the_flag(capsys):
+    for argv, message in [
+        (["--pair", "replace_one"], "--pair replace_one needs --relation replace_one"),
+        (["--vocab", "1"], "--vocab must be >= 2. Found 1."),
+        (["--starts", "2", "--refine", "3"], "--refine must be <= --starts (2). Found 3."),
+    ]:
+        assert main(["worst-case", *_TOY, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+
+
 def _ledger(tmp_path, mode="certified"):
     from pmixed.ledgering import create_ledger, query_event
 

@@ -5,7 +5,8 @@ modules of this package.
 
 ``calibrate`` (β and the per-query RDP curve for a deployment), ``verify-ledger`` and ``account``
 (check a ledger's hash chain; recompute the privacy it spent with dp-accounting), ``ledger export``,
-``keygen``, ``exact-audit`` (the exact neighbour audit on a public toy instance):
+``keygen``, ``exact-audit`` (the exact neighbour audit on a public toy instance), ``worst-case``
+(the configuration's worst case, searched on a public toy):
 :mod:`campaign.cli.ledger_commands`. ``train`` / ``evaluate`` / ``demo`` (the campaign: models,
 perplexities through real ledgers, and, for ``demo``, the audit and the report), ``audit`` and
 ``report``: :mod:`campaign.cli.run_commands`. ``generate`` and ``serve`` (private text from a trained
@@ -28,6 +29,7 @@ from campaign.cli.ledger_commands import (
     cmd_keygen,
     cmd_ledger_export,
     cmd_verify_ledger,
+    cmd_worst_case,
 )
 from campaign.cli.run_commands import (
     TESTBED_RUNS,
@@ -179,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exact-audit", help=what)
     p.add_argument("--out", type=Path, default=Path("runs/exact-audit"))
     p.set_defaults(func=cmd_exact_audit)
+    what = "the configuration's worst case: toy models chosen to maximise exact/charged (exit 1: exceeded)"
+    p = sub.add_parser("worst-case", help=what)
+    _config_args(p)
+    p.add_argument(
+        "--pair",
+        default="add_remove",
+        choices=["add_remove", "replace_one"],
+        help="the neighbouring pair searched (replace_one: a replace_one deployment, or reference "
+        "mode, whose claim is per record)",
+    )
+    p.add_argument("--starts", type=int, default=150, help="random toys tried (>= 1)")
+    p.add_argument("--refine", type=int, default=5, help="best starts refined (1..starts)")
+    p.add_argument("--iterations", type=int, default=300, help="Nelder-Mead steps each (>= 1)")
+    p.add_argument("--vocab", type=int, default=3, help="the toy's vocabulary (>= 2)")
+    p.add_argument("--seed", type=int, default=0, help="the search's seed (>= 0)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_worst_case)
     for name, func, what in [
         ("train", cmd_train, "train tokenizer, public model, ensemble, fine-tune and DP-SGD"),
         ("evaluate", cmd_evaluate, "train if needed, then evaluate through real ledgers"),

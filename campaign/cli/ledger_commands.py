@@ -1,5 +1,5 @@
-"""Commands on the mechanism and its ledgers: ``calibrate``, ``exact-audit``, ``verify-ledger``,
-``account``, ``ledger export`` and ``keygen``."""
+"""Commands on the mechanism and its ledgers: ``calibrate``, ``exact-audit``, ``worst-case``,
+``verify-ledger``, ``account``, ``ledger export`` and ``keygen``."""
 
 from __future__ import annotations
 
@@ -58,7 +58,13 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    cfg = PMixEDConfig(
+    s = _summary(_config(args).calibrate())
+    print(json.dumps(s, indent=2)) if args.json else _print_summary(s)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> PMixEDConfig:
+    return PMixEDConfig(
         n_members=args.n_members,
         sampling_rate=args.sampling_rate,
         epsilon=args.epsilon,
@@ -68,9 +74,53 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         relation=args.relation,
         lambda_max=args.lambda_max,
     )
-    s = _summary(cfg.calibrate())
-    print(json.dumps(s, indent=2)) if args.json else _print_summary(s)
-    return 0
+
+
+#: ``worst-case``'s search flags and their smallest allowed values.
+WORST_CASE_MINIMA = {"starts": 1, "refine": 1, "iterations": 1, "vocab": 2, "seed": 0}
+
+
+def cmd_worst_case(args: argparse.Namespace) -> int:
+    """The configuration's worst case (audit.worstcase.configuration_worst_case) for one
+    deployment: p0, the other members and member j (and its replacement, ``--pair
+    replace_one``) chosen on a public toy to maximise exact/charged. Public: no data is read.
+    Exits 1 when the toy exceeds the charge (an alarm), 0 otherwise."""
+    from audit.worstcase import configuration_worst_case
+
+    for name, low in WORST_CASE_MINIMA.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be >= {low}. Found {getattr(args, name)}.")
+    if args.refine > args.starts:
+        raise ValueError(f"--refine must be <= --starts ({args.starts}). Found {args.refine}.")
+    cal = _config(args).calibrate()
+    if args.pair == "replace_one" and cal.certified and cal.config.relation != "replace_one":
+        raise ValueError(
+            "--pair replace_one needs --relation replace_one (or --mode reference): an "
+            "add_remove charge does not cover replacing a member."
+        )
+    result = configuration_worst_case(
+        cal,
+        rng=np.random.default_rng(args.seed),
+        starts=args.starts,
+        refine=args.refine,
+        iterations=args.iterations,
+        vocab=args.vocab,
+        relation=args.pair,
+    )
+    result = {"deployment": _summary(cal), "seed": args.seed, **result}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 1 if result["alarm"] else 0
+    label = " (UNCERTIFIED claim)" if not cal.certified else ""
+    verdict = "EXCEEDS the charge: an alarm" if result["alarm"] else "within the charge"
+    print(
+        f"mode={cal.config.mode} N={cal.config.n_members} q={cal.config.sampling_rate:g} "
+        f"T={cal.config.query_budget} pair={args.pair}{label}"
+    )
+    print(f"  searched   {result['searched']} (seed {args.seed})")
+    print(f"  worst      exact/charged {result['ratio']:.4f} at order {result['order']}: {verdict}")
+    print(f"  evaluated  {result['evaluations']} toys")
+    return 1 if result["alarm"] else 0
 
 
 def cmd_exact_audit(args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ import logging
 import numpy as np
 import pytest
 
+from audit.exact import pair_laws
 from audit.mutants import MUTANTS, register, run_mutants
-from audit.worstcase import configuration_worst_case, worst_member
+from audit.worstcase import configuration_worst_case, ro_laws, worst_member
 from pmixed import PMixEDConfig
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -88,3 +89,46 @@ def test_the_configuration_search_breaks_reference_mode_and_stays_within_certifi
         assert max(x for x in r["per_order_ratio"] if x is not None) == pytest.approx(r["ratio"])
         assert np.isclose(sum(r["toy"]["p0"]), 1.0) and np.isclose(sum(r["toy"]["candidate"]), 1.0)
     assert bad["toy"]["others"] is None and good["members"] == 2
+    assert bad["relation"] == good["relation"] == "add_remove"
+
+
+def _toy_config(**kw):
+    base = dict(n_members=2, sampling_rate=0.1, epsilon=8.0, delta=1e-5, query_budget=100)
+    return PMixEDConfig(**{**base, **kw}).calibrate()
+
+
+def test_the_configuration_search_under_replace_one():
+    """RO on the toy: the member and its replacement both free, N fixed. Reference mode's claim
+    (the paper's, per record: with fixed partitions a record replaces one member) breaks; a
+    certified replace_one deployment's charge holds; an AR-certified charge is refused."""
+    ref, cert = _toy_config(mode="reference"), _toy_config(relation="replace_one")
+    kw = dict(starts=30, refine=1, iterations=60, relation="replace_one")
+    bad = configuration_worst_case(ref, rng=np.random.default_rng(0), **kw)
+    good = configuration_worst_case(cert, rng=np.random.default_rng(0), **kw)
+    assert bad["alarm"] and bad["ratio"] > 2.0 and bad["order"] == 3
+    assert not good["alarm"] and 0.05 < good["ratio"] <= 1.0
+    for r in (bad, good):
+        assert r["relation"] == "replace_one"
+        assert max(x for x in r["per_order_ratio"] if x is not None) == pytest.approx(r["ratio"])
+        for name in ("p0", "others", "candidate", "replacement"):
+            assert np.isclose(sum(r["toy"][name]), 1.0)
+    with pytest.raises(ValueError, match="needs a replace_one deployment"):
+        configuration_worst_case(_toy_config(), rng=np.random.default_rng(0), **kw)
+    with pytest.raises(ValueError, match="relation must be"):
+        configuration_worst_case(ref, rng=np.random.default_rng(0), relation="replace")
+
+
+@pytest.mark.parametrize("kw", [dict(mode="reference"), dict(relation="replace_one")])
+def test_ro_laws_equal_the_exact_audits_pair_laws(kw):
+    """Two paths to the RO pair's laws (the worst case's one solve of N + 1 rows, and the exact
+    audit's two worlds): the same floats."""
+    cal = _toy_config(n_members=4, **kw)
+    rng = np.random.default_rng(1)
+    lp = np.log(rng.dirichlet(np.ones(6), size=6))
+    lp0, others, member, rep = lp[0], lp[1:4], lp[4], lp[5]
+    law, other = ro_laws(others, member, rep, lp0, cal)
+    world = np.vstack([others, member[None]])[None]
+    ref_law, ref_other = pair_laws(world, lp0[None], cal, member=3, replacement=rep[None])
+    np.testing.assert_array_equal(law, ref_law[0])
+    np.testing.assert_array_equal(other, ref_other[0])
+    assert not np.array_equal(law, other)
