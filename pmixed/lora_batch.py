@@ -35,18 +35,12 @@ class PackedTokens(NamedTuple):
     length: int
     positions: int
 
-    def maps(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the batch position each row slot reads, the row slot each batch position adds).
-
-        A padding slot of a row reads batch position 0 (its product is never read back: ``bmm``
-        keeps slots apart); a padding position of the batch adds slot ``rows * length``, the zero
-        row appended after the rows' products.
-        """
+    def gather(self, rows: int) -> torch.Tensor:
+        """The batch position each row slot reads. A padding slot of a row reads batch position 0:
+        its product is never read back (``bmm`` keeps slots apart, and only ``dst`` is added)."""
         gather = torch.zeros(rows * self.length, dtype=torch.long)
         gather[self.dst] = self.src
-        scatter = torch.full((self.positions,), rows * self.length, dtype=torch.long)
-        scatter[self.src] = self.dst
-        return gather, scatter
+        return gather
 
 
 class BatchedLora:
@@ -113,7 +107,7 @@ class BatchedLora:
         """
         self._refresh()
         if tokens is not None:
-            gather, scatter = tokens.maps(len(rows))
+            gather = tokens.gather(len(rows))
         originals = []
         try:
             for layer, (a_t, b_t) in zip(self.layers, self._stacks):
@@ -124,13 +118,14 @@ class BatchedLora:
                     x = x.to(_a.dtype)
                     if tokens is None:
                         return result + torch.bmm(torch.bmm(x, _a), _b).to(result.dtype)
-                    # rows padded to tokens.length: gather, two bmm, scatter back (one op each)
+                    # rows padded to tokens.length: gather, two bmm, then each real token's
+                    # update added in place at its batch position (padding positions keep the
+                    # base output: no zero row, no full-size add)
                     per_row = x.reshape(-1, x.shape[-1]).index_select(0, gather)
                     delta = torch.bmm(torch.bmm(per_row.view(len(_a), tokens.length, -1), _a), _b)
-                    delta = delta.view(-1, delta.shape[-1])
-                    delta = torch.cat([delta, delta.new_zeros(1, delta.shape[-1])])
-                    delta = delta.index_select(0, scatter).view(result.shape)
-                    return result + delta.to(result.dtype)
+                    delta = delta.view(-1, delta.shape[-1]).index_select(0, tokens.dst)
+                    flat = result.reshape(-1, result.shape[-1])
+                    return flat.index_add_(0, tokens.src, delta.to(result.dtype)).view(result.shape)
 
                 originals.append(layer)
                 layer.forward = batched
