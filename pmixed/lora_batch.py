@@ -26,14 +26,13 @@ __all__ = ["BatchedLora", "PackedTokens"]
 
 class PackedTokens(NamedTuple):
     """Where each row's tokens are in a packed batch (several rows per batch element): the real
-    token at flat position ``src[t]`` of the batch (``batch * seq_len + seq``, ``positions`` in
-    all) is the token at flat position ``dst[t]`` of the rows padded to ``length`` (``row *
-    length + column``), where the LoRA update is computed per row."""
+    token at flat position ``src[t]`` of the batch (``batch * seq_len + seq``) is the token at
+    flat position ``dst[t]`` of the rows padded to ``length`` (``row * length + column``), where
+    the LoRA update is computed per row."""
 
     src: torch.Tensor
     dst: torch.Tensor
     length: int
-    positions: int
 
     def gather(self, rows: int) -> torch.Tensor:
         """The batch position each row slot reads. A padding slot of a row reads batch position 0:

@@ -443,5 +443,5 @@ def _packed(rows, groups: Groups, lens, new, pad_id: int, dtype, width: int) -> 
             values = gathered([v.index_select(0, index) for (_, v), index in flats])
             cache.update(keys, values, layer)
     order = [i for rows_k in bins for i in rows_k]  # the kept positions' rows, in batch order
-    tokens = PackedTokens(_ints(src), _ints(dst), l_max, b * p)
+    tokens = PackedTokens(_ints(src), _ints(dst), l_max)
     return _Layout(ids, pos, mask[:, None], keep, cache, where_batch, start, tokens, _ints(order))
